@@ -1,0 +1,8 @@
+"""fastsnn: fused Triton kernels and a training program for spiking neural networks (SNNs) distilled
+from ANN teachers with the TSER loss."""
+from .neuron import IF, LIF
+from .ops.lif import if_multistep, lif_multistep
+
+__version__ = "0.1.0"
+
+__all__ = ["lif_multistep", "if_multistep", "LIF", "IF"]

@@ -1,0 +1,1 @@
+"""Triton kernels and their launch helpers. No nn.Modules, no autograd here."""

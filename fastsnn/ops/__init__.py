@@ -1,0 +1,4 @@
+"""Autograd-aware ops: torch.library custom ops, input checks and backend dispatch."""
+from .lif import if_multistep, lif_multistep
+
+__all__ = ["lif_multistep", "if_multistep"]
