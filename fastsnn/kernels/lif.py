@@ -62,7 +62,7 @@ def _lif_fwd_kernel(
     o_n = i_n * BLOCK + tl.arange(0, BLOCK)
     m_n = o_n < N
     b_v = tl.load(p_v0 + o_n, mask=m_n & (has_v_init != 0), other=v_reset).to(tl.float32)
-    for t in tl.static_range(T):
+    for t in range(T):
         b_x = tl.load(p_x + t * N + o_n, mask=m_n, other=0.0).to(tl.float32)
         b_h = _charge(b_v, b_x, tau, v_reset, NEURON)
         b_s, b_v = _fire_and_reset(b_h, v_threshold, v_reset, HARD_RESET)
@@ -128,7 +128,7 @@ def _lif_bwd_kernel(
 
 
 FWD_BLOCK, FWD_WARPS = 1024, 4
-BWD_BLOCK, BWD_WARPS = 1024, 8
+BWD_BLOCK, BWD_WARPS = 512, 8
 
 
 _FP32_PLACEHOLDERS = {}

@@ -1,4 +1,5 @@
-"""Multistep LIF/IF as torch.library custom ops with autograd, input checks and backend dispatch."""
+"""Multistep LIF/IF: input checks, backend dispatch, and the Triton path as torch.library custom ops with
+autograd (saving only x; the backward recomputes h). The reference backend is plain PyTorch autograd."""
 from __future__ import annotations
 
 from typing import Optional
@@ -8,11 +9,10 @@ from torch import Tensor
 
 from .. import reference
 from ..backend import BACKENDS, check_float_tensor, check_number, check_same_device, resolve_backend
-from ..surrogate import SURROGATES, resolve_surrogate
+from ..surrogate import resolve_surrogate
 from ._layout import is_dense_time_major, same_layout
 
 _NEURON_CODES = {"if": 0, "lif": 1, "lif_no_decay": 2}
-_SURROGATE_NAMES = {s.code: s.name for s in SURROGATES.values()}
 
 
 def _v_like(x: Tensor) -> Tensor:
@@ -25,26 +25,10 @@ def _v_state(v: Tensor, x: Tensor) -> Tensor:
     return same_layout(v.float(), x[0])
 
 
-def _reference_args(neuron: int, tau: float, v_threshold: float, v_reset: float, hard_reset: bool):
-    return dict(
-        neuron="if" if neuron == 0 else "lif",
-        tau=tau,
-        decay_input=neuron == 1,
-        v_threshold=v_threshold,
-        v_reset=v_reset if hard_reset else None,
-    )
-
-
 @torch.library.custom_op("fastsnn::lif_forward", mutates_args=(), device_types=None)
 def _lif_forward(x: Tensor, v_init: Optional[Tensor], neuron: int, tau: float, v_threshold: float, v_reset: float,
-                 hard_reset: bool, surrogate: int, alpha: float, detach_reset: bool, return_v: bool,
-                 backend: str) -> tuple[Tensor, Tensor]:
-    if backend == "reference":
-        with torch.no_grad():
-            spikes, v_final = reference.lif_multistep(
-                x, v_init=v_init, return_v=True, **_reference_args(neuron, tau, v_threshold, v_reset, hard_reset))
-        spikes = same_layout(spikes, x)
-        return spikes, (_v_state(v_final, x) if return_v else x.new_empty(0, dtype=torch.float32))
+                 hard_reset: bool, surrogate: int, alpha: float, detach_reset: bool,
+                 return_v: bool) -> tuple[Tensor, Tensor]:
     from ..kernels.lif import lif_forward
 
     spikes = torch.empty_like(x)
@@ -55,32 +39,14 @@ def _lif_forward(x: Tensor, v_init: Optional[Tensor], neuron: int, tau: float, v
 
 
 @_lif_forward.register_fake
-def _(x, v_init, neuron, tau, v_threshold, v_reset, hard_reset, surrogate, alpha, detach_reset, return_v, backend):
+def _(x, v_init, neuron, tau, v_threshold, v_reset, hard_reset, surrogate, alpha, detach_reset, return_v):
     return torch.empty_like(x), (_v_like(x) if return_v else x.new_empty(0, dtype=torch.float32))
 
 
 @torch.library.custom_op("fastsnn::lif_backward", mutates_args=())
 def _lif_backward(grad_spikes: Tensor, grad_v_final: Optional[Tensor], x: Tensor, v_init: Optional[Tensor],
                   neuron: int, tau: float, v_threshold: float, v_reset: float, hard_reset: bool, surrogate: int,
-                  alpha: float, detach_reset: bool, backend: str) -> tuple[Tensor, Tensor]:
-    if backend == "reference":
-        with torch.enable_grad():
-            x_ = x.detach().requires_grad_()
-            v_ = None if v_init is None else v_init.detach().requires_grad_()
-            spikes, v_final = reference.lif_multistep(
-                x_, v_init=v_, return_v=True, surrogate=_SURROGATE_NAMES[surrogate], alpha=alpha,
-                detach_reset=detach_reset, **_reference_args(neuron, tau, v_threshold, v_reset, hard_reset))
-            outputs, grads = [spikes], [grad_spikes]
-            if grad_v_final is not None:
-                outputs.append(v_final)
-                grads.append(grad_v_final)
-            inputs = [x_] if v_ is None else [x_, v_]
-            found = torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
-        grad_x = same_layout(found[0], x)
-        if v_ is None:
-            return grad_x, x.new_empty(0, dtype=torch.float32)
-        grad_v = found[1] if found[1] is not None else torch.zeros_like(v_)
-        return grad_x, _v_state(grad_v, x)
+                  alpha: float, detach_reset: bool) -> tuple[Tensor, Tensor]:
     from ..kernels.lif import lif_backward
 
     grad_x = torch.empty_like(x)
@@ -94,25 +60,25 @@ def _lif_backward(grad_spikes: Tensor, grad_v_final: Optional[Tensor], x: Tensor
 
 @_lif_backward.register_fake
 def _(grad_spikes, grad_v_final, x, v_init, neuron, tau, v_threshold, v_reset, hard_reset, surrogate, alpha,
-      detach_reset, backend):
+      detach_reset):
     return torch.empty_like(x), (_v_like(x) if v_init is not None else x.new_empty(0, dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
     x, v_init, *params = inputs
-    ctx.params = params  # neuron, tau, v_threshold, v_reset, hard_reset, surrogate, alpha, detach_reset, return_v, backend
+    ctx.params = params  # neuron, tau, v_threshold, v_reset, hard_reset, surrogate, alpha, detach_reset, return_v
     ctx.save_for_backward(x, v_init)
 
 
 def _backward(ctx, grad_spikes, grad_v_final):
     x, v_init = ctx.saved_tensors
-    neuron, tau, v_threshold, v_reset, hard_reset, surrogate, alpha, detach_reset, return_v, backend = ctx.params
+    neuron, tau, v_threshold, v_reset, hard_reset, surrogate, alpha, detach_reset, return_v = ctx.params
     if grad_spikes is None:
         grad_spikes = torch.zeros_like(x)
     grad_x, grad_v_init = _lif_backward(
         grad_spikes, grad_v_final if return_v else None, x, v_init, neuron, tau, v_threshold, v_reset, hard_reset,
-        surrogate, alpha, detach_reset, backend)
-    return (grad_x, None if v_init is None else grad_v_init.to(v_init.dtype)) + (None,) * 10
+        surrogate, alpha, detach_reset)
+    return (grad_x, None if v_init is None else grad_v_init.to(v_init.dtype)) + (None,) * 9
 
 
 torch.library.register_autograd("fastsnn::lif_forward", _backward, setup_context=_setup_context)
@@ -159,7 +125,11 @@ def _multistep(op, x, *, tau, decay_input, v_threshold, v_reset, surrogate, alph
                              f"got {tuple(v_init.shape)}")
         if v_init.dtype not in (x.dtype, torch.float32):
             raise TypeError(f"{op}: v_init must have x's dtype ({x.dtype}) or float32, got {v_init.dtype}")
-    backend = resolve_backend(op, backend, device)
+    if resolve_backend(op, backend, device) == "reference":
+        return reference.lif_multistep(
+            x, neuron="if" if p["tau"] is None else "lif", tau=p["tau"] or 1.0, decay_input=decay_input,
+            v_threshold=p["v_threshold"], v_reset=p["v_reset"], surrogate=p["surrogate"].name, alpha=p["alpha"],
+            detach_reset=detach_reset, v_init=v_init, return_v=return_v)
     if not is_dense_time_major(x):
         x = x.contiguous()
     if p["tau"] is None:
@@ -169,7 +139,7 @@ def _multistep(op, x, *, tau, decay_input, v_threshold, v_reset, surrogate, alph
     v_reset = p["v_reset"]
     spikes, v_final = _lif_forward(
         x, v_init, neuron, tau, p["v_threshold"], 0.0 if v_reset is None else v_reset, v_reset is not None,
-        p["surrogate"].code, p["alpha"], detach_reset, bool(return_v), backend)
+        p["surrogate"].code, p["alpha"], detach_reset, bool(return_v))
     if return_v:
         return spikes, v_final
     return spikes
