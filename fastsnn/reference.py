@@ -63,3 +63,37 @@ def lif_multistep(x, *, tau=2.0, decay_input=True, v_threshold=1.0, v_reset=0.0,
     if return_v:
         return out, v.to(torch.float32)
     return out
+
+
+def tser_loss(student_logits, teacher_logits, target, *, alpha=0.5, tau=5.0, lam=0.01, ts_ce=True, ts_kl=True,
+              entropy_tau=None, return_terms=False, compute_dtype=torch.float32):
+    """TSER loss (paper eq. 7-11) from log_softmax, kl_div and cross_entropy, in `compute_dtype`.
+
+    L = (1−α)·CE_part + α·τ²·KL_part − λ·(1/T)·Σ_t H(softmax(z_t/τ_H)), each averaged over the batch;
+    CE_part and KL_part are time-means of per-timestep terms (ts_ce / ts_kl) or the term of z̄ = mean_t z_t.
+    """
+    z = student_logits.to(compute_dtype)
+    u = teacher_logits.detach().to(compute_dtype)
+    T = z.shape[0]
+    tau_h = tau if entropy_tau is None else entropy_tau
+    log_p_teacher = F.log_softmax(u / tau, dim=-1)
+    z_mean = z.mean(dim=0)
+
+    def kl(logits):
+        return F.kl_div(F.log_softmax(logits / tau, dim=-1), log_p_teacher, reduction="batchmean", log_target=True)
+
+    if ts_ce:
+        ce = torch.stack([F.cross_entropy(z[t], target) for t in range(T)]).mean()
+    else:
+        ce = F.cross_entropy(z_mean, target)
+    kl_part = torch.stack([kl(z[t]) for t in range(T)]).mean() if ts_kl else kl(z_mean)
+    log_q = F.log_softmax(z / tau_h, dim=-1)
+    entropy = -(log_q.exp() * log_q).sum(dim=-1).mean()
+    loss = (1 - alpha) * ce + alpha * tau * tau * kl_part
+    if lam > 0:
+        loss = loss - lam * entropy
+    loss = loss.to(torch.float32)
+    if return_terms:
+        terms = {"ce": ce.detach().float(), "kl": kl_part.detach().float(), "entropy": entropy.detach().float()}
+        return loss, terms
+    return loss

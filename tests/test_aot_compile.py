@@ -26,7 +26,8 @@ def _expected_count(kernel):
         aot_compile.ARCHS)
 
 
-@pytest.mark.parametrize("kernel", ["_lif_fwd_kernel", "_lif_bwd_kernel"])
+@pytest.mark.parametrize("kernel", ["_lif_fwd_kernel", "_lif_bwd_kernel", "_tser_loss_fwd_kernel",
+                                    "_scale_grad_kernel"])
 def test_every_variant_compiles_for_every_arch_without_spills(compiled, kernel):
     rows = [r for r in compiled if r["kernel"] == kernel]
     assert len(rows) == _expected_count(kernel) > 0
