@@ -11,8 +11,8 @@ class _MultistepNeuron(nn.Module):
     """Shared state of LIF and IF: the firing-rate record and SpikingJelly-style conventions.
 
     The neuron is stateless between calls: every forward starts from v_reset (a whole sequence is one
-    call), so `reset()` has nothing to clear. When `record_rate` is True, each forward stores the mean of
-    its spikes in `spike_rate` (a detached fp32 scalar; paper eq. 12).
+    call). When `record_rate` is True, each forward stores the mean of its spikes in `spike_rate` (a
+    detached fp32 scalar; paper eq. 12) and adds to the `spike_sum` / `spike_count` totals.
     """
 
     step_mode = "m"
@@ -30,6 +30,8 @@ class _MultistepNeuron(nn.Module):
         self.backend = backend
         self.record_rate = False
         self.spike_rate: torch.Tensor | None = None
+        self.spike_sum: torch.Tensor | float = 0.0
+        self.spike_count = 0
 
     def _spikes(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -40,10 +42,19 @@ class _MultistepNeuron(nn.Module):
                                f"got step_mode={self.step_mode!r}")
         spikes = self._spikes(x)
         if self.record_rate:
-            self.spike_rate = spikes.detach().float().mean()
+            total = spikes.detach().float().sum()
+            self.spike_rate = total / spikes.numel()
+            self.spike_sum = self.spike_sum + total
+            self.spike_count += spikes.numel()
         return spikes
 
+    def start_recording(self) -> None:
+        """Clears the spike counters and records each forward's spike rate (see spike_rate, spike_sum)."""
+        self.record_rate = True
+        self.spike_sum, self.spike_count = 0.0, 0
+
     def reset(self) -> None:
+        """SpikingJelly's functional.reset_net hook; there is no membrane state to clear."""
         self.spike_rate = None
 
     def _common_repr(self) -> str:

@@ -1,0 +1,181 @@
+"""Model zoo: spiking students and ANN teachers built from one set of blocks.
+
+    fastsnn.models.create(name, num_classes, *, T, neuron="lif", ...)  ->  nn.Module
+    fastsnn.models.available()  ->  {"students": [...], "teachers": [...]}
+
+Students take images [B, C, H, W] (direct encoding) or time-major [T, B, C, H, W] and return per-timestep
+logits [T, B, classes]; teachers return [B, classes].
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+from torch import nn
+
+from ..neuron import _MultistepNeuron
+from ..ops.lif import check_neuron_params
+from .layers import NEURONS, SEW_CONNECTS
+from .zoo import VGG, VGG_CONFIGS, DigitsNet, ResNet
+
+_RESNET_BLOCKS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}
+_WIDTHS = [64, 128, 256, 512]
+
+
+def _resnet(depth, *, stem, block="basic", **kw):
+    return partial(ResNet, _RESNET_BLOCKS[depth], _WIDTHS, stem=stem, block=block, **kw)
+
+
+def _resnet19(**kw):
+    # TET/MPBN's ResNet-19: 3×3 stem with 128 channels, BasicBlocks [3, 3, 2] at 128/256/512, strides 1/2/2
+    return partial(ResNet, [3, 3, 2], [128, 256, 512], stem="cifar", **kw)
+
+
+STUDENTS = {
+    "spiking_resnet18": lambda: _resnet(18, stem="cifar"),
+    "spiking_resnet19": _resnet19,
+    "spiking_resnet34": lambda: _resnet(34, stem="cifar"),
+    "spiking_vgg11": lambda: partial(VGG, VGG_CONFIGS["vgg11"]),
+    "spiking_vgg16": lambda: partial(VGG, VGG_CONFIGS["vgg16"]),
+    "sew_resnet18": lambda: _resnet(18, stem="imagenet", block="sew"),
+    "sew_resnet34": lambda: _resnet(34, stem="imagenet", block="sew"),
+    "digits_snn": lambda: DigitsNet,
+}
+TEACHERS = {
+    "resnet18": lambda: _resnet(18, stem="cifar"),
+    "resnet19": _resnet19,
+    "resnet34": lambda: _resnet(34, stem="cifar"),
+    "vgg11": lambda: partial(VGG, VGG_CONFIGS["vgg11"]),
+    "vgg16": lambda: partial(VGG, VGG_CONFIGS["vgg16"]),
+    "digits_ann": lambda: DigitsNet,
+}
+# The teacher architecture each student mirrors (same parameter count)
+TEACHER_OF = {"spiking_resnet18": "resnet18", "spiking_resnet19": "resnet19", "spiking_resnet34": "resnet34",
+              "spiking_vgg11": "vgg11", "spiking_vgg16": "vgg16", "sew_resnet18": "resnet18",
+              "sew_resnet34": "resnet34", "digits_snn": "digits_ann"}
+IMAGENET_DEFAULT = {"sew_resnet18", "sew_resnet34"}
+
+
+def available() -> dict[str, list[str]]:
+    """The registered names: {"students": [...], "teachers": [...]}."""
+    return {"students": sorted(STUDENTS), "teachers": sorted(TEACHERS)}
+
+
+def is_student(name: str) -> bool:
+    return name in STUDENTS
+
+
+def create(name: str, num_classes: int, *, T: int | None = None, neuron: str = "lif", tau: float = 2.0,
+           v_threshold: float = 1.0, surrogate: str = "atan", alpha: float | None = None, detach_reset: bool = True,
+           v_reset: float | None = 0.0, connect: str = "ADD", imagenet: bool | None = None, in_channels: int = 3,
+           backend: str = "auto") -> nn.Module:
+    """Builds a registered model.
+
+    Students ("spiking_resnet18/19/34", "spiking_vgg11/16", "sew_resnet18/34", "digits_snn") need T >= 1
+    and use fastsnn LIF (neuron="lif") or IF ("if") neurons with the given tau, v_threshold, v_reset,
+    surrogate, alpha and detach_reset. SEW models take connect="ADD" | "AND" | "IAND".
+    Teachers ("resnet18/19/34", "vgg11/16", "digits_ann") are the same networks with ReLU; T is ignored.
+    imagenet: the 7×7 stride-2 stem with max-pool (default for sew_resnet*, optional for resnet18/34,
+    whose module names then match torchvision's so its state_dicts load). "digits_*" default to 1 input
+    channel.
+    """
+    names = sorted(STUDENTS) + sorted(TEACHERS)
+    if name not in STUDENTS and name not in TEACHERS:
+        raise ValueError(f"models.create: unknown model {name!r}; valid names: {', '.join(names)}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"models.create: num_classes must be an integer >= 2, got {num_classes!r}")
+    student = name in STUDENTS
+    if student:
+        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+            raise ValueError(f"models.create: T must be an integer >= 1 for the student {name!r}, got {T!r}")
+        if neuron not in ("lif", "if"):
+            raise ValueError(f"models.create: neuron must be 'lif' or 'if' for a student, got {neuron!r}")
+        check_neuron_params("models.create", tau=tau if neuron == "lif" else None, decay_input=True,
+                            v_threshold=v_threshold, v_reset=v_reset, surrogate=surrogate, alpha=alpha,
+                            detach_reset=detach_reset, backend=backend)
+        neuron_cfg = dict(kind=neuron, tau=tau, v_threshold=v_threshold, v_reset=v_reset, surrogate=surrogate,
+                          alpha=alpha, detach_reset=detach_reset, backend=backend)
+    else:
+        T, neuron_cfg = 1, dict(kind="relu")
+    if connect not in SEW_CONNECTS:
+        raise ValueError(f"models.create: connect must be one of {SEW_CONNECTS}, got {connect!r}")
+    kw = {}
+    if name.startswith("digits"):
+        in_channels = 1 if in_channels == 3 else in_channels
+    elif "resnet" in name and name not in ("resnet19", "spiking_resnet19"):
+        use_imagenet = name in IMAGENET_DEFAULT if imagenet is None else imagenet
+        kw["stem"] = "imagenet" if use_imagenet else "cifar"
+    if name.startswith("sew"):
+        kw["connect"] = connect
+    builder = (STUDENTS if student else TEACHERS)[name]()
+    model = builder(num_classes, T=T, neuron=neuron_cfg, in_channels=in_channels, **kw)
+    model.arch = name
+    return model
+
+
+def spiking_neurons(model: nn.Module) -> dict[str, _MultistepNeuron]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, _MultistepNeuron)}
+
+
+class FiringRates:
+    """Spike counts of every neuron layer, accumulated over the forwards made while recording."""
+
+    def __init__(self, model: nn.Module):
+        self.neurons = spiking_neurons(model)
+
+    def per_layer(self) -> dict[str, float]:
+        """Mean spike rate of each layer over all recorded forwards (paper eq. 12)."""
+        return {name: float(m.spike_sum / m.spike_count) for name, m in self.neurons.items() if m.spike_count}
+
+    def mean(self) -> float:
+        """Rate of all the model's spikes over all its neurons (every layer weighted by its size)."""
+        total = sum(float(m.spike_sum) for m in self.neurons.values())
+        count = sum(m.spike_count for m in self.neurons.values())
+        return total / count if count else math.nan
+
+
+@contextmanager
+def record_firing_rates(model: nn.Module):
+    """with record_firing_rates(model) as rates: model(x); rates.per_layer() -> {layer: rate in [0, 1]}."""
+    rates = FiringRates(model)
+    for m in rates.neurons.values():
+        m.start_recording()
+    try:
+        yield rates
+    finally:
+        for m in rates.neurons.values():
+            m.record_rate = False
+
+
+def layer_macs(model: nn.Module, example: torch.Tensor) -> list[dict]:
+    """Per conv/linear layer: MACs per sample for one forward of `example` (all timesteps included), the
+    mean of its input (the firing rate when that input is spikes) and whether it is the encoding layer
+    (it sees the analog image). For the paper's energy estimate: E = 4.6 pJ·MACs(encoding) +
+    0.9 pJ·Σ rate·MACs (the other layers' accumulates)."""
+    rows, hooks = [], []
+
+    def hook(name, module, inputs, output):
+        x = inputs[0]
+        batch = example.shape[0] if example.dim() == 4 else example.shape[1]
+        if isinstance(module, nn.Conv2d):
+            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        else:
+            per_output = module.in_features
+        rows.append({"layer": name, "macs": output.numel() // batch * per_output,
+                     "input_rate": float(x.detach().float().mean()), "encoding": not rows})
+
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            hooks.append(m.register_forward_hook(partial(hook, name)))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return rows
+
+
+__all__ = ["create", "available", "record_firing_rates", "layer_macs", "FiringRates", "NEURONS"]

@@ -1,0 +1,84 @@
+"""Building blocks shared by the students (spiking) and teachers (ReLU) of the zoo.
+
+Activations travel time-major, [T, B, C, H, W]; convolutions, BN and pooling run on the folded batch
+[T·B, C, H, W] (no Python loop over time, BN statistics over T·B); neurons run on [T, B, ...]. A teacher
+is the same network with ReLU in place of the neuron and T = 1.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..neuron import IF, LIF
+
+NEURONS = ("lif", "if", "relu")
+SEW_CONNECTS = ("ADD", "AND", "IAND")
+
+
+def make_neuron(kind: str, **cfg) -> nn.Module:
+    if kind == "lif":
+        return LIF(**cfg)
+    if kind == "if":
+        cfg.pop("tau", None)
+        return IF(**cfg)
+    return nn.ReLU(inplace=False)
+
+
+def folded(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module applied to x[T, B, ...] as one batch of T·B."""
+    return module(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+
+
+class BasicBlock(nn.Module):
+    """Spiking ResNet block: sn2(bn2(conv2(sn1(bn1(conv1(x))))) + shortcut(x)); with ReLU, torchvision's."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int, neuron: dict):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.sn1 = make_neuron(**neuron)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.sn2 = make_neuron(**neuron)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        out = self.sn1(folded(lambda y: self.bn1(self.conv1(y)), x))
+        out = folded(lambda y: self.bn2(self.conv2(y)), out)
+        identity = x if self.downsample is None else folded(self.downsample, x)
+        return self.sn2(out + identity)
+
+
+class SEWBlock(nn.Module):
+    """Spike-element-wise block (Fang et al. 2021), SpikingJelly's layout and state_dict keys:
+    out = sn2(bn2(conv2(sn1(bn1(conv1(x)))))), shortcut = downsample_sn(downsample(x)) or x,
+    result = connect(shortcut, out) with ADD: s + o, AND: s·o, IAND: s·(1 − o)."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int, neuron: dict, connect: str):
+        super().__init__()
+        self.connect = connect
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.sn1 = make_neuron(**neuron)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.sn2 = make_neuron(**neuron)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+            self.downsample_sn = make_neuron(**neuron)
+
+    def forward(self, x):
+        out = self.sn1(folded(lambda y: self.bn1(self.conv1(y)), x))
+        out = self.sn2(folded(lambda y: self.bn2(self.conv2(y)), out))
+        identity = x if self.downsample is None else self.downsample_sn(folded(self.downsample, x))
+        if self.connect == "ADD":
+            return identity + out
+        if self.connect == "AND":
+            return identity * out
+        return identity * (1.0 - out)
+
+    def extra_repr(self) -> str:
+        return f"connect={self.connect}"

@@ -1,0 +1,155 @@
+"""The networks: CIFAR/ImageNet ResNets (spiking, SEW, ANN), VGG and the small digits pair."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import BasicBlock, SEWBlock, folded, make_neuron
+
+
+def repeat_over_time(y: torch.Tensor, T: int) -> torch.Tensor:
+    """[B, C, H, W] -> [T, B, C, H, W], each timestep laid out like y (channels_last stays channels_last)."""
+    fmt = torch.channels_last if (y.dim() == 4 and not y.is_contiguous()
+                                  and y.is_contiguous(memory_format=torch.channels_last)) else torch.contiguous_format
+    out = torch.empty((T * y.shape[0], *y.shape[1:]), dtype=y.dtype, device=y.device, memory_format=fmt)
+    out = out.unflatten(0, (T, y.shape[0]))
+    out.copy_(y.unsqueeze(0).expand_as(out))
+    return out
+
+
+class TimeMajorNet(nn.Module):
+    """Common input handling: images [B, C, H, W] (direct encoding: the stem runs once and its output is
+    repeated over T) or time-major [T, B, C, H, W]. Students return [T, B, classes]; teachers (T = 1,
+    ReLU) return [B, classes]."""
+
+    def __init__(self, T: int | None, spiking: bool):
+        super().__init__()
+        self.T = T
+        self.spiking = spiking
+
+    def stem(self, x):
+        raise NotImplementedError
+
+    def body(self, x):  # [T, B, ...] after the stem's neuron -> [T, B, classes]
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            y = self.stem(x)  # [B, ...], computed once
+            y = repeat_over_time(y, self.T) if self.spiking else y.unsqueeze(0)
+        elif x.dim() == 5:
+            y = folded(self.stem, x)
+        else:
+            raise ValueError(f"{type(self).__name__}: input must be images [B, C, H, W] or time-major "
+                             f"[T, B, C, H, W], got shape {tuple(x.shape)}")
+        out = self.body(y)
+        return out if self.spiking else out.mean(dim=0)
+
+
+class ResNet(TimeMajorNet):
+    """ResNet family. cifar stem: 3×3 conv, no max-pool; imagenet stem: 7×7 stride-2 conv and max-pool.
+    Module names follow torchvision (conv1, bn1, layer1..4, fc), so torchvision and SpikingJelly
+    state_dicts load."""
+
+    def __init__(self, blocks, widths, num_classes, *, T, neuron, block="basic", connect="ADD", stem="cifar",
+                 in_channels=3, stem_width=None):
+        super().__init__(T, neuron["kind"] != "relu")
+        stem_width = stem_width or widths[0]
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(in_channels, stem_width, 7, 2, 3, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, stem_width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem_width)
+        self.sn1 = make_neuron(**neuron)
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if stem == "imagenet" else nn.Identity()
+        inplanes = stem_width
+        for i, (count, width) in enumerate(zip(blocks, widths)):
+            stride = 1 if i == 0 else 2
+            layers = []
+            for j in range(count):
+                if block == "sew":
+                    layers.append(SEWBlock(inplanes, width, stride if j == 0 else 1, neuron, connect))
+                else:
+                    layers.append(BasicBlock(inplanes, width, stride if j == 0 else 1, neuron))
+                inplanes = width
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
+        self.num_stages = len(blocks)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(inplanes, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def stem(self, x):
+        return self.bn1(self.conv1(x))
+
+    def body(self, x):
+        x = folded(self.maxpool, self.sn1(x))
+        for i in range(self.num_stages):
+            x = getattr(self, f"layer{i + 1}")(x)
+        x = folded(self.avgpool, x).flatten(2)
+        return self.fc(x)
+
+
+VGG_CONFIGS = {
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+}
+
+
+class VGG(TimeMajorNet):
+    """CIFAR VGG with BN: [conv3×3-BN-neuron]×n with 2×2 max-pools, global average pool, one FC."""
+
+    def __init__(self, config, num_classes, *, T, neuron, in_channels=3):
+        super().__init__(T, neuron["kind"] != "relu")
+        widths = [c for c in config if c != "M"]
+        self.conv0 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn0 = nn.BatchNorm2d(widths[0])
+        self.features = nn.ModuleList()  # each: (conv, bn, neuron) or a pool
+        self.sn0 = make_neuron(**neuron)
+        inplanes = widths[0]
+        for c in config[1:]:
+            if c == "M":
+                self.features.append(nn.MaxPool2d(2))
+            else:
+                self.features.append(nn.ModuleDict({"conv": nn.Conv2d(inplanes, c, 3, 1, 1, bias=False),
+                                                    "bn": nn.BatchNorm2d(c), "sn": make_neuron(**neuron)}))
+                inplanes = c
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(inplanes, num_classes)
+
+    def stem(self, x):
+        return self.bn0(self.conv0(x))
+
+    def body(self, x):
+        x = self.sn0(x)
+        for layer in self.features:
+            if isinstance(layer, nn.ModuleDict):
+                x = layer["sn"](folded(lambda y: layer["bn"](layer["conv"](y)), x))
+            else:
+                x = folded(layer, x)
+        return self.fc(folded(self.avgpool, x).flatten(2))
+
+
+class DigitsNet(TimeMajorNet):
+    """The small pair for scikit-learn's 8×8 digits: conv(16)-BN-neuron, conv(32, stride 2)-BN-neuron,
+    average pool, FC."""
+
+    def __init__(self, num_classes, *, T, neuron, in_channels=1, width=16):
+        super().__init__(T, neuron["kind"] != "relu")
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.sn1 = make_neuron(**neuron)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, 2, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(2 * width)
+        self.sn2 = make_neuron(**neuron)
+        self.avgpool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(8 * width, num_classes)
+
+    def stem(self, x):
+        return self.bn1(self.conv1(x))
+
+    def body(self, x):
+        x = self.sn1(x)
+        x = self.sn2(folded(lambda y: self.bn2(self.conv2(y)), x))
+        return self.fc(folded(self.avgpool, x).flatten(2))
