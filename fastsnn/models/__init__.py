@@ -149,33 +149,59 @@ def record_firing_rates(model: nn.Module):
             m.record_rate = False
 
 
-def layer_macs(model: nn.Module, example: torch.Tensor) -> list[dict]:
-    """Per conv/linear layer: MACs per sample for one forward of `example` (all timesteps included), the
-    mean of its input (the firing rate when that input is spikes) and whether it is the encoding layer
-    (it sees the analog image). For the paper's energy estimate: E = 4.6 pJ·MACs(encoding) +
-    0.9 pJ·Σ rate·MACs (the other layers' accumulates)."""
-    rows, hooks = [], []
+class LayerActivity:
+    """Forward hooks on every conv/linear layer, accumulated over forwards: MACs and the summed input.
 
-    def hook(name, module, inputs, output):
+    For the paper's energy estimate (Table 4): the encoding layer (the first, which sees the analog
+    image) costs MACs; every other layer costs accumulates = its input's mean (the firing rate when that
+    input is spikes) × its MACs. E = 4.6 pJ·MAC + 0.9 pJ·AC."""
+
+    E_MAC_PJ = 4.6
+    E_AC_PJ = 0.9
+
+    def __init__(self, model: nn.Module):
+        self.rows: dict[str, dict] = {}
+        self.hooks = [m.register_forward_hook(partial(self._hook, name)) for name, m in model.named_modules()
+                      if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+    def _hook(self, name, module, inputs, output):
         x = inputs[0]
-        batch = example.shape[0] if example.dim() == 4 else example.shape[1]
         if isinstance(module, nn.Conv2d):
             per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
         else:
             per_output = module.in_features
-        rows.append({"layer": name, "macs": output.numel() // batch * per_output,
-                     "input_rate": float(x.detach().float().mean()), "encoding": not rows})
+        row = self.rows.setdefault(name, {"layer": name, "macs": 0, "input_sum": 0.0, "input_count": 0,
+                                          "encoding": not self.rows})
+        row["macs"] += output.numel() * per_output
+        row["input_sum"] += float(x.detach().float().sum())
+        row["input_count"] += x.numel()
 
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            hooks.append(m.register_forward_hook(partial(hook, name)))
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+    def per_layer(self, samples: int) -> list[dict]:
+        """[{layer, macs (per sample, all timesteps), input_rate, encoding}] in forward order."""
+        return [{"layer": r["layer"], "macs": r["macs"] / samples, "input_rate": r["input_sum"] / max(1, r["input_count"]),
+                 "encoding": r["encoding"]} for r in self.rows.values()]
+
+    def energy(self, samples: int) -> dict:
+        layers = self.per_layer(samples)
+        macs = sum(r["macs"] for r in layers if r["encoding"])
+        acs = sum(r["input_rate"] * r["macs"] for r in layers if not r["encoding"])
+        return {"layers": layers, "encoding_macs": macs, "acs": acs,
+                "energy_mJ": (self.E_MAC_PJ * macs + self.E_AC_PJ * acs) * 1e-9}
+
+
+def layer_macs(model: nn.Module, example: torch.Tensor) -> list[dict]:
+    """LayerActivity.per_layer for one forward of `example` (images [B, ...] or time-major [T, B, ...])."""
+    meter = LayerActivity(model)
     try:
         with torch.no_grad():
             model(example)
     finally:
-        for h in hooks:
-            h.remove()
-    return rows
+        meter.remove()
+    return meter.per_layer(example.shape[0] if example.dim() == 4 else example.shape[1])
 
 
-__all__ = ["create", "available", "record_firing_rates", "layer_macs", "FiringRates", "NEURONS"]
+__all__ = ["create", "available", "record_firing_rates", "layer_macs", "LayerActivity", "FiringRates", "NEURONS"]
