@@ -67,7 +67,15 @@ def _cifar(name: str, data_dir: str, download: bool, autoaugment: bool, cutout: 
     if cutout:
         train_tf.append(Cutout(cutout))
     test_tf = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
-    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    base = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+
+    class LocalCIFAR(base):
+        # torchvision checks the files' md5 sums; a local copy (or a re-pickled subset) is taken as found
+        train_list = [[f, None] for f, _ in base.train_list]
+        test_list = [[f, None] for f, _ in base.test_list]
+        meta = dict(base.meta, md5=None)
+
+    cls = base if download else LocalCIFAR
     train = cls(data_dir, train=True, download=download, transform=T.Compose(train_tf))
     test = cls(data_dir, train=False, download=download, transform=test_tf)
     return DataSpec(train, test, 10 if name == "cifar10" else 100, 3, 32)

@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
     g.add_argument("--resume", help="continue from a checkpoint (last.pt)")
     g.add_argument("--max-bad-steps", type=int, default=10, help="non-finite losses in a row before stopping")
+    g.add_argument("--stop-after-epochs", type=int, default=0,
+                   help="end this invocation after N epochs (a time-limited job); --resume continues the run")
     g.add_argument("--cache-dir", default=os.environ.get("FASTSNN_CACHE", os.path.expanduser("~/.cache/fastsnn")),
                    help="where the digits teacher is cached")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -152,6 +154,7 @@ def _validate(args, world: int) -> None:
         ("--label-smoothing", args.label_smoothing, 0 <= args.label_smoothing < 1, "in [0, 1)"),
         ("--save-every", args.save_every, args.save_every >= 0, ">= 0"),
         ("--max-bad-steps", args.max_bad_steps, args.max_bad_steps >= 1, ">= 1"),
+        ("--stop-after-epochs", args.stop_after_epochs, args.stop_after_epochs >= 0, ">= 0"),
         ("--lif-tau", args.lif_tau, args.lif_tau > 1, "> 1"),
     ]:
         if not ok:
@@ -170,15 +173,19 @@ def _validate(args, world: int) -> None:
         raise UsageError(f"--method {args.method} on {args.dataset} needs --teacher-weights (train one with --ann)")
 
 
-def _distributed() -> tuple[int, int, int]:
-    """(rank, world, local_rank); initialises the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _distributed(args) -> tuple[int, int, int]:
+    """(rank, world, local_rank); initialises the process group under torchrun (NCCL on GPUs, gloo on CPU)."""
+    world = _world_size()
     if world == 1:
         return 0, 1, 0
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if torch.cuda.is_available() and os.environ.get("FASTSNN_DEVICE", "auto") != "cpu" else "gloo"
+    use_cuda = args.device != "cpu" and torch.cuda.is_available()
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
     return dist.get_rank(), world, local_rank
 
 
@@ -203,7 +210,11 @@ def _load_teacher(args, num_classes, in_channels, device, log):
     """The frozen teacher, its weights checked against the architecture before any training."""
     path = args.teacher_weights
     if path is None:
-        path = _cached_digits_teacher(args, log)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            path = _cached_digits_teacher(args, log)
+        if dist.is_initialized():
+            dist.barrier()
+            path = _cached_digits_teacher_path(args)
     obj = ckpt.load(path)
     state = ckpt.model_state(obj)
     saved_args = obj.get("args", {}) if isinstance(obj, dict) else {}
@@ -227,8 +238,12 @@ def _load_teacher(args, num_classes, in_channels, device, log):
     return teacher
 
 
+def _cached_digits_teacher_path(args) -> str:
+    return os.path.join(args.cache_dir, f"digits_ann-seed{args.seed}.pt")
+
+
 def _cached_digits_teacher(args, log) -> str:
-    path = os.path.join(args.cache_dir, f"digits_ann-seed{args.seed}.pt")
+    path = _cached_digits_teacher_path(args)
     if os.path.isfile(path):
         log(f"teacher: reusing the cached digits teacher {path}")
         return path
@@ -460,8 +475,13 @@ def run(args, rank, world, local_rank) -> dict:
         if extra_best:
             ckpt.save_atomic(state, os.path.join(out, "best.pt"))
 
+    if is_main:  # the per-epoch log holds exactly the checkpoint's epochs, even after a kill between writes
+        with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in history)
+
     bad_steps = 0
-    for epoch in range(start_epoch, args.epochs):
+    last_epoch = args.epochs if not args.stop_after_epochs else min(args.epochs, start_epoch + args.stop_after_epochs)
+    for epoch in range(start_epoch, last_epoch):
         first_step = start_step if epoch == start_epoch else 0
         sampler = datasets.EpochSampler(len(spec.train), seed=args.seed, epoch=epoch, rank=rank, world=world,
                                         start=first_step * per_rank_batch, global_batch=args.batch_size,
@@ -546,7 +566,7 @@ def run(args, rank, world, local_rank) -> dict:
     final = history[-1] if history else {}
     summary = {"student_acc": final.get("test_acc"), "teacher_acc": teacher_acc,
                "per_timestep_acc": final.get("per_timestep_acc"), "firing_rate": final.get("firing_rate"),
-               "epochs": args.epochs, "method": "ann" if args.ann else args.method, "best_acc": best_acc,
+               "epochs": len(history), "method": "ann" if args.ann else args.method, "best_acc": best_acc,
                "arch": args.arch, "teacher": None if teacher is None else args.teacher, "dataset": args.dataset,
                "T": None if args.ann else args.T, "world_size": world, "device": str(device)}
     if world > 1:
@@ -570,8 +590,8 @@ def main(argv=None, _nested=False) -> int:
         _fill_defaults(args)
         if args.resume and not _nested:
             _merge_resumed_args(args, argv)
-        rank, world, local_rank = (0, 1, 0) if _nested else _distributed()
-        _validate(args, world)
+        _validate(args, 1 if _nested else _world_size())
+        rank, world, local_rank = (0, 1, 0) if _nested else _distributed(args)
         run(args, rank, world, local_rank)
     except UsageError as e:
         print(f"fastsnn.train: error: {e}", file=sys.stderr)
@@ -592,7 +612,7 @@ def _merge_resumed_args(args, argv) -> None:
     saved = ckpt.load(args.resume).get("args", {})
     given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv or sys.argv[1:]) if a.startswith("--")}
     for key, value in saved.items():
-        if key not in given and key != "resume" and hasattr(args, key):
+        if key not in given and key not in ("resume", "stop_after_epochs", "quiet") and hasattr(args, key):
             setattr(args, key, value)
 
 

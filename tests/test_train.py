@@ -1,0 +1,269 @@
+"""The training program end to end on the CPU: digits, the ann -> teacher -> tser chain, resume, kills,
+CIFAR/ImageFolder loaders, DDP through torchrun, non-finite losses and bad input."""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fastsnn import checkpoint as ckpt
+from fastsnn import models, train
+from helpers import run_python
+
+pytestmark = pytest.mark.slow
+
+
+def _env(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the CPU reference path, fast
+    env["FASTSNN_CACHE"] = str(tmp_path / "cache")
+    return env
+
+
+def _cli(tmp_path, *args, cwd=None, timeout=600, module="fastsnn.train"):
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          env=_env(tmp_path), cwd=cwd or tmp_path, timeout=timeout)
+
+
+def _weights(path):
+    return ckpt.load(path)["model"]
+
+
+def _same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_default_run_reaches_90_percent(tmp_path):
+    start = time.time()
+    proc = _cli(tmp_path)  # no arguments at all
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1
+    summary = json.loads((runs[0] / "metrics.json").read_text())
+    assert summary["student_acc"] >= 90.0
+    assert summary["teacher_acc"] >= 90.0
+    assert summary["method"] == "tser" and summary["epochs"] == train.DEFAULTS["digits"]["epochs"]
+    assert len(summary["per_timestep_acc"]) == 4 and 0 < summary["firing_rate"] < 1
+    lines = (runs[0] / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == summary["epochs"]
+    row = json.loads(lines[-1])
+    for key in ("train_loss", "train_ce", "train_kl", "train_entropy", "test_acc", "per_timestep_acc",
+                "firing_rate", "images_per_s", "peak_gpu_mem_mb"):
+        assert key in row
+    for name in ("last.pt", "best.pt", "curves.png", "per_timestep_acc.png"):
+        assert (runs[0] / name).is_file()
+    assert time.time() - start < 180
+    # the teacher is cached: a second run reuses it
+    proc = _cli(tmp_path, "--epochs", "1", "--out", str(tmp_path / "again"))
+    assert "reusing the cached digits teacher" in proc.stdout
+
+
+def test_evaluate_writes_the_report_with_energy(tmp_path):
+    assert _cli(tmp_path, "--epochs", "2", "--out", "run").returncode == 0
+    proc = _cli(tmp_path, "--checkpoint", "run/best.pt", module="fastsnn.evaluate")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert report["student_acc"] > 50 and len(report["per_timestep_acc"]) == 4
+    assert set(report["per_layer_firing_rate"]) == {"sn1", "sn2"}
+    energy = report["energy"]
+    assert energy["layers"][0]["encoding"] and energy["encoding_macs"] == 16 * 64 * 9
+    assert energy["energy_mJ"] == pytest.approx((4.6 * energy["encoding_macs"] + 0.9 * energy["acs"]) * 1e-9)
+
+
+def test_ann_checkpoint_is_a_teacher_for_tser(tmp_path):
+    proc = _cli(tmp_path, "--ann", "--epochs", "3", "--out", "teacher")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "teacher" / "metrics.json").read_text())["method"] == "ann"
+    proc = _cli(tmp_path, "--teacher-weights", "teacher/best.pt", "--epochs", "2", "--out", "student",
+                "--method", "tser", "--ts-ce", "--no-ts-kl")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "student" / "metrics.json").read_text())
+    assert summary["teacher_acc"] > 50 and summary["teacher"] == "digits_ann"
+    assert ckpt.load(tmp_path / "student" / "last.pt")["args"]["ts_kl"] is False
+
+
+@pytest.mark.parametrize("method", ["ts", "skd", "ce"])
+def test_methods(tmp_path, method):
+    proc = _cli(tmp_path, "--method", method, "--epochs", "1", "--out", "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert (row["train_kl"] == 0) == (method == "ce")
+
+
+def test_resume_is_bit_for_bit(tmp_path):
+    assert _cli(tmp_path, "--epochs", "2", "--out", "full").returncode == 0
+    assert _cli(tmp_path, "--epochs", "2", "--out", "split", "--stop-after-epochs", "1").returncode == 0
+    assert len((tmp_path / "split" / "metrics.jsonl").read_text().splitlines()) == 1
+    proc = _cli(tmp_path, "--resume", "split/last.pt")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _same_weights(_weights(tmp_path / "full" / "last.pt"), _weights(tmp_path / "split" / "last.pt"))
+    assert (tmp_path / "full" / "metrics.jsonl").read_text().count("\n") == 2
+    assert (tmp_path / "split" / "metrics.jsonl").read_text().count("\n") == 2
+
+
+def test_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
+    args = ["--epochs", "6", "--save-every", "4", "--batch-size", "32"]
+    assert _cli(tmp_path, *args, "--out", "full").returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "fastsnn.train", *args, "--out", "killed"], cwd=tmp_path,
+                            env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "killed" / "last.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if last.is_file() and (tmp_path / "killed" / "metrics.jsonl").is_file() and \
+                len((tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    state = ckpt.load(last)  # whatever moment the kill came, last.pt is a whole checkpoint
+    assert state["epoch"] < 6
+    resumed = _cli(tmp_path, "--resume", "killed/last.pt")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _same_weights(_weights(tmp_path / "full" / "last.pt"), _weights(last))
+    assert len((tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()) == 6
+
+
+def _write_cifar(root, name, n_train=40, n_test=20, classes=10):
+    rng = np.random.default_rng(0)
+    folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    folder.mkdir(parents=True)
+    label_key = "labels" if name == "cifar10" else "fine_labels"
+
+    def dump(fname, n):
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), label_key: rng.integers(0, classes, n).tolist()}
+        with open(folder / fname, "wb") as f:
+            pickle.dump(batch, f)
+
+    if name == "cifar10":
+        for i in range(1, 6):
+            dump(f"data_batch_{i}", n_train // 5)
+        dump("test_batch", n_test)
+        meta = {"label_names": [f"c{i}" for i in range(10)]}
+        with open(folder / "batches.meta", "wb") as f:
+            pickle.dump(meta, f)
+    else:
+        dump("train", n_train)
+        dump("test", n_test)
+        with open(folder / "meta", "wb") as f:
+            pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)]}, f)
+
+
+@pytest.mark.parametrize("name,classes", [("cifar10", 10), ("cifar100", 100)])
+def test_cifar_loader_on_a_generated_pickle_directory(tmp_path, name, classes):
+    _write_cifar(tmp_path / "data", name, classes=classes)
+    proc = _cli(tmp_path, "--dataset", name, "--data-dir", "data", "--arch", "spiking_vgg11", "--method", "ce",
+                "--epochs", "1", "--batch-size", "8", "--T", "1", "--workers", "0", "--autoaugment", "--cutout", "8",
+                "--out", "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["dataset"] == name and summary["student_acc"] is not None
+    assert ckpt.load(tmp_path / "run" / "last.pt")["num_classes"] == classes
+
+
+def test_imagefolder_loader(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("val", 2)):
+        for cls in ("cat", "dog"):
+            d = tmp_path / "imagenet" / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    proc = _cli(tmp_path, "--dataset", "imagenet", "--data-dir", "imagenet", "--arch", "sew_resnet18",
+                "--method", "ce", "--epochs", "1", "--batch-size", "4", "--T", "1", "--workers", "0", "--out", "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ckpt.load(tmp_path / "run" / "last.pt")["num_classes"] == 2
+
+
+def test_ddp_on_cpu_keeps_ranks_identical(tmp_path):
+    assert _cli(tmp_path, "--ann", "--epochs", "2", "--out", "teacher").returncode == 0
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "fastsnn.train", "--device", "cpu", "--epochs", "1", "--batch-size", "64",
+                           "--teacher-weights", "teacher/best.pt", "--out", "ddp", "--quiet"],
+                          capture_output=True, text=True, env=_env(tmp_path), cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert summary["world_size"] == 2
+    sums = summary["rank_param_checksums"]
+    assert len(sums) == 2 and sums[0] == sums[1]
+
+
+_NAN_DRIVER = """
+import sys, warnings, torch
+import fastsnn.train as t
+real = t.compute_loss
+calls = {{"n": 0}}
+def patched(*a, **k):
+    loss, terms = real(*a, **k)
+    calls["n"] += 1
+    return (loss * float("nan"), terms) if {condition} else (loss, terms)
+t.compute_loss = patched
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    code = t.main({argv!r})
+print("WARNINGS", sum("non-finite loss" in str(w.message) for w in caught))
+sys.exit(code)
+"""
+
+
+def test_non_finite_losses(tmp_path):
+    run_dir = str(tmp_path / "run")
+    base = ["--epochs", "3", "--cache-dir", str(tmp_path / "cache"), "--quiet", "--out", run_dir]
+    assert _cli(tmp_path, *base, "--stop-after-epochs", "1").returncode == 0
+    resume = ["--resume", run_dir + "/last.pt"]
+    # two bad steps: skipped with a warning each, and the run goes on
+    proc = run_python(_NAN_DRIVER.format(condition='calls["n"] in (2, 3)', argv=resume + ["--stop-after-epochs", "1"]),
+                      interpret=False, env_extra={"FASTSNN_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WARNINGS 2" in proc.stdout
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    good = (tmp_path / "run" / "last.pt").read_bytes()
+    # every step bad: stops after --max-bad-steps with a clear error; the last checkpoint is untouched
+    proc = run_python(_NAN_DRIVER.format(condition="True", argv=resume + ["--max-bad-steps", "3"]),
+                      interpret=False, env_extra={"FASTSNN_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 1
+    assert "3 non-finite losses in a row (--max-bad-steps 3); stopped" in proc.stderr
+    assert (tmp_path / "run" / "last.pt").read_bytes() == good
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--arch", "resnet50"], "--arch must be one of"),
+    (["--dataset", "mnist"], "--dataset must be one of digits, cifar10, cifar100, imagenet"),
+    (["--method", "kd"], "--method must be one of tser, ts, skd, ce"),
+    (["--dataset", "cifar10", "--data-dir", "nowhere"], "--data-dir nowhere does not exist"),
+    (["--dataset", "imagenet", "--data-dir", "."], "must hold ImageNet's train/ and val/ folders"),
+    (["--dataset", "cifar100"], "--dataset cifar100 needs --data-dir"),
+    (["--teacher-weights", "missing.pt"], "--teacher-weights missing.pt: no such file"),
+    (["--alpha", "2"], "--alpha must be in [0, 1]"),
+    (["--label-smoothing", "0.1"], "--label-smoothing applies to --method ce and --ann only"),
+    (["--ann", "--arch", "digits_snn"], "--arch with --ann must be a teacher"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, words):
+    proc = _cli(tmp_path, *args, "--out", "never")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and words in proc.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_batch_not_divisible_across_ranks(tmp_path):
+    env = _env(tmp_path) | {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    proc = subprocess.run([sys.executable, "-m", "fastsnn.train", "--batch-size", "63", "--out", "never"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "--batch-size 63 is not divisible by the 2 ranks" in proc.stderr
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("classes,arch,words", [(5, "digits_ann", "has 5 classes, but digits has 10"),
+                                                 (10, "resnet18", "does not fit --teacher digits_ann")])
+def test_mismatched_teacher_is_reported_before_training(tmp_path, classes, arch, words):
+    torch.save(models.create(arch, classes).state_dict(), tmp_path / "teacher.pt")
+    proc = _cli(tmp_path, "--teacher-weights", "teacher.pt", "--out", "never")
+    assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "never").exists()
