@@ -1,0 +1,119 @@
+"""fastsnn.convert_spikingjelly on SpikingJelly's own models: same outputs and gradients, kept nodes reported."""
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import fastsnn
+from helpers import assert_close
+
+sj = pytest.importorskip("spikingjelly.activation_based")
+from spikingjelly.activation_based import functional, layer, neuron, surrogate  # noqa: E402
+from spikingjelly.activation_based.model import sew_resnet, spiking_resnet, spiking_vgg  # noqa: E402
+
+BUILDERS = {
+    "sew_resnet18": lambda **kw: sew_resnet.sew_resnet18(cnf="ADD", **kw),
+    "spiking_resnet18": spiking_resnet.spiking_resnet18,
+    "spiking_vgg11_bn": spiking_vgg.spiking_vgg11_bn,
+}
+
+
+def _pair(name, node, fn):
+    model = BUILDERS[name](spiking_neuron=getattr(neuron, node), surrogate_function=getattr(surrogate, fn)(),
+                           num_classes=10)
+    functional.set_step_mode(model, "m")
+    converted, summary = fastsnn.convert_spikingjelly(copy.deepcopy(model), return_summary=True)
+    return model, converted, summary
+
+
+@pytest.mark.parametrize("fn", ["ATan", "Sigmoid"])
+@pytest.mark.parametrize("node", ["LIFNode", "IFNode"])
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_converted_model_gives_the_same_outputs_and_gradients(name, node, fn):
+    model, converted, summary = _pair(name, node, fn)
+    assert not summary.kept and summary.converted
+    assert not any(isinstance(m, neuron.BaseNode) for m in converted.modules())
+    expected_type = fastsnn.LIF if node == "LIFNode" else fastsnn.IF
+    assert sum(isinstance(m, expected_type) for m in converted.modules()) == len(summary.converted)
+    x = torch.randn(2, 1, 3, 32, 32)
+    torch.manual_seed(1)  # SpikingJelly's VGG has dropout: both forwards draw the same masks
+    out_sj = model(x)
+    torch.manual_seed(1)
+    out_ours = converted(x)
+    assert_close(out_ours, out_sj)
+    g = torch.randn_like(out_sj)
+    (out_sj * g).sum().backward()
+    (out_ours * g).sum().backward()
+    params = dict(converted.named_parameters())
+    checked = 0
+    for pname, p in model.named_parameters():
+        if p.grad is None:
+            assert params[pname].grad is None
+            continue
+        # 1e-5 of the largest entry: sums over a deep network's batch and positions reorder in the last bits
+        assert_close(params[pname].grad, p.grad, scale=max(1.0, float(p.grad.abs().max())))
+        checked += 1
+    assert checked > 0
+
+
+def test_membrane_persists_until_reset_net_like_spikingjelly():
+    model, converted, _ = _pair("spiking_resnet18", "LIFNode", "ATan")
+    x1, x2 = torch.randn(2, 1, 3, 32, 32), torch.randn(2, 1, 3, 32, 32)
+    model.eval(), converted.eval()
+    with torch.no_grad():
+        model(x1), converted(x1)
+        assert_close(converted(x2), model(x2))  # continues from the first call's membrane
+        functional.reset_net(model)
+        functional.reset_net(converted)
+        assert_close(converted(x2), model(x2))  # starts afresh after reset_net
+
+
+def test_layer_wrappers_keep_working():
+    net = nn.Sequential(layer.Conv2d(3, 8, 3, padding=1), layer.BatchNorm2d(8),
+                        neuron.LIFNode(tau=3.0, decay_input=False, v_reset=None, surrogate_function=surrogate.Erf(alpha=1.5)),
+                        layer.Flatten(), layer.Linear(8 * 8 * 8, 5))
+    functional.set_step_mode(net, "m")
+    converted = fastsnn.convert_spikingjelly(net, inplace=False)
+    lif = converted[2]
+    assert isinstance(lif, fastsnn.LIF)
+    assert (lif.tau, lif.decay_input, lif.v_reset, lif.surrogate, lif.alpha) == (3.0, False, None, "erf", 1.5)
+    x = torch.randn(3, 2, 3, 8, 8)
+    assert_close(converted(x), net(x))
+    functional.set_step_mode(converted, "m")
+    functional.reset_net(converted)
+    assert converted[2].v is None
+
+
+def test_unsupported_nodes_are_kept_and_reported(caplog):
+    net = nn.Sequential(layer.Linear(4, 4), neuron.LIFNode(surrogate_function=surrogate.SoftSign()),
+                        layer.Linear(4, 4), neuron.ParametricLIFNode(), layer.Linear(4, 4),
+                        neuron.IFNode(store_v_seq=True), layer.Linear(4, 4), neuron.LIFNode())
+    functional.set_step_mode(net, "m")
+    net[7].step_mode = "m"
+    with caplog.at_level(logging.WARNING, logger="fastsnn.interop"):
+        converted, summary = fastsnn.convert_spikingjelly(net, inplace=False, return_summary=True)
+    assert set(summary.kept) == {"1", "3", "5"} and summary.converted == ["7"]
+    assert "SoftSign" in summary.kept["1"] and "ParametricLIFNode" in summary.kept["3"]
+    assert "store_v_seq" in summary.kept["5"]
+    assert "3 kept" in caplog.text
+    x = torch.randn(2, 3, 4)
+    assert_close(converted(x), net(x))  # still runs, same result
+
+
+def test_single_step_nodes_are_kept():
+    net = nn.Sequential(layer.Linear(4, 4), neuron.LIFNode())  # step_mode "s"
+    _, summary = fastsnn.convert_spikingjelly(net, return_summary=True)
+    assert "step_mode='s'" in summary.kept["1"]
+
+
+def test_from_spikingjelly():
+    lif = fastsnn.LIF.from_spikingjelly(neuron.LIFNode(tau=4.0, surrogate_function=surrogate.PiecewiseQuadratic(),
+                                                       step_mode="m", detach_reset=True))
+    assert (lif.tau, lif.surrogate, lif.alpha, lif.detach_reset, lif.stateful) == (4.0, "piecewise_quadratic", 1.0,
+                                                                                 True, True)
+    with pytest.raises(ValueError, match="LIF.from_spikingjelly needs a LIFNode, got IFNode"):
+        fastsnn.LIF.from_spikingjelly(neuron.IFNode(step_mode="m"))
+    with pytest.raises(ValueError, match="multi-step only"):
+        fastsnn.IF.from_spikingjelly(neuron.IFNode())
