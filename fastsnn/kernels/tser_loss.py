@@ -21,6 +21,25 @@ def _online_update(b_a, m_valid, b_m, b_s):
 
 
 @triton.jit
+def _ce_update(b_row, o_c, m_c, i_y, b_m, b_s, b_zy):
+    """CE statistics of a row at temperature 1: log-sum-exp state and the label's logit."""
+    b_m, _, _, b_s = _online_update(b_row, m_c, b_m, b_s)
+    return b_m, b_s, b_zy + tl.sum(tl.where(o_c == i_y, b_row, 0.0), axis=0)
+
+
+@triton.jit
+def _kl_update(b_row, b_pu, m_c, inv_tau, b_m, b_s, b_x):
+    """KL statistics of a row at tau: log-sum-exp state and Σ p_u·z/τ."""
+    b_m, _, _, b_s = _online_update(b_row * inv_tau, m_c, b_m, b_s)
+    return b_m, b_s, b_x + tl.sum(tl.where(m_c, b_pu * b_row, 0.0), axis=0) * inv_tau
+
+
+@triton.jit
+def _teacher_probs(p_ub, o_c, m_c, inv_tau, b_lse_u):
+    return tl.exp(tl.load(p_ub + o_c, mask=m_c, other=0.0).to(tl.float32) * inv_tau - b_lse_u)
+
+
+@triton.jit
 def _mean_row(p_zb, stride_zt, T, o_c, m_c, inv_T):
     """One block of z̄ = (1/T)·Σ_t z_t for one sample."""
     b_zm = tl.zeros_like(o_c).to(tl.float32)
@@ -74,12 +93,10 @@ def _tser_loss_fwd_kernel(
             m_c = o_c < C
             b_zm = _mean_row(p_zb, stride_zt, T, o_c, m_c, inv_T)
             if not TS_CE:
-                b_m1, _, _, b_s1 = _online_update(b_zm, m_c, b_m1, b_s1)
-                b_zy += tl.sum(tl.where(o_c == i_y, b_zm, 0.0), axis=0)
+                b_m1, b_s1, b_zy = _ce_update(b_zm, o_c, m_c, i_y, b_m1, b_s1, b_zy)
             if not TS_KL:
-                b_pu = tl.exp(tl.load(p_ub + o_c, mask=m_c, other=0.0).to(tl.float32) * inv_tau - b_lse_u)
-                b_mk, _, _, b_sk = _online_update(b_zm * inv_tau, m_c, b_mk, b_sk)
-                b_xk += tl.sum(tl.where(m_c, b_pu * b_zm, 0.0), axis=0) * inv_tau
+                b_pu = _teacher_probs(p_ub, o_c, m_c, inv_tau, b_lse_u)
+                b_mk, b_sk, b_xk = _kl_update(b_zm, b_pu, m_c, inv_tau, b_mk, b_sk, b_xk)
         if not TS_CE:
             b_lse1m = b_m1 + tl.log(b_s1)
             b_ce = b_lse1m - b_zy
@@ -106,12 +123,10 @@ def _tser_loss_fwd_kernel(
             m_c = o_c < C
             b_z = tl.load(p_zt + o_c, mask=m_c, other=0.0).to(tl.float32)
             if TS_CE:
-                b_m1, _, _, b_s1 = _online_update(b_z, m_c, b_m1, b_s1)
-                b_zy += tl.sum(tl.where(o_c == i_y, b_z, 0.0), axis=0)
+                b_m1, b_s1, b_zy = _ce_update(b_z, o_c, m_c, i_y, b_m1, b_s1, b_zy)
             if TS_KL:
-                b_pu = tl.exp(tl.load(p_ub + o_c, mask=m_c, other=0.0).to(tl.float32) * inv_tau - b_lse_u)
-                b_mk, _, _, b_sk = _online_update(b_z * inv_tau, m_c, b_mk, b_sk)
-                b_xk += tl.sum(tl.where(m_c, b_pu * b_z, 0.0), axis=0) * inv_tau
+                b_pu = _teacher_probs(p_ub, o_c, m_c, inv_tau, b_lse_u)
+                b_mk, b_sk, b_xk = _kl_update(b_z, b_pu, m_c, inv_tau, b_mk, b_sk, b_xk)
             if HAS_ENT:
                 b_ah = b_z * inv_tau_h
                 b_mh, b_scale, b_e, b_sh = _online_update(b_ah, m_c, b_mh, b_sh)
@@ -140,7 +155,7 @@ def _tser_loss_fwd_kernel(
         for i_c in range(0, tl.cdiv(C, BLOCK_C)):
             o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
             m_c = o_c < C
-            b_pu = tl.exp(tl.load(p_ub + o_c, mask=m_c, other=0.0).to(tl.float32) * inv_tau - b_lse_u)
+            b_pu = _teacher_probs(p_ub, o_c, m_c, inv_tau, b_lse_u)
             b_onehot = (o_c == i_y).to(tl.float32)
             # the part of the gradient that a time-fused term gives every timestep alike
             b_gm = tl.zeros([BLOCK_C], tl.float32)

@@ -33,16 +33,7 @@ def _resnet19(**kw):
     return partial(ResNet, [3, 3, 2], [128, 256, 512], stem="cifar", **kw)
 
 
-STUDENTS = {
-    "spiking_resnet18": lambda: _resnet(18, stem="cifar"),
-    "spiking_resnet19": _resnet19,
-    "spiking_resnet34": lambda: _resnet(34, stem="cifar"),
-    "spiking_vgg11": lambda: partial(VGG, VGG_CONFIGS["vgg11"]),
-    "spiking_vgg16": lambda: partial(VGG, VGG_CONFIGS["vgg16"]),
-    "sew_resnet18": lambda: _resnet(18, stem="imagenet", block="sew"),
-    "sew_resnet34": lambda: _resnet(34, stem="imagenet", block="sew"),
-    "digits_snn": lambda: DigitsNet,
-}
+# teacher architectures (ReLU); every student is one of them with spiking neurons
 TEACHERS = {
     "resnet18": lambda: _resnet(18, stem="cifar"),
     "resnet19": _resnet19,
@@ -51,10 +42,13 @@ TEACHERS = {
     "vgg16": lambda: partial(VGG, VGG_CONFIGS["vgg16"]),
     "digits_ann": lambda: DigitsNet,
 }
-# The teacher architecture each student mirrors (same parameter count)
+# student -> the teacher architecture it mirrors (same parameter count)
 TEACHER_OF = {"spiking_resnet18": "resnet18", "spiking_resnet19": "resnet19", "spiking_resnet34": "resnet34",
               "spiking_vgg11": "vgg11", "spiking_vgg16": "vgg16", "sew_resnet18": "resnet18",
               "sew_resnet34": "resnet34", "digits_snn": "digits_ann"}
+STUDENTS = {name: TEACHERS[teacher] for name, teacher in TEACHER_OF.items() if not name.startswith("sew")}
+STUDENTS |= {"sew_resnet18": lambda: _resnet(18, stem="imagenet", block="sew"),
+             "sew_resnet34": lambda: _resnet(34, stem="imagenet", block="sew")}
 IMAGENET_DEFAULT = {"sew_resnet18", "sew_resnet34"}
 
 

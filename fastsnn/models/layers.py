@@ -29,8 +29,8 @@ def folded(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module(x.flatten(0, 1)).unflatten(0, x.shape[:2])
 
 
-class BasicBlock(nn.Module):
-    """Spiking ResNet block: sn2(bn2(conv2(sn1(bn1(conv1(x))))) + shortcut(x)); with ReLU, torchvision's."""
+class _TwoConvBlock(nn.Module):
+    """conv1-bn1-sn1-conv2-bn2-sn2 and a conv1x1-BN downsample where the shape changes; torchvision's names."""
 
     def __init__(self, inplanes: int, planes: int, stride: int, neuron: dict):
         super().__init__()
@@ -44,6 +44,10 @@ class BasicBlock(nn.Module):
         if stride != 1 or inplanes != planes:
             self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
+
+class BasicBlock(_TwoConvBlock):
+    """Spiking ResNet block: sn2(bn2(conv2(sn1(bn1(conv1(x))))) + shortcut(x)); with ReLU, torchvision's."""
+
     def forward(self, x):
         out = self.sn1(folded(lambda y: self.bn1(self.conv1(y)), x))
         out = folded(lambda y: self.bn2(self.conv2(y)), out)
@@ -51,23 +55,15 @@ class BasicBlock(nn.Module):
         return self.sn2(out + identity)
 
 
-class SEWBlock(nn.Module):
+class SEWBlock(_TwoConvBlock):
     """Spike-element-wise block (Fang et al. 2021), SpikingJelly's layout and state_dict keys:
     out = sn2(bn2(conv2(sn1(bn1(conv1(x)))))), shortcut = downsample_sn(downsample(x)) or x,
     result = connect(shortcut, out) with ADD: s + o, AND: s·o, IAND: s·(1 − o)."""
 
     def __init__(self, inplanes: int, planes: int, stride: int, neuron: dict, connect: str):
-        super().__init__()
+        super().__init__(inplanes, planes, stride, neuron)
         self.connect = connect
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.sn1 = make_neuron(**neuron)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.sn2 = make_neuron(**neuron)
-        self.downsample = None
-        if stride != 1 or inplanes != planes:
-            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+        if self.downsample is not None:
             self.downsample_sn = make_neuron(**neuron)
 
     def forward(self, x):
