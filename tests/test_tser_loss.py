@@ -31,6 +31,7 @@ def _compare(T, B, C, dtype, ts_ce, ts_kl, lam, scale=3.0, teacher_dtype=None, *
     # the reference in fp64 on the same (rounded) inputs
     ref_loss, ref_terms, ref_grad = _loss_and_grad(reference.tser_loss, z, u, y, compute_dtype=torch.float64, **kw)
     assert loss.dtype == torch.float32 and loss.shape == ()
+    assert not any(v.requires_grad for v in terms.values())
     assert grad.dtype == dtype
     magnitude = max(1.0, float(ref_loss.abs()))
     assert_close(loss, ref_loss.float(), torch.float32, scale=magnitude * 10)

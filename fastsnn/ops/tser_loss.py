@@ -153,5 +153,6 @@ def tser_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, *,
                                         tau if entropy_tau is None else entropy_tau, bool(return_terms),
                                         z.requires_grad and torch.is_grad_enabled())
     if return_terms:
+        terms = terms.detach()
         return loss, {"ce": terms[0], "kl": terms[1], "entropy": terms[2]}
     return loss
