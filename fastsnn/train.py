@@ -506,10 +506,10 @@ def run(args, rank, world, local_rank) -> dict:
                     with torch.no_grad():
                         teacher_logits = teacher(images)
             loss, terms = compute_loss(args, student_logits, teacher_logits, target)
-            if not bool(torch.isfinite(loss)):
+            if not bool(torch.isfinite(loss.detach())):
                 bad_steps += 1
                 optimizer.zero_grad(set_to_none=True)
-                warnings.warn(f"epoch {epoch + 1} step {step + 1}: non-finite loss {float(loss)}, step skipped "
+                warnings.warn(f"epoch {epoch + 1} step {step + 1}: non-finite loss {float(loss.detach())}, step skipped "
                               f"({bad_steps} in a row)", RuntimeWarning, stacklevel=1)
                 if bad_steps >= args.max_bad_steps:
                     raise TooManyBadSteps(
@@ -534,7 +534,7 @@ def run(args, rank, world, local_rank) -> dict:
                                      (mean_logits.argmax(-1) == target).sum().double(),
                                      torch.tensor(batch, device=device, dtype=torch.float64)])
             images_seen += target.numel()
-            progress.update(step + 1, loss=float(loss), acc=100.0 * float(sums[4] / sums[5]),
+            progress.update(step + 1, loss=float(loss.detach()), acc=100.0 * float(sums[4] / sums[5]),
                             img_s=images_seen * world / (time.perf_counter() - t0))
             if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < steps:
                 save(epoch, step + 1)
@@ -601,7 +601,10 @@ def main(argv=None, _nested=False) -> int:
         return 1
     finally:
         if not _nested and dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                dist.barrier()  # every rank leaves together: no rank tears the group down under another
+            finally:
+                dist.destroy_process_group()
     return 0
 
 

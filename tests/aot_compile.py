@@ -18,7 +18,7 @@ ARCHS = (80, 89, 90)
 DTYPES = ("fp32", "fp16", "bf16")
 
 
-INT_ARGS = {"N": "i64", "n": "i64", "T": "i32", "B": "i32", "C": "i32", "stride_zt": "i64", "stride_zb": "i64",
+INT_ARGS = {"N": "i64", "n": "i64", "stride_xt": "i64", "T": "i32", "B": "i32", "C": "i32", "stride_zt": "i64", "stride_zb": "i64",
             "stride_ub": "i64", "has_v_init": "i32", "store_v": "i32", "has_grad_v": "i32"}
 
 

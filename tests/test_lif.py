@@ -107,6 +107,23 @@ def test_channels_last_layout_is_kept_and_correct():
     assert_close(gx, torch.autograd.grad((ref * g).sum(), x_ref)[0])
 
 
+def test_input_broadcast_over_time_is_read_in_place():
+    step = torch.randn(2, 5, 4, 3).to(memory_format=torch.channels_last).requires_grad_()
+    x = step.unsqueeze(0).expand(4, *step.shape)  # direct encoding: one timestep repeated, time stride 0
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().nbytes()) or t,
+                                                  lambda t: t):
+        spikes = fastsnn.lif_multistep(x, backend="triton")
+    assert sum(saved) == step.numel() * step.element_size()  # one timestep, not T
+    assert spikes[0].is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(spikes)
+    (grad,) = torch.autograd.grad((spikes * g).sum(), step)
+    dense = step.detach().unsqueeze(0).repeat(4, 1, 1, 1, 1).requires_grad_()
+    ref = reference.lif_multistep(dense)
+    assert torch.equal(spikes, ref)
+    assert_close(grad, torch.autograd.grad((ref * g).sum(), dense)[0].sum(0))
+
+
 def test_non_contiguous_input():
     base = torch.randn(7, 4, 3)
     x = base.transpose(0, 1).requires_grad_()  # [4, 7, 3], time stride is not the outermost

@@ -1,7 +1,8 @@
 """Multistep LIF/IF neuron: one forward kernel, one reverse-time backward kernel.
 
-Tensors are viewed as [T, N]: time outermost with stride N, the N neurons of a timestep dense in
-memory (any dense layout, e.g. channels_last, as long as every tensor of a call shares it). The
+Tensors are viewed as [T, N]: time outermost, the N neurons of a timestep dense in memory (any dense
+layout, e.g. channels_last, as long as every tensor of a call shares it). Outputs have time stride N; the
+input x has time stride N, or 0 when one timestep is broadcast over T (direct encoding). The
 membrane state stays in fp32 registers; the backward recomputes h from the saved input.
 """
 import torch
@@ -55,7 +56,7 @@ def _surrogate_grad(b_u, alpha, SURROGATE: tl.constexpr):
 @triton.jit
 def _lif_fwd_kernel(
     p_x, p_s, p_v0, p_vT,
-    N, tau, v_threshold, v_reset, has_v_init, store_v,
+    N, stride_xt, tau, v_threshold, v_reset, has_v_init, store_v,
     T: tl.constexpr, NEURON: tl.constexpr, HARD_RESET: tl.constexpr, BLOCK: tl.constexpr,
 ):
     i_n = tl.program_id(0).to(tl.int64)
@@ -63,7 +64,7 @@ def _lif_fwd_kernel(
     m_n = o_n < N
     b_v = tl.load(p_v0 + o_n, mask=m_n & (has_v_init != 0), other=v_reset).to(tl.float32)
     for t in range(T):
-        b_x = tl.load(p_x + t * N + o_n, mask=m_n, other=0.0).to(tl.float32)
+        b_x = tl.load(p_x + t * stride_xt + o_n, mask=m_n, other=0.0).to(tl.float32)
         b_h = _charge(b_v, b_x, tau, v_reset, NEURON)
         b_s, b_v = _fire_and_reset(b_h, v_threshold, v_reset, HARD_RESET)
         tl.store(p_s + t * N + o_n, b_s.to(p_s.dtype.element_ty), mask=m_n)
@@ -73,7 +74,7 @@ def _lif_fwd_kernel(
 @triton.jit
 def _lif_bwd_kernel(
     p_x, p_gs, p_v0, p_gvT, p_gx, p_gv0,
-    N, tau, v_threshold, v_reset, alpha, has_v_init, has_grad_v,
+    N, stride_xt, tau, v_threshold, v_reset, alpha, has_v_init, has_grad_v,
     T: tl.constexpr, CHUNK: tl.constexpr, NEURON: tl.constexpr, HARD_RESET: tl.constexpr,
     SURROGATE: tl.constexpr, DETACH_RESET: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -96,13 +97,13 @@ def _lif_bwd_kernel(
         # v at the chunk's first step: rerun the forward from t = 0 (nothing to do for the first chunk)
         b_v = b_v0
         for t in range(i_c * CHUNK):
-            b_x = tl.load(p_x + t * N + o_n, mask=m_n, other=0.0).to(tl.float32)
+            b_x = tl.load(p_x + t * stride_xt + o_n, mask=m_n, other=0.0).to(tl.float32)
             b_h = _charge(b_v, b_x, tau, v_reset, NEURON)
             b_s, b_v = _fire_and_reset(b_h, v_threshold, v_reset, HARD_RESET)
         b_hs = ()  # CHUNK x [BLOCK] fp32
         for j in tl.static_range(CHUNK):
             if i_c * CHUNK + j < T:
-                b_x = tl.load(p_x + (i_c * CHUNK + j) * N + o_n, mask=m_n, other=0.0).to(tl.float32)
+                b_x = tl.load(p_x + (i_c * CHUNK + j) * stride_xt + o_n, mask=m_n, other=0.0).to(tl.float32)
                 b_h = _charge(b_v, b_x, tau, v_reset, NEURON)
                 b_hs = b_hs + (b_h,)
                 b_s, b_v = _fire_and_reset(b_h, v_threshold, v_reset, HARD_RESET)
@@ -155,7 +156,7 @@ def lif_forward(x, spikes, v_init, v_final, *, neuron, tau, v_threshold, v_reset
     grid = (triton.cdiv(N, FWD_BLOCK),)
     _lif_fwd_kernel[grid](
         x, spikes, _or_placeholder(v_init, x), _or_placeholder(v_final, x),
-        N, tau, v_threshold, v_reset, int(v_init is not None), int(v_final is not None),
+        N, x.stride(0), tau, v_threshold, v_reset, int(v_init is not None), int(v_final is not None),
         T=T, NEURON=neuron, HARD_RESET=hard_reset, BLOCK=FWD_BLOCK, num_warps=FWD_WARPS,
     )
 
@@ -168,7 +169,7 @@ def lif_backward(x, grad_spikes, v_init, grad_v_final, grad_x, grad_v_init, *, n
     _lif_bwd_kernel[grid](
         x, grad_spikes, _or_placeholder(v_init, x), _or_placeholder(grad_v_final, x),
         grad_x, _or_placeholder(grad_v_init, x),
-        N, tau, v_threshold, v_reset, alpha, int(v_init is not None), int(grad_v_final is not None),
+        N, x.stride(0), tau, v_threshold, v_reset, alpha, int(v_init is not None), int(grad_v_final is not None),
         T=T, CHUNK=chunk_for(T), NEURON=neuron, HARD_RESET=hard_reset, SURROGATE=surrogate,
         DETACH_RESET=detach_reset, BLOCK=BWD_BLOCK, num_warps=BWD_WARPS,
     )

@@ -8,13 +8,9 @@ from .layers import BasicBlock, SEWBlock, folded, make_neuron
 
 
 def repeat_over_time(y: torch.Tensor, T: int) -> torch.Tensor:
-    """[B, C, H, W] -> [T, B, C, H, W], each timestep laid out like y (channels_last stays channels_last)."""
-    fmt = torch.channels_last if (y.dim() == 4 and not y.is_contiguous()
-                                  and y.is_contiguous(memory_format=torch.channels_last)) else torch.contiguous_format
-    out = torch.empty((T * y.shape[0], *y.shape[1:]), dtype=y.dtype, device=y.device, memory_format=fmt)
-    out = out.unflatten(0, (T, y.shape[0]))
-    out.copy_(y.unsqueeze(0).expand_as(out))
-    return out
+    """[B, ...] -> [T, B, ...] as a broadcast view (time stride 0): fastsnn's LIF reads it without a copy
+    and saves one timestep for its backward instead of T."""
+    return y.unsqueeze(0).expand(T, *y.shape)
 
 
 class TimeMajorNet(nn.Module):

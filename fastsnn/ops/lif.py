@@ -10,7 +10,7 @@ from torch import Tensor
 from .. import reference
 from ..backend import BACKENDS, check_float_tensor, check_number, check_same_device, resolve_backend
 from ..surrogate import resolve_surrogate
-from ._layout import is_dense_time_major, same_layout
+from ._layout import is_dense_time_major, same_layout, time_major_like
 
 _NEURON_CODES = {"if": 0, "lif": 1, "lif_no_decay": 2}
 
@@ -31,7 +31,7 @@ def _lif_forward(x: Tensor, v_init: Optional[Tensor], neuron: int, tau: float, v
                  return_v: bool) -> tuple[Tensor, Tensor]:
     from ..kernels.lif import lif_forward
 
-    spikes = torch.empty_like(x)
+    spikes = time_major_like(x)
     v_final = _v_like(x) if return_v else None
     lif_forward(x, spikes, None if v_init is None else _v_state(v_init, x), v_final, neuron=neuron, tau=tau,
                 v_threshold=v_threshold, v_reset=v_reset, hard_reset=hard_reset)
@@ -40,7 +40,7 @@ def _lif_forward(x: Tensor, v_init: Optional[Tensor], neuron: int, tau: float, v
 
 @_lif_forward.register_fake
 def _(x, v_init, neuron, tau, v_threshold, v_reset, hard_reset, surrogate, alpha, detach_reset, return_v):
-    return torch.empty_like(x), (_v_like(x) if return_v else x.new_empty(0, dtype=torch.float32))
+    return time_major_like(x), (_v_like(x) if return_v else x.new_empty(0, dtype=torch.float32))
 
 
 @torch.library.custom_op("fastsnn::lif_backward", mutates_args=())
@@ -49,9 +49,9 @@ def _lif_backward(grad_spikes: Tensor, grad_v_final: Optional[Tensor], x: Tensor
                   alpha: float, detach_reset: bool) -> tuple[Tensor, Tensor]:
     from ..kernels.lif import lif_backward
 
-    grad_x = torch.empty_like(x)
+    grad_x = time_major_like(x)
     grad_v_init = None if v_init is None else _v_like(x)
-    lif_backward(x, same_layout(grad_spikes, x), None if v_init is None else _v_state(v_init, x),
+    lif_backward(x, same_layout(grad_spikes, grad_x), None if v_init is None else _v_state(v_init, x),
                  None if grad_v_final is None else _v_state(grad_v_final, x), grad_x, grad_v_init,
                  neuron=neuron, tau=tau, v_threshold=v_threshold, v_reset=v_reset, hard_reset=hard_reset,
                  surrogate=surrogate, alpha=alpha, detach_reset=detach_reset)
@@ -61,7 +61,7 @@ def _lif_backward(grad_spikes: Tensor, grad_v_final: Optional[Tensor], x: Tensor
 @_lif_backward.register_fake
 def _(grad_spikes, grad_v_final, x, v_init, neuron, tau, v_threshold, v_reset, hard_reset, surrogate, alpha,
       detach_reset):
-    return torch.empty_like(x), (_v_like(x) if v_init is not None else x.new_empty(0, dtype=torch.float32))
+    return time_major_like(x), (_v_like(x) if v_init is not None else x.new_empty(0, dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
@@ -130,7 +130,7 @@ def _multistep(op, x, *, tau, decay_input, v_threshold, v_reset, surrogate, alph
             x, neuron="if" if p["tau"] is None else "lif", tau=p["tau"] or 1.0, decay_input=decay_input,
             v_threshold=p["v_threshold"], v_reset=p["v_reset"], surrogate=p["surrogate"].name, alpha=p["alpha"],
             detach_reset=detach_reset, v_init=v_init, return_v=return_v)
-    if not is_dense_time_major(x):
+    if not is_dense_time_major(x, allow_broadcast=True):
         x = x.contiguous()
     if p["tau"] is None:
         neuron, tau = _NEURON_CODES["if"], 1.0
