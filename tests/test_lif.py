@@ -175,7 +175,7 @@ def test_torch_compile_fullgraph_matches_eager():
     x = torch.randn(3, 2, 2, 5, 5, requires_grad=True)
     eager = net(x)
     g_eager = torch.autograd.grad(eager.sum(), x)[0]
-    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")(x)
+    compiled = torch.compile(net, fullgraph=True)(x)
     g_compiled = torch.autograd.grad(compiled.sum(), x)[0]
     assert torch.equal(compiled, eager)
     assert_close(g_compiled, g_eager)

@@ -138,7 +138,7 @@ def test_torch_compile_fullgraph():
 
     eager = step(z, u, y)
     g_eager = torch.autograd.grad(eager, z)[0]
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(z, u, y)
+    compiled = torch.compile(step, fullgraph=True)(z, u, y)
     g_compiled = torch.autograd.grad(compiled, z)[0]
     assert_close(compiled, eager)
     assert_close(g_compiled, g_eager)
