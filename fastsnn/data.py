@@ -131,6 +131,10 @@ class EpochSampler(torch.utils.data.Sampler):
         self.size, self.seed, self.epoch, self.rank, self.world = size, seed, epoch, rank, world
         self.shuffle, self.start, self.global_batch, self.drop_last = shuffle, start, global_batch, drop_last
 
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The next iteration yields epoch `epoch`'s order from position `start` (for persistent workers)."""
+        self.epoch, self.start = epoch, start
+
     def _indices(self) -> list[int]:
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)

@@ -362,7 +362,7 @@ class Progress:
 def _make_loader(dataset, sampler, batch, args, device):
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch, sampler=sampler, num_workers=args.workers, pin_memory=device.type == "cuda",
-        persistent_workers=False, drop_last=False)
+        persistent_workers=args.workers > 0 and device.type == "cuda", drop_last=False)
 
 
 def _write_plots(out, history, summary):
@@ -479,14 +479,14 @@ def run(args, rank, world, local_rank) -> dict:
         with open(os.path.join(out, "metrics.jsonl"), "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in history)
 
+    train_sampler = datasets.EpochSampler(len(spec.train), seed=args.seed, epoch=start_epoch, rank=rank, world=world,
+                                          global_batch=args.batch_size, drop_last=world > 1)
+    loader = _make_loader(spec.train, train_sampler, per_rank_batch, args, device)
     bad_steps = 0
     last_epoch = args.epochs if not args.stop_after_epochs else min(args.epochs, start_epoch + args.stop_after_epochs)
     for epoch in range(start_epoch, last_epoch):
         first_step = start_step if epoch == start_epoch else 0
-        sampler = datasets.EpochSampler(len(spec.train), seed=args.seed, epoch=epoch, rank=rank, world=world,
-                                        start=first_step * per_rank_batch, global_batch=args.batch_size,
-                                        drop_last=world > 1)
-        loader = _make_loader(spec.train, sampler, per_rank_batch, args, device)
+        train_sampler.set_epoch(epoch, start=first_step * per_rank_batch)
         steps = first_step + len(loader)
         progress = Progress(steps, f"epoch {epoch + 1}/{args.epochs}", is_main and not args.quiet)
         sums = torch.zeros(6, device=device, dtype=torch.float64)  # loss, ce, kl, entropy, correct, seen
