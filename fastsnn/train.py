@@ -261,7 +261,7 @@ def _cached_digits_teacher(args, log) -> str:
 def _param_groups(model, weight_decay):
     """No weight decay on BN parameters and biases."""
     decay, no_decay = [], []
-    for name, p_ in model.named_parameters():
+    for p_ in model.parameters():
         (no_decay if p_.dim() <= 1 else decay).append(p_)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

@@ -57,10 +57,6 @@ def available() -> dict[str, list[str]]:
     return {"students": sorted(STUDENTS), "teachers": sorted(TEACHERS)}
 
 
-def is_student(name: str) -> bool:
-    return name in STUDENTS
-
-
 def create(name: str, num_classes: int, *, T: int | None = None, neuron: str = "lif", tau: float = 2.0,
            v_threshold: float = 1.0, surrogate: str = "atan", alpha: float | None = None, detach_reset: bool = True,
            v_reset: float | None = 0.0, connect: str = "ADD", imagenet: bool | None = None, in_channels: int = 3,
