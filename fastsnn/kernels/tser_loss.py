@@ -131,15 +131,19 @@ def _tser_loss_fwd_kernel(
                 b_ah = b_z * inv_tau_h
                 b_mh, b_scale, b_e, b_sh = _online_update(b_ah, m_c, b_mh, b_sh)
                 b_wh = b_wh * b_scale + tl.sum(b_e * b_ah, axis=0)
-        b_lse1 = b_m1 + tl.log(b_s1)
-        b_lsek = b_mk + tl.log(b_sk)
-        b_lseh = b_mh + tl.log(b_sh)
-        b_ent_t = b_lseh - tl.math.div_rn(b_wh, b_sh)
+        b_lse1 = tl.zeros([], tl.float32)
+        b_lsek = tl.zeros([], tl.float32)
+        b_lseh = tl.zeros([], tl.float32)
+        b_ent_t = tl.zeros([], tl.float32)
         if TS_CE:
+            b_lse1 = b_m1 + tl.log(b_s1)
             b_ce += (b_lse1 - b_zy) * inv_T
         if TS_KL:
+            b_lsek = b_mk + tl.log(b_sk)
             b_kl += (b_neg_ent_u - b_xk + b_lsek) * inv_T
         if HAS_ENT:
+            b_lseh = b_mh + tl.log(b_sh)
+            b_ent_t = b_lseh - tl.math.div_rn(b_wh, b_sh)
             b_ent += b_ent_t * inv_T
         if COMPUTE_GRAD:
             tl.store(p_sb + t * 4, b_lse1)
