@@ -14,6 +14,13 @@ os.environ.setdefault("SJ_LIF_CUDA_IMPLEMENTATION", "triton")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytest  # noqa: E402
+import torch._dynamo  # noqa: E402
+
+# every shape/dtype row recompiles the torch.compile provider: past Dynamo's default limit (8) it would
+# fall back to eager and the "compile" rows would silently be eager ones
+for _name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
+    if hasattr(torch._dynamo.config, _name):
+        setattr(torch._dynamo.config, _name, 4096)
 
 from common import copy_bandwidth_gbs, environment  # noqa: E402
 
