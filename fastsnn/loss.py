@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .ops.tser_loss import _check, tser_loss
+from .ops.tser_loss import check_loss_params, tser_loss
 
 
 class TSERLoss(nn.Module):
@@ -19,14 +19,7 @@ class TSERLoss(nn.Module):
         super().__init__()
         self.alpha, self.tau, self.lam, self.ts_ce, self.ts_kl = alpha, tau, lam, ts_ce, ts_kl
         self.entropy_tau, self.return_terms, self.backend = entropy_tau, return_terms, backend
-        self._check_params()
-
-    def _check_params(self):
-        import torch
-
-        z = torch.zeros(1, 1, 2)
-        _check(z, z[0], torch.zeros(1, dtype=torch.long), self.alpha, self.tau, self.lam, self.ts_ce, self.ts_kl,
-               self.entropy_tau, self.backend)
+        check_loss_params(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, backend)
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor):
         return tser_loss(student_logits, teacher_logits, target, alpha=self.alpha, tau=self.tau, lam=self.lam,

@@ -8,7 +8,6 @@ import torch
 import triton
 import triton.language as tl
 
-_NEG_BIG = tl.constexpr(-3.0e38)  # finite start for running maxima: padded rows never produce nan
 
 
 @triton.jit
@@ -18,6 +17,12 @@ def _online_update(b_a, m_valid, b_m, b_s):
     b_scale = tl.exp(b_m - b_m_new)
     b_e = tl.exp(tl.where(m_valid, b_a, float("-inf")) - b_m_new)
     return b_m_new, b_scale, b_e, b_s * b_scale + tl.sum(b_e, axis=0)
+
+
+@triton.jit
+def _lse_start():
+    """An empty online log-sum-exp: (running max, sum of exp); the finite start keeps masked lanes nan-free."""
+    return tl.full([], -3.0e38, tl.float32), tl.zeros([], tl.float32)
 
 
 @triton.jit
@@ -64,8 +69,7 @@ def _tser_loss_fwd_kernel(
     NEED_MEAN: tl.constexpr = (not TS_CE) or (not TS_KL)
 
     # teacher at tau: log-sum-exp and Σ p_u·log p_u
-    b_mu = _NEG_BIG + tl.zeros([], tl.float32)
-    b_su = tl.zeros([], tl.float32)
+    b_mu, b_su = _lse_start()
     b_wu = tl.zeros([], tl.float32)
     for i_c in range(0, tl.cdiv(C, BLOCK_C)):
         o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -82,11 +86,9 @@ def _tser_loss_fwd_kernel(
     b_lse1m = tl.zeros([], tl.float32)
     b_lsekm = tl.zeros([], tl.float32)
     if NEED_MEAN:
-        b_m1 = _NEG_BIG + tl.zeros([], tl.float32)
-        b_s1 = tl.zeros([], tl.float32)
+        b_m1, b_s1 = _lse_start()
         b_zy = tl.zeros([], tl.float32)
-        b_mk = _NEG_BIG + tl.zeros([], tl.float32)
-        b_sk = tl.zeros([], tl.float32)
+        b_mk, b_sk = _lse_start()
         b_xk = tl.zeros([], tl.float32)
         for i_c in range(0, tl.cdiv(C, BLOCK_C)):
             o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -109,14 +111,11 @@ def _tser_loss_fwd_kernel(
     for t in range(T):
         p_zt = p_zb + t * stride_zt
         # statistics of z_t: CE at 1, KL at tau (with Σ p_u·z/τ), entropy at tau_h
-        b_m1 = _NEG_BIG + tl.zeros([], tl.float32)
-        b_s1 = tl.zeros([], tl.float32)
+        b_m1, b_s1 = _lse_start()
         b_zy = tl.zeros([], tl.float32)
-        b_mk = _NEG_BIG + tl.zeros([], tl.float32)
-        b_sk = tl.zeros([], tl.float32)
+        b_mk, b_sk = _lse_start()
         b_xk = tl.zeros([], tl.float32)
-        b_mh = _NEG_BIG + tl.zeros([], tl.float32)
-        b_sh = tl.zeros([], tl.float32)
+        b_mh, b_sh = _lse_start()
         b_wh = tl.zeros([], tl.float32)
         for i_c in range(0, tl.cdiv(C, BLOCK_C)):
             o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)

@@ -99,6 +99,11 @@ def _check(student_logits, teacher_logits, target, alpha, tau, lam, ts_ce, ts_kl
     if target.shape != (B,):
         raise ValueError(f"{_OP}: target must have shape [B] = [{B}], got {tuple(target.shape)}")
     check_same_device(_OP, student_logits=student_logits, teacher_logits=teacher_logits, target=target)
+    return check_loss_params(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, backend)
+
+
+def check_loss_params(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, backend):
+    """Validates the loss's scalar arguments; returns (alpha, tau, lam, entropy_tau) as floats."""
     alpha = check_number(_OP, "alpha", alpha, low=0.0, high=1.0, rule="in [0, 1]")
     tau = check_number(_OP, "tau", tau, low=0.0, low_inclusive=False, rule="a finite number > 0")
     lam = check_number(_OP, "lam", lam, low=0.0, rule="a finite number >= 0")
