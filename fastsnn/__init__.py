@@ -1,11 +1,22 @@
 """fastsnn: fused Triton kernels and a training program for spiking neural networks (SNNs) distilled
 from ANN teachers with the TSER loss."""
-from .neuron import IF, LIF
-from .interop import convert_spikingjelly
+from .neuron import IF, LIF, MultistepNeuron
 from .loss import TSERLoss
 from .ops.lif import if_multistep, lif_multistep
 from .ops.tser_loss import tser_loss
+from .spec import NeuronSpec
 
 __version__ = "0.1.0"
 
-__all__ = ["lif_multistep", "if_multistep", "LIF", "IF", "tser_loss", "TSERLoss", "convert_spikingjelly"]
+
+def __getattr__(name):
+    # the SpikingJelly adapter sits at the edge: loaded on first use, never by the core
+    if name in ("convert_spikingjelly", "neuron_from_spikingjelly"):
+        from . import interop
+
+        return getattr(interop, name)
+    raise AttributeError(f"module 'fastsnn' has no attribute {name!r}")
+
+
+__all__ = ["lif_multistep", "if_multistep", "LIF", "IF", "MultistepNeuron", "NeuronSpec", "tser_loss", "TSERLoss",
+           "convert_spikingjelly", "neuron_from_spikingjelly"]

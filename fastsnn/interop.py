@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .neuron import IF, LIF
+from .neuron import IF, LIF, MultistepNeuron
 
 log = logging.getLogger("fastsnn.interop")
 
@@ -50,15 +50,12 @@ def _unsupported(node) -> str | None:
     return None
 
 
-def neuron_from_spikingjelly(node, expect=None) -> nn.Module:
-    """The fastsnn neuron equivalent to a SpikingJelly LIFNode/IFNode; ValueError if there is none."""
+def neuron_from_spikingjelly(node) -> MultistepNeuron:
+    """The fastsnn neuron (LIF or IF, stateful like SpikingJelly's) equivalent to a multi-step SpikingJelly
+    LIFNode/IFNode; ValueError naming what cannot be represented exactly if there is none."""
     from spikingjelly.activation_based import neuron as sj_neuron
 
     why = _unsupported(node)
-    if why is None and expect is not None:
-        wanted = sj_neuron.LIFNode if expect is LIF else sj_neuron.IFNode
-        if type(node) is not wanted:
-            why = f"{expect.__name__}.from_spikingjelly needs a {wanted.__name__}, got {type(node).__name__}"
     if why is not None:
         raise ValueError(f"cannot convert {type(node).__name__}: {why}")
     common = dict(v_threshold=float(node.v_threshold), v_reset=None if node.v_reset is None else float(node.v_reset),

@@ -4,122 +4,90 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops.lif import check_neuron_params, if_multistep, lif_multistep
+from .backend import BACKENDS
+from .ops.lif import apply_neuron
+from .spec import NeuronSpec, kind_of
 
 
-class _MultistepNeuron(nn.Module):
-    """Shared state of LIF and IF: the firing-rate record and SpikingJelly-style conventions.
+class MultistepNeuron(nn.Module):
+    """A multistep neuron module holding one validated NeuronSpec (see fastsnn.NeuronSpec).
 
-    By default the neuron is stateless between calls: every forward starts from v_reset (a whole
-    sequence is one call). With `stateful=True` (SpikingJelly's convention, which conversion keeps) the
-    final membrane of a call is the next call's initial one, gradients flowing through it, until
-    `reset()` (e.g. from spikingjelly's functional.reset_net). When `record_rate` is True, each forward stores the mean of its spikes in `spike_rate` (a
-    detached fp32 scalar; paper eq. 12) and adds to the `spike_sum` / `spike_count` totals.
+    forward(x[T, ...]) -> spikes [T, ...]; forward(x_step, repeat=T) presents one timestep [...] at all T
+    steps (direct encoding; see fastsnn.lif_multistep). By default the neuron is stateless between calls:
+    every forward starts from v_reset (a whole sequence is one call). With `stateful=True` (SpikingJelly's
+    convention, which conversion keeps) the final membrane of a call is the next call's initial one,
+    gradients flowing through it, until `reset()` (e.g. from spikingjelly's functional.reset_net).
     """
 
     step_mode = "m"
 
-    def __init__(self, *, tau, decay_input, v_threshold, v_reset, surrogate, alpha, detach_reset, backend,
-                 stateful=False):
+    def __init__(self, spec: NeuronSpec, *, backend: str = "auto", stateful: bool = False):
         super().__init__()
-        check_neuron_params(type(self).__name__, tau=tau, decay_input=decay_input, v_threshold=v_threshold,
-                            v_reset=v_reset, surrogate=surrogate, alpha=alpha, detach_reset=detach_reset,
-                            backend=backend)
-        self.v_threshold = v_threshold
-        self.v_reset = v_reset
-        self.surrogate = surrogate
-        self.alpha = alpha
-        self.detach_reset = detach_reset
+        if backend not in BACKENDS:
+            raise ValueError(f"{type(self).__name__}: backend must be one of {BACKENDS}, got {backend!r}")
+        self.spec = spec
         self.backend = backend
         self.stateful = stateful
         self.v: torch.Tensor | None = None
-        self.record_rate = False
-        self.spike_rate: torch.Tensor | None = None
-        self.spike_sum: torch.Tensor | float = 0.0
-        self.spike_count = 0
 
-    def _spikes(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    @staticmethod
+    def from_spec(spec: NeuronSpec, *, backend: str = "auto", stateful: bool = False) -> "MultistepNeuron":
+        """The LIF module of a spec (IF for kind "if"), built without validating the spec again."""
+        module = (IF if spec.kind == "if" else LIF).__new__(IF if spec.kind == "if" else LIF)
+        MultistepNeuron.__init__(module, spec, backend=backend, stateful=stateful)
+        return module
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def __getattr__(self, name):
+        # the spec's fields read as attributes: neuron.tau, neuron.v_threshold, neuron.surrogate, ...
+        spec = self.__dict__.get("spec")
+        if spec is not None and name in NeuronSpec.__dataclass_fields__:
+            return getattr(spec, name)
+        return super().__getattr__(name)
+
+    @property
+    def decay_input(self) -> bool:
+        """SpikingJelly's name for the charge: True for "lif" (and "if"), False for "lif_no_decay"."""
+        return self.spec.kind != "lif_no_decay"
+
+    def forward(self, x: torch.Tensor, repeat: int | None = None) -> torch.Tensor:
         if self.step_mode != "m":
             raise RuntimeError(f"{type(self).__name__}: only step_mode='m' (input [T, ...]) is supported, "
                                f"got step_mode={self.step_mode!r}")
+        op = type(self).__name__
         if self.stateful:
-            spikes, self.v = self._spikes(x, v_init=self.v, return_v=True)
-        else:
-            spikes = self._spikes(x)
-        if self.record_rate:
-            total = spikes.detach().float().sum()
-            self.spike_rate = total / spikes.numel()
-            self.spike_sum = self.spike_sum + total
-            self.spike_count += spikes.numel()
-        return spikes
-
-    def start_recording(self) -> None:
-        """Clears the spike counters and records each forward's spike rate (see spike_rate, spike_sum)."""
-        self.record_rate = True
-        self.spike_sum, self.spike_count = 0.0, 0
+            spikes, self.v = apply_neuron(op, x, self.spec, v_init=self.v, return_v=True, repeat=repeat,
+                                          backend=self.backend)
+            return spikes
+        return apply_neuron(op, x, self.spec, repeat=repeat, backend=self.backend)
 
     def reset(self) -> None:
         """Clears the membrane kept by a stateful neuron (SpikingJelly's functional.reset_net calls this)."""
         self.v = None
-        self.spike_rate = None
 
-    def _common_repr(self) -> str:
-        return (f"v_threshold={self.v_threshold}, v_reset={self.v_reset}, surrogate={self.surrogate!r}, "
-                f"alpha={self.alpha}, detach_reset={self.detach_reset}" + (", stateful=True" if self.stateful else ""))
+    def extra_repr(self) -> str:
+        s = self.spec
+        tau = "" if s.kind == "if" else f"tau={s.tau}, decay_input={s.kind == 'lif'}, "
+        return (tau + f"v_threshold={s.v_threshold}, v_reset={s.v_reset}, surrogate={s.surrogate!r}, "
+                f"alpha={s.alpha}, detach_reset={s.detach_reset}" + (", stateful=True" if self.stateful else ""))
 
 
-class LIF(_MultistepNeuron):
+class LIF(MultistepNeuron):
     """Leaky integrate-and-fire neuron; forward(x[T, ...]) → spikes [T, ...]. See fastsnn.lif_multistep."""
 
     def __init__(self, tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
                  v_reset: float | None = 0.0, surrogate: str = "atan", alpha: float | None = None,
                  detach_reset: bool = False, backend: str = "auto", stateful: bool = False):
-        super().__init__(tau=tau, decay_input=decay_input, v_threshold=v_threshold, v_reset=v_reset,
-                         surrogate=surrogate, alpha=alpha, detach_reset=detach_reset, backend=backend,
-                         stateful=stateful)
-        self.tau = tau
-        self.decay_input = decay_input
-
-    def _spikes(self, x, **state):
-        return lif_multistep(x, tau=self.tau, decay_input=self.decay_input, v_threshold=self.v_threshold,
-                             v_reset=self.v_reset, surrogate=self.surrogate, alpha=self.alpha,
-                             detach_reset=self.detach_reset, backend=self.backend, **state)
-
-    @classmethod
-    def from_spikingjelly(cls, node) -> "LIF":
-        """The fastsnn LIF equivalent to a SpikingJelly LIFNode (multi-step, stateful like it); raises
-        ValueError naming what cannot be represented exactly."""
-        from .interop import neuron_from_spikingjelly
-
-        return neuron_from_spikingjelly(node, expect=cls)
-
-    def extra_repr(self) -> str:
-        return f"tau={self.tau}, decay_input={self.decay_input}, " + self._common_repr()
+        spec = NeuronSpec.create("LIF", kind=kind_of(decay_input, "LIF"), tau=tau, v_threshold=v_threshold,
+                                 v_reset=v_reset, surrogate=surrogate, alpha=alpha, detach_reset=detach_reset)
+        super().__init__(spec, backend=backend, stateful=stateful)
 
 
-class IF(_MultistepNeuron):
+class IF(MultistepNeuron):
     """Integrate-and-fire neuron (no leak); forward(x[T, ...]) → spikes [T, ...]. See fastsnn.if_multistep."""
 
     def __init__(self, v_threshold: float = 1.0, v_reset: float | None = 0.0, surrogate: str = "atan",
                  alpha: float | None = None, detach_reset: bool = False, backend: str = "auto",
                  stateful: bool = False):
-        super().__init__(tau=None, decay_input=True, v_threshold=v_threshold, v_reset=v_reset,
-                         surrogate=surrogate, alpha=alpha, detach_reset=detach_reset, backend=backend,
-                         stateful=stateful)
-
-    def _spikes(self, x, **state):
-        return if_multistep(x, v_threshold=self.v_threshold, v_reset=self.v_reset, surrogate=self.surrogate,
-                            alpha=self.alpha, detach_reset=self.detach_reset, backend=self.backend, **state)
-
-    @classmethod
-    def from_spikingjelly(cls, node) -> "IF":
-        """The fastsnn IF equivalent to a SpikingJelly IFNode (multi-step, stateful like it)."""
-        from .interop import neuron_from_spikingjelly
-
-        return neuron_from_spikingjelly(node, expect=cls)
-
-    def extra_repr(self) -> str:
-        return self._common_repr()
+        spec = NeuronSpec.create("IF", kind="if", v_threshold=v_threshold, v_reset=v_reset, surrogate=surrogate,
+                                 alpha=alpha, detach_reset=detach_reset)
+        super().__init__(spec, backend=backend, stateful=stateful)

@@ -1,7 +1,8 @@
 """The surrogate-gradient table shared by the kernels, the reference and the modules.
 
 Each surrogate replaces dΘ/du of the Heaviside step Θ(u) = [u ≥ 0] in the backward pass, with
-u = h − v_threshold. The formulas and default alphas are SpikingJelly's:
+u = h − v_threshold. The formulas and default alphas are SpikingJelly's (the kernels' SURROGATE_* codes in
+fastsnn/kernels/lif.py implement the same table):
 
     atan                 (α=2)  α/2 / (1 + (π/2·α·u)²)
     sigmoid              (α=4)  α·σ(αu)·(1 − σ(αu))
@@ -20,7 +21,6 @@ import torch
 @dataclass(frozen=True)
 class Surrogate:
     name: str
-    code: int  # the SURROGATE constexpr of the Triton kernels
     default_alpha: float
     grad: Callable[[torch.Tensor, float], torch.Tensor]
 
@@ -45,10 +45,10 @@ def _erf_grad(u, alpha):
 SURROGATES: dict[str, Surrogate] = {
     s.name: s
     for s in (
-        Surrogate("atan", 0, 2.0, _atan_grad),
-        Surrogate("sigmoid", 1, 4.0, _sigmoid_grad),
-        Surrogate("piecewise_quadratic", 2, 1.0, _piecewise_quadratic_grad),
-        Surrogate("erf", 3, 2.0, _erf_grad),
+        Surrogate("atan", 2.0, _atan_grad),
+        Surrogate("sigmoid", 4.0, _sigmoid_grad),
+        Surrogate("piecewise_quadratic", 1.0, _piecewise_quadratic_grad),
+        Surrogate("erf", 2.0, _erf_grad),
     )
 }
 

@@ -1,26 +1,43 @@
 """Memory-layout helpers shared by the ops: kernels walk storage order, so every tensor of a call must
-share one dense layout."""
+share one dense layout. They sit on every call's host path, so the layout decisions are memoised."""
+import functools
+import math
+
 import torch
 
 
-def is_dense_time_major(x: torch.Tensor, allow_broadcast: bool = False) -> bool:
-    """True when x[T, ...] is time-outermost with each timestep one dense block, in any dim order (with
-    allow_broadcast, also when every timestep is the same block: time stride 0)."""
-    n = x[0].numel() if x.shape[0] else 0
-    if x.shape[0] > 1 and x.stride(0) != n and not (allow_broadcast and x.stride(0) == 0):
+@functools.lru_cache(maxsize=1024)
+def _dense_time_major(shape: tuple, strides: tuple, allow_broadcast: bool) -> bool:
+    n = math.prod(shape[1:])
+    if shape[0] > 1 and strides[0] != n and not (allow_broadcast and strides[0] == 0):
         return False
     expected = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(x.stride()[1:], x.shape[1:]) if sz != 1):
+    for stride, size in sorted((st, sz) for st, sz in zip(strides[1:], shape[1:]) if sz != 1):
         if stride != expected:
             return False
         expected *= size
     return True
 
 
+def is_dense_time_major(x: torch.Tensor, allow_broadcast: bool = False) -> bool:
+    """True when x[T, ...] is time-outermost with each timestep one dense block, in any dim order (with
+    allow_broadcast, also when every timestep is the same block: time stride 0)."""
+    return _dense_time_major(tuple(x.shape), x.stride(), allow_broadcast)
+
+
 def time_major_like(x: torch.Tensor, dtype=None) -> torch.Tensor:
     """An uninitialised [T, ...] tensor, time stride N, each timestep laid out like x[0]."""
-    step = x[0]
-    return torch.empty_strided(x.shape, (step.numel(), *step.stride()), dtype=dtype or x.dtype, device=x.device)
+    strides = x.stride()
+    return torch.empty_strided(x.shape, (math.prod(x.shape[1:]), *strides[1:]), dtype=dtype or x.dtype,
+                               device=x.device)
+
+
+def as_time_major_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """t ([T, ...], x's shape) itself when it already has time_major_like(x)'s strides, else a copy with them."""
+    strides = x.stride()
+    if t.stride() == (math.prod(x.shape[1:]), *strides[1:]):
+        return t
+    return time_major_like(x, dtype=t.dtype).copy_(t)
 
 
 def same_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,10 @@
-"""Multistep LIF/IF: input checks, backend dispatch, and the Triton path as torch.library custom ops with
-autograd (saving only x; the backward recomputes h). The reference backend is plain PyTorch autograd."""
+"""Multistep LIF/IF: input checks, backend dispatch, and the Triton path.
+
+Eager calls run a plain torch.autograd.Function (the least host time per call); under torch.compile the
+same launchers run as torch.library custom ops with fake kernels, so a compiled graph has no break. The
+forward saves x (one timestep when it is repeated over time), v_init and, when T > 8, fp32 membrane
+checkpoints at chunk boundaries; the backward recomputes h. The reference backend is plain PyTorch autograd.
+"""
 from __future__ import annotations
 
 from typing import Optional
@@ -8,11 +13,9 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backend import BACKENDS, check_float_tensor, check_number, check_same_device, resolve_backend
-from ..surrogate import resolve_surrogate
-from ._layout import is_dense_time_major, same_layout, time_major_like
-
-_NEURON_CODES = {"if": 0, "lif": 1, "lif_no_decay": 2}
+from ..backend import check_float_tensor, check_same_device, resolve_backend
+from ..spec import NeuronSpec, kind_of, neuron_spec
+from ._layout import as_time_major_like, is_dense_time_major, same_layout, time_major_like
 
 
 def _v_like(x: Tensor) -> Tensor:
@@ -20,135 +23,186 @@ def _v_like(x: Tensor) -> Tensor:
     return torch.empty_like(x[0], dtype=torch.float32)
 
 
-def _v_state(v: Tensor, x: Tensor) -> Tensor:
+def _v_state(v: Tensor | None, x: Tensor) -> Tensor | None:
     """A membrane tensor as the kernels take it: fp32, laid out like one timestep of x."""
-    return same_layout(v.float(), x[0])
+    return None if v is None else same_layout(v.float(), x[0])
 
 
-@torch.library.custom_op("fastsnn::lif_forward", mutates_args=(), device_types=None)
-def _lif_forward(x: Tensor, v_init: Optional[Tensor], neuron: int, tau: float, v_threshold: float, v_reset: float,
-                 hard_reset: bool, surrogate: int, alpha: float, detach_reset: bool,
-                 return_v: bool) -> tuple[Tensor, Tensor]:
+def _checkpoints(x: Tensor) -> Tensor | None:
+    """fp32 membrane checkpoints [n, ...] laid out like x's timesteps, or None when T needs none."""
+    from ..kernels.lif import checkpoints_for
+
+    n = checkpoints_for(x.shape[0])
+    return time_major_like(x[:n], dtype=torch.float32) if n else None
+
+
+def _forward_impl(x: Tensor, v_init: Tensor | None, spec: NeuronSpec, return_v: bool):
+    """(spikes, v_final or None, checkpoints or None): one launch."""
     from ..kernels.lif import lif_forward
 
     spikes = time_major_like(x)
     v_final = _v_like(x) if return_v else None
-    lif_forward(x, spikes, None if v_init is None else _v_state(v_init, x), v_final, neuron=neuron, tau=tau,
-                v_threshold=v_threshold, v_reset=v_reset, hard_reset=hard_reset)
-    return spikes, (v_final if return_v else x.new_empty(0, dtype=torch.float32))
+    checkpoints = _checkpoints(x)
+    lif_forward(x, spikes, _v_state(v_init, x), v_final, checkpoints, spec)
+    return spikes, v_final, checkpoints
 
 
-@_lif_forward.register_fake
-def _(x, v_init, neuron, tau, v_threshold, v_reset, hard_reset, surrogate, alpha, detach_reset, return_v):
-    return time_major_like(x), (_v_like(x) if return_v else x.new_empty(0, dtype=torch.float32))
+def _backward_impl(grad_spikes: Tensor, grad_v_final: Tensor | None, x: Tensor, v_init: Tensor | None,
+                   checkpoints: Tensor | None, spec: NeuronSpec, sum_over_time: bool):
+    """(grad_x, grad_v_init or None): one launch. With sum_over_time grad_x is one timestep [1, ...]."""
+    from ..kernels.lif import lif_backward
+
+    grad_x = time_major_like(x[:1] if sum_over_time else x)
+    grad_v_init = None if v_init is None else _v_like(x)
+    lif_backward(x, as_time_major_like(grad_spikes, x), _v_state(v_init, x), checkpoints,
+                 _v_state(grad_v_final, x), grad_x, grad_v_init, spec, sum_over_time)
+    return grad_x, grad_v_init
+
+
+def _repeated(x_step: Tensor, repeat: int) -> Tensor:
+    return x_step.unsqueeze(0).expand(repeat, *x_step.shape)
+
+
+class _LIFFunction(torch.autograd.Function):
+    """x: [T, ...] or, with repeat = T, one timestep [...] presented at every step."""
+
+    @staticmethod
+    def forward(ctx, x, v_init, spec, return_v, repeat):
+        x_seq = _repeated(x, repeat) if repeat else x
+        spikes, v_final, checkpoints = _forward_impl(x_seq, v_init, spec, return_v)
+        ctx.save_for_backward(x, v_init, checkpoints)
+        ctx.spec, ctx.repeat = spec, repeat
+        ctx.set_materialize_grads(False)
+        return spikes, v_final
+
+    @staticmethod
+    def backward(ctx, grad_spikes, grad_v_final):
+        x, v_init, checkpoints = ctx.saved_tensors
+        x_seq = _repeated(x, ctx.repeat) if ctx.repeat else x
+        if grad_spikes is None:
+            grad_spikes = torch.zeros_like(x_seq)
+        grad_x, grad_v_init = _backward_impl(grad_spikes, grad_v_final, x_seq, v_init, checkpoints, ctx.spec,
+                                             bool(ctx.repeat))
+        if ctx.repeat:
+            grad_x = grad_x[0]
+        return grad_x, None if v_init is None else grad_v_init.to(v_init.dtype), None, None, None
+
+
+# ---- the same launchers as custom ops, for torch.compile ----
+
+def _spec_args(spec: NeuronSpec) -> tuple:
+    return (spec.kind, spec.tau, spec.v_threshold, spec.v_reset, spec.surrogate, spec.alpha, spec.detach_reset)
+
+
+def _empty_f32(x: Tensor) -> Tensor:
+    return x.new_empty(0, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastsnn::lif_forward", mutates_args=(), device_types=None)
+def _lif_forward_op(x: Tensor, v_init: Optional[Tensor], kind: str, tau: float, v_threshold: float,
+                    v_reset: Optional[float], surrogate: str, alpha: float, detach_reset: bool, return_v: bool,
+                    repeat: int) -> tuple[Tensor, Tensor, Tensor]:
+    spec = NeuronSpec(kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset)
+    spikes, v_final, checkpoints = _forward_impl(_repeated(x, repeat) if repeat else x, v_init, spec, return_v)
+    return spikes, _empty_f32(x) if v_final is None else v_final, _empty_f32(x) if checkpoints is None else checkpoints
+
+
+@_lif_forward_op.register_fake
+def _(x, v_init, kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset, return_v, repeat):
+    x_seq = _repeated(x, repeat) if repeat else x
+    checkpoints = _checkpoints(x_seq)
+    return (time_major_like(x_seq), _v_like(x_seq) if return_v else _empty_f32(x),
+            _empty_f32(x) if checkpoints is None else checkpoints)
 
 
 @torch.library.custom_op("fastsnn::lif_backward", mutates_args=())
-def _lif_backward(grad_spikes: Tensor, grad_v_final: Optional[Tensor], x: Tensor, v_init: Optional[Tensor],
-                  neuron: int, tau: float, v_threshold: float, v_reset: float, hard_reset: bool, surrogate: int,
-                  alpha: float, detach_reset: bool) -> tuple[Tensor, Tensor]:
-    from ..kernels.lif import lif_backward
-
-    grad_x = time_major_like(x)
-    grad_v_init = None if v_init is None else _v_like(x)
-    lif_backward(x, same_layout(grad_spikes, grad_x), None if v_init is None else _v_state(v_init, x),
-                 None if grad_v_final is None else _v_state(grad_v_final, x), grad_x, grad_v_init,
-                 neuron=neuron, tau=tau, v_threshold=v_threshold, v_reset=v_reset, hard_reset=hard_reset,
-                 surrogate=surrogate, alpha=alpha, detach_reset=detach_reset)
-    return grad_x, (grad_v_init if grad_v_init is not None else x.new_empty(0, dtype=torch.float32))
+def _lif_backward_op(grad_spikes: Tensor, grad_v_final: Optional[Tensor], x: Tensor, v_init: Optional[Tensor],
+                     checkpoints: Tensor, kind: str, tau: float, v_threshold: float, v_reset: Optional[float],
+                     surrogate: str, alpha: float, detach_reset: bool, repeat: int) -> tuple[Tensor, Tensor]:
+    spec = NeuronSpec(kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset)
+    x_seq = _repeated(x, repeat) if repeat else x
+    grad_x, grad_v_init = _backward_impl(grad_spikes, grad_v_final, x_seq, v_init,
+                                         checkpoints if checkpoints.numel() else None, spec, bool(repeat))
+    return grad_x[0] if repeat else grad_x, _empty_f32(x) if grad_v_init is None else grad_v_init
 
 
-@_lif_backward.register_fake
-def _(grad_spikes, grad_v_final, x, v_init, neuron, tau, v_threshold, v_reset, hard_reset, surrogate, alpha,
-      detach_reset):
-    return time_major_like(x), (_v_like(x) if v_init is not None else x.new_empty(0, dtype=torch.float32))
+@_lif_backward_op.register_fake
+def _(grad_spikes, grad_v_final, x, v_init, checkpoints, kind, tau, v_threshold, v_reset, surrogate, alpha,
+      detach_reset, repeat):
+    return torch.empty_like(x), _v_like(_repeated(x, repeat) if repeat else x) if v_init is not None else _empty_f32(x)
 
 
 def _setup_context(ctx, inputs, output):
     x, v_init, *params = inputs
-    ctx.params = params  # neuron, tau, v_threshold, v_reset, hard_reset, surrogate, alpha, detach_reset, return_v
-    ctx.save_for_backward(x, v_init)
+    ctx.params = params[:7]  # the spec's fields
+    ctx.return_v, ctx.repeat = params[7], params[8]
+    ctx.save_for_backward(x, v_init, output[2])
+    ctx.mark_non_differentiable(output[2])
 
 
-def _backward(ctx, grad_spikes, grad_v_final):
-    x, v_init = ctx.saved_tensors
-    neuron, tau, v_threshold, v_reset, hard_reset, surrogate, alpha, detach_reset, return_v = ctx.params
+def _backward(ctx, grad_spikes, grad_v_final, _):
+    x, v_init, checkpoints = ctx.saved_tensors
     if grad_spikes is None:
-        grad_spikes = torch.zeros_like(x)
-    grad_x, grad_v_init = _lif_backward(
-        grad_spikes, grad_v_final if return_v else None, x, v_init, neuron, tau, v_threshold, v_reset, hard_reset,
-        surrogate, alpha, detach_reset)
+        grad_spikes = torch.zeros_like(_repeated(x, ctx.repeat) if ctx.repeat else x)
+    grad_x, grad_v_init = _lif_backward_op(grad_spikes, grad_v_final if ctx.return_v else None, x, v_init,
+                                           checkpoints, *ctx.params, ctx.repeat)
     return (grad_x, None if v_init is None else grad_v_init.to(v_init.dtype)) + (None,) * 9
 
 
 torch.library.register_autograd("fastsnn::lif_forward", _backward, setup_context=_setup_context)
 
 
-def check_neuron_params(op: str, *, tau: float | None, decay_input: bool, v_threshold: float,
-                        v_reset: float | None, surrogate: str, alpha: float | None, detach_reset: bool, backend: str):
-    """Validates a neuron's scalar arguments; returns them normalised (alpha resolved to a float)."""
-    if tau is not None:
-        tau = check_number(op, "tau", tau, low=1.0, low_inclusive=False, rule="a finite number > 1")
-    if not isinstance(decay_input, bool):
-        raise TypeError(f"{op}: decay_input must be True or False, got {decay_input!r}")
-    v_threshold = check_number(op, "v_threshold", v_threshold)
-    if v_reset is not None:
-        v_reset = check_number(op, "v_reset", v_reset, rule="a finite number, or None for soft reset")
-        if v_threshold <= v_reset:
-            raise ValueError(f"{op}: v_threshold must be > v_reset for hard reset, got v_threshold={v_threshold} "
-                             f"and v_reset={v_reset}")
-    if not isinstance(detach_reset, bool):
-        raise TypeError(f"{op}: detach_reset must be True or False, got {detach_reset!r}")
-    entry, alpha = resolve_surrogate(op, surrogate, alpha)
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
-    return dict(tau=tau, decay_input=decay_input, v_threshold=v_threshold, v_reset=v_reset, surrogate=entry,
-                alpha=alpha, detach_reset=detach_reset)
+# ---- checks and the public functions ----
 
-
-def _multistep(op, x, *, tau, decay_input, v_threshold, v_reset, surrogate, alpha, detach_reset, v_init, return_v,
-               backend):
-    p = check_neuron_params(op, tau=tau, decay_input=decay_input, v_threshold=v_threshold, v_reset=v_reset,
-                            surrogate=surrogate, alpha=alpha, detach_reset=detach_reset, backend=backend)
+def _check_input(op: str, x, v_init, repeat):
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: x must be a torch.Tensor of shape [T, ...], got {type(x).__name__}")
-    if x.dim() < 2:
-        raise ValueError(f"{op}: x must have shape [T, ...] with at least 2 dims (time first), got shape {tuple(x.shape)}")
-    if x.shape[0] == 0:
+    if repeat is not None:
+        if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+            raise ValueError(f"{op}: repeat must be None or a number of timesteps >= 1, got {repeat!r}")
+        if x.dim() < 1:
+            raise ValueError(f"{op}: with repeat, x must be one timestep [...] with at least 1 dim, got a scalar")
+    elif x.dim() < 2:
+        raise ValueError(f"{op}: x must have shape [T, ...] with at least 2 dims (time first), got shape "
+                         f"{tuple(x.shape)}")
+    elif x.shape[0] == 0:
         raise ValueError(f"{op}: x must hold at least one timestep (T >= 1), got shape {tuple(x.shape)}")
     check_float_tensor(op, "x", x)
     device = check_same_device(op, x=x, v_init=v_init)
     if v_init is not None:
         check_float_tensor(op, "v_init", v_init)
-        if v_init.shape != x.shape[1:]:
-            raise ValueError(f"{op}: v_init must have x's per-timestep shape {tuple(x.shape[1:])}, "
+        step_shape = x.shape if repeat else x.shape[1:]
+        if v_init.shape != step_shape:
+            raise ValueError(f"{op}: v_init must have x's per-timestep shape {tuple(step_shape)}, "
                              f"got {tuple(v_init.shape)}")
         if v_init.dtype not in (x.dtype, torch.float32):
             raise TypeError(f"{op}: v_init must have x's dtype ({x.dtype}) or float32, got {v_init.dtype}")
+    return device
+
+
+def apply_neuron(op: str, x: Tensor, spec: NeuronSpec, *, v_init: Tensor | None = None, return_v: bool = False,
+                 repeat: int | None = None, backend: str = "auto"):
+    """The neuron `spec` over x [T, ...] (or one timestep [...] repeated `repeat` times): spikes [T, ...],
+    or (spikes, v_final) with return_v. The spec is trusted (validated where it was built)."""
+    device = _check_input(op, x, v_init, repeat)
     if resolve_backend(op, backend, device) == "reference":
-        return reference.lif_multistep(
-            x, neuron="if" if p["tau"] is None else "lif", tau=p["tau"] or 1.0, decay_input=decay_input,
-            v_threshold=p["v_threshold"], v_reset=p["v_reset"], surrogate=p["surrogate"].name, alpha=p["alpha"],
-            detach_reset=detach_reset, v_init=v_init, return_v=return_v)
-    if not is_dense_time_major(x, allow_broadcast=True):
+        x_seq = _repeated(x, repeat) if repeat else x
+        return reference.lif_multistep(x_seq, spec, v_init=v_init, return_v=return_v)
+    if repeat:
+        x = x if is_dense_time_major(x.unsqueeze(0)) else x.contiguous()
+    elif not is_dense_time_major(x, allow_broadcast=True):
         x = x.contiguous()
-    if p["tau"] is None:
-        neuron, tau = _NEURON_CODES["if"], 1.0
+    if torch.compiler.is_compiling():
+        spikes, v_final, _ = _lif_forward_op(x, v_init, *_spec_args(spec), bool(return_v), repeat or 0)
     else:
-        neuron, tau = _NEURON_CODES["lif" if decay_input else "lif_no_decay"], p["tau"]
-    v_reset = p["v_reset"]
-    spikes, v_final = _lif_forward(
-        x, v_init, neuron, tau, p["v_threshold"], 0.0 if v_reset is None else v_reset, v_reset is not None,
-        p["surrogate"].code, p["alpha"], detach_reset, bool(return_v))
-    if return_v:
-        return spikes, v_final
-    return spikes
+        spikes, v_final = _LIFFunction.apply(x, v_init, spec, bool(return_v), repeat or 0)
+    return (spikes, v_final) if return_v else spikes
 
 
 def lif_multistep(x: Tensor, *, tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
                   v_reset: float | None = 0.0, surrogate: str = "atan", alpha: float | None = None,
                   detach_reset: bool = False, v_init: Tensor | None = None, return_v: bool = False,
-                  backend: str = "auto"):
+                  repeat: int | None = None, backend: str = "auto"):
     """Multistep leaky integrate-and-fire neuron over x[T, ...] (time first, any trailing shape).
 
     Per timestep, with the membrane v starting at v_reset (0 for soft reset) or at v_init:
@@ -158,31 +212,36 @@ def lif_multistep(x: Tensor, *, tau: float = 2.0, decay_input: bool = True, v_th
         reset   hard: v = v_reset where s_t = 1, else h;  soft (v_reset=None): v = h − v_threshold·s_t
     The backward replaces dΘ/du by the surrogate g'(u) (see fastsnn.surrogate: "atan" α=2, "sigmoid" α=4,
     "piecewise_quadratic" α=1, "erf" α=2; alpha=None takes the default). detach_reset=True stops the
-    gradient through the reset. Arithmetic is fp32; x may be fp32, fp16 or bf16.
+    gradient through the reset. Arithmetic is fp32 (the division correctly rounded, as SpikingJelly's);
+    x may be fp32, fp16 or bf16.
 
     Args:
-        x: [T, ...] input current.
+        x: [T, ...] input current; or, with repeat=T, one timestep [...] presented at all T steps (direct
+            encoding: read in place, one timestep saved, its gradient summed over time in the kernel).
         tau: membrane time constant, > 1.
-        v_init: optional initial membrane of shape x.shape[1:], in x's dtype or float32.
-        return_v: also return the final membrane (fp32, shape x.shape[1:]).
+        v_init: optional initial membrane of shape x.shape[1:] (x.shape with repeat), in x's dtype or float32.
+        return_v: also return the final membrane (fp32).
         backend: "auto" (Triton on CUDA; on the CPU the interpreter when TRITON_INTERPRET=1, else the
             PyTorch reference), "triton" or "reference".
     Returns:
         spikes [T, ...] in x's dtype and layout, or (spikes, v_final) with return_v.
-    Memory: only x (and v_init) is saved for the backward, which recomputes h.
+    Memory: x (and v_init) is saved for the backward, which recomputes h; for T > 8 also the fp32 membrane
+    at every 8th step (4 bytes per neuron per 8 steps).
     """
-    return _multistep("lif_multistep", x, tau=tau, decay_input=decay_input,
-                      v_threshold=v_threshold, v_reset=v_reset, surrogate=surrogate, alpha=alpha,
-                      detach_reset=detach_reset, v_init=v_init, return_v=return_v, backend=backend)
+    op = "lif_multistep"
+    spec = neuron_spec(op, kind=kind_of(decay_input, op), tau=tau, v_threshold=v_threshold, v_reset=v_reset,
+                       surrogate=surrogate, alpha=alpha, detach_reset=detach_reset)
+    return apply_neuron(op, x, spec, v_init=v_init, return_v=return_v, repeat=repeat, backend=backend)
 
 
 def if_multistep(x: Tensor, *, v_threshold: float = 1.0, v_reset: float | None = 0.0, surrogate: str = "atan",
                  alpha: float | None = None, detach_reset: bool = False, v_init: Tensor | None = None,
-                 return_v: bool = False, backend: str = "auto"):
+                 return_v: bool = False, repeat: int | None = None, backend: str = "auto"):
     """Multistep integrate-and-fire neuron: lif_multistep with charge h = v + x_t (no leak).
 
     Same arguments, defaults, shapes and returns as fastsnn.lif_multistep, without tau and decay_input.
     """
-    return _multistep("if_multistep", x, tau=None, decay_input=True, v_threshold=v_threshold,
-                      v_reset=v_reset, surrogate=surrogate, alpha=alpha, detach_reset=detach_reset, v_init=v_init,
-                      return_v=return_v, backend=backend)
+    op = "if_multistep"
+    spec = neuron_spec(op, kind="if", tau=None, v_threshold=v_threshold, v_reset=v_reset, surrogate=surrogate,
+                       alpha=alpha, detach_reset=detach_reset)
+    return apply_neuron(op, x, spec, v_init=v_init, return_v=return_v, repeat=repeat, backend=backend)
