@@ -1,229 +1,343 @@
-"""TSER distillation loss: per sample, one program reads the teacher row and the T student rows, writes
-the per-sample CE / KL / entropy terms and the whole gradient dL/dz in the same launch.
+"""TSER distillation loss: a forward kernel over (sample, time-tile) programs, a one-program reduction that
+writes the loss and its terms, and a backward kernel that recomputes dL/dz from saved per-row statistics.
 
-Rows are walked in BLOCK_C chunks with online (max-subtracted) log-sum-exp, so any class count works;
-a time-fused term (z̄ = mean_t z_t) is summed block by block from the T rows.
+Launches per forward+backward: 3 (forward, reduce, backward); no host sync, no memset.
+
+The forward grid is (B, ⌈T / T_TILE⌉). When both terms are separated over time (ts_ce and ts_kl) every
+(t, b) row is independent and T_TILE = 1; a term fused over time needs z̄ = (1/T)·Σ_t z_t, so one program
+holds a [T_TILE ≥ T, BLOCK_C] tile of a sample. Rows are walked in BLOCK_C chunks with online
+(max-subtracted) log-sum-exps, so any class count works. Per row the forward saves four fp32 statistics
+(log-sum-exps at 1, τ and τ_H, and the entropy), per sample the teacher's log-sum-exp, those of z̄ and the
+label flag; the backward re-reads z and u and writes grad_output·dL/dz once, in z's dtype, with the
+arithmetic in fp32 (so a loss-scaled fp16 gradient loses nothing to an intermediate half-precision store).
+
+Labels: a sample whose label equals ignore_index is left out of the CE term (its mean runs over the
+labelled samples, 0 when there are none) and still counts for KL and entropy. A label outside [0, C) that
+is not ignore_index makes the loss, the terms and the gradient NaN (the host raises on the CPU before
+launching; on CUDA the check costs no sync).
 """
-import torch
+import functools
+
 import triton
 import triton.language as tl
 
+ROW_STATS: tl.constexpr = tl.constexpr(4)  # per (t, b) row: lse(z), lse(z/τ), lse(z/τ_H), H(softmax(z/τ_H))
+SAMPLE_STATS: tl.constexpr = tl.constexpr(4)  # per sample: lse(u/τ), lse(z̄), lse(z̄/τ), labelled (1.0 / 0.0)
+PARTIALS: tl.constexpr = tl.constexpr(4)  # per (time tile, sample): CE sum, KL sum, entropy sum, bad label (1.0 / 0.0)
+SCALARS: tl.constexpr = tl.constexpr(1)  # the CE gradient weight (1−α)/(T·n_labelled), NaN after a bad label
 
 
 @triton.jit
-def _online_update(b_a, m_valid, b_m, b_s):
-    """One block of an online log-sum-exp: returns (new max, rescale of the old sums, exp terms, new sum)."""
-    b_m_new = tl.maximum(b_m, tl.max(tl.where(m_valid, b_a, float("-inf")), axis=0))
+def _online_rows(b_a, m_a, b_m, b_s):
+    """One [R, BLOCK_C] block of R row-wise online log-sum-exps.
+
+    Returns (new running max [R], rescale of the old sums [R], exp terms [R, BLOCK_C], new sum [R])."""
+    b_a = tl.where(m_a, b_a, float("-inf"))
+    b_m_new = tl.maximum(b_m, tl.max(b_a, axis=1))
     b_scale = tl.exp(b_m - b_m_new)
-    b_e = tl.exp(tl.where(m_valid, b_a, float("-inf")) - b_m_new)
-    return b_m_new, b_scale, b_e, b_s * b_scale + tl.sum(b_e, axis=0)
+    b_e = tl.exp(b_a - b_m_new[:, None])
+    return b_m_new, b_scale, b_e, b_s * b_scale + tl.sum(b_e, axis=1)
 
 
 @triton.jit
-def _lse_start():
-    """An empty online log-sum-exp: (running max, sum of exp); the finite start keeps masked lanes nan-free."""
-    return tl.full([], -3.0e38, tl.float32), tl.zeros([], tl.float32)
+def _lse_start(R: tl.constexpr):
+    """R empty online log-sum-exps: (running max, sum of exp); the finite start keeps masked rows nan-free."""
+    return tl.full([R], -3.0e38, tl.float32), tl.zeros([R], tl.float32)
 
 
 @triton.jit
-def _ce_update(b_row, o_c, m_c, i_y, b_m, b_s, b_zy):
-    """CE statistics of a row at temperature 1: log-sum-exp state and the label's logit."""
-    b_m, _, _, b_s = _online_update(b_row, m_c, b_m, b_s)
-    return b_m, b_s, b_zy + tl.sum(tl.where(o_c == i_y, b_row, 0.0), axis=0)
+def _teacher_lse(p_ub, C, inv_tau, BLOCK_C: tl.constexpr):
+    """lse(u/τ) and Σ_c softmax(u/τ)_c·log softmax(u/τ)_c (= −H(p_u)) of one teacher row."""
+    b_m, b_s = _lse_start(1)
+    b_w = tl.zeros([1], tl.float32)
+    for i_c in range(0, tl.cdiv(C, BLOCK_C)):
+        o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        m_c = (o_c < C)[None, :]
+        b_a = tl.load(p_ub + o_c[None, :], mask=m_c, other=0.0).to(tl.float32) * inv_tau  # [1, BC]
+        b_m, b_scale, b_e, b_s = _online_rows(b_a, m_c, b_m, b_s)
+        b_w = b_w * b_scale + tl.sum(tl.where(m_c, b_e * b_a, 0.0), axis=1)
+    b_lse = b_m + tl.log(b_s)
+    return tl.sum(b_lse, axis=0), tl.sum(b_w / b_s - b_lse, axis=0)
 
 
 @triton.jit
-def _kl_update(b_row, b_pu, m_c, inv_tau, b_m, b_s, b_x):
-    """KL statistics of a row at tau: log-sum-exp state and Σ p_u·z/τ."""
-    b_m, _, _, b_s = _online_update(b_row * inv_tau, m_c, b_m, b_s)
-    return b_m, b_s, b_x + tl.sum(tl.where(m_c, b_pu * b_row, 0.0), axis=0) * inv_tau
+def _teacher_probs(p_ub, o_c, m_c, inv_tau, lse_u):
+    """softmax(u/τ) over one class block, [1, BLOCK_C], 0 in masked lanes."""
+    b_a = tl.load(p_ub + o_c[None, :], mask=m_c[None, :], other=0.0).to(tl.float32) * inv_tau
+    return tl.where(m_c[None, :], tl.exp(b_a - lse_u), 0.0)
 
 
 @triton.jit
-def _teacher_probs(p_ub, o_c, m_c, inv_tau, b_lse_u):
-    return tl.exp(tl.load(p_ub + o_c, mask=m_c, other=0.0).to(tl.float32) * inv_tau - b_lse_u)
+def _label(p_y, i_b, stride_y, ignore_index, C):
+    """(class index or −1, 1.0 if the label counts for CE else 0.0, 1.0 if it is bad else 0.0); −1 never
+    matches a class, so an ignored or bad label adds nothing to CE."""
+    i_y = tl.load(p_y + i_b * stride_y).to(tl.int64)
+    labelled = i_y != ignore_index
+    out_of_range = (i_y < 0) | (i_y >= C)
+    counts = labelled & (i_y >= 0) & (i_y < C)
+    return tl.where(counts, i_y, -1), counts.to(tl.float32), (labelled & out_of_range).to(tl.float32)
 
 
 @triton.jit
-def _mean_row(p_zb, stride_zt, T, o_c, m_c, inv_T):
-    """One block of z̄ = (1/T)·Σ_t z_t for one sample."""
-    b_zm = tl.zeros_like(o_c).to(tl.float32)
-    for t in range(T):
-        b_zm += tl.load(p_zb + t * stride_zt + o_c, mask=m_c, other=0.0).to(tl.float32)
-    return b_zm * inv_T
+def _program_tile(p_z, p_u, T, C, stride_zt, stride_zb, stride_ub, T_TILE: tl.constexpr, VEC: tl.constexpr):
+    """This program's sample and rows: (C, i_b, o_t, m_t, p_zb [T_TILE, 1], p_ub). C and the row strides are
+    multiples of VEC (the host checked); written as x // VEC * VEC, which the compiler can prove
+    (tl.multiple_of on a scalar is not used), rows are read VEC elements at a time."""
+    C = C // VEC * VEC
+    stride_zt = stride_zt // VEC * VEC
+    stride_zb = stride_zb // VEC * VEC
+    stride_ub = stride_ub // VEC * VEC
+    i_b = tl.program_id(0).to(tl.int64)
+    o_t = tl.program_id(1) * T_TILE + tl.arange(0, T_TILE)
+    p_zb = p_z + i_b * stride_zb + o_t.to(tl.int64)[:, None] * stride_zt
+    return C, i_b, o_t, o_t < T, p_zb, p_u + i_b * stride_ub
 
 
 @triton.jit
 def _tser_loss_fwd_kernel(
-    p_z, p_u, p_y, p_grad, p_terms, p_stats,
-    T, B, C, stride_zt, stride_zb, stride_ub,
-    inv_T, inv_tau, inv_tau_h, w_ce, w_kl, w_ent,
-    BLOCK_C: tl.constexpr, TS_CE: tl.constexpr, TS_KL: tl.constexpr, HAS_ENT: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr,
+    p_z, p_u, p_y, p_row, p_sample, p_part,
+    T, B, C, stride_zt, stride_zb, stride_ub, stride_y, ignore_index, inv_T, inv_tau, inv_tau_h,
+    T_TILE: tl.constexpr, BLOCK_C: tl.constexpr, TS_CE: tl.constexpr, TS_KL: tl.constexpr, HAS_ENT: tl.constexpr,
+    VEC: tl.constexpr,
 ):
-    i_b = tl.program_id(0).to(tl.int64)
-    p_zb = p_z + i_b * stride_zb
-    p_gb = p_grad + i_b * stride_zb
-    p_ub = p_u + i_b * stride_ub
-    i_y = tl.load(p_y + i_b).to(tl.int64)
     NEED_MEAN: tl.constexpr = (not TS_CE) or (not TS_KL)
+    C, i_b, o_t, m_t, p_zb, p_ub = _program_tile(p_z, p_u, T, C, stride_zt, stride_zb, stride_ub, T_TILE, VEC)
+    i_y, counts, bad = _label(p_y, i_b, stride_y, ignore_index, C)
+    lse_u, neg_ent_u = _teacher_lse(p_ub, C, inv_tau, BLOCK_C)
 
-    # teacher at tau: log-sum-exp and Σ p_u·log p_u
-    b_mu, b_su = _lse_start()
-    b_wu = tl.zeros([], tl.float32)
+    # per row of the tile: CE at 1 (lse, z_y), KL at τ (lse, Σ p_u·z/τ), entropy at τ_H (lse, Σ e·a)
+    b_m1, b_s1 = _lse_start(T_TILE)
+    b_zy = tl.zeros([T_TILE], tl.float32)
+    b_mk, b_sk = _lse_start(T_TILE)
+    b_xk = tl.zeros([T_TILE], tl.float32)
+    b_mh, b_sh = _lse_start(T_TILE)
+    b_wh = tl.zeros([T_TILE], tl.float32)
+    # the same for the time-mean row z̄ (one row: [1])
+    b_m1m, b_s1m = _lse_start(1)
+    b_zym = tl.zeros([1], tl.float32)
+    b_mkm, b_skm = _lse_start(1)
+    b_xkm = tl.zeros([1], tl.float32)
     for i_c in range(0, tl.cdiv(C, BLOCK_C)):
         o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
         m_c = o_c < C
-        b_u = tl.load(p_ub + o_c, mask=m_c, other=0.0).to(tl.float32) * inv_tau
-        b_mu, b_scale, b_e, b_su = _online_update(b_u, m_c, b_mu, b_su)
-        b_wu = b_wu * b_scale + tl.sum(b_e * b_u, axis=0)
-    b_lse_u = b_mu + tl.log(b_su)
-    b_neg_ent_u = tl.math.div_rn(b_wu, b_su) - b_lse_u
-
-    # the time-mean row z̄, for a term fused over time
-    b_ce = tl.zeros([], tl.float32)
-    b_kl = tl.zeros([], tl.float32)
-    b_lse1m = tl.zeros([], tl.float32)
-    b_lsekm = tl.zeros([], tl.float32)
-    if NEED_MEAN:
-        b_m1, b_s1 = _lse_start()
-        b_zy = tl.zeros([], tl.float32)
-        b_mk, b_sk = _lse_start()
-        b_xk = tl.zeros([], tl.float32)
-        for i_c in range(0, tl.cdiv(C, BLOCK_C)):
-            o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
-            m_c = o_c < C
-            b_zm = _mean_row(p_zb, stride_zt, T, o_c, m_c, inv_T)
-            if not TS_CE:
-                b_m1, b_s1, b_zy = _ce_update(b_zm, o_c, m_c, i_y, b_m1, b_s1, b_zy)
-            if not TS_KL:
-                b_pu = _teacher_probs(p_ub, o_c, m_c, inv_tau, b_lse_u)
-                b_mk, b_sk, b_xk = _kl_update(b_zm, b_pu, m_c, inv_tau, b_mk, b_sk, b_xk)
-        if not TS_CE:
-            b_lse1m = b_m1 + tl.log(b_s1)
-            b_ce = b_lse1m - b_zy
-        if not TS_KL:
-            b_lsekm = b_mk + tl.log(b_sk)
-            b_kl = b_neg_ent_u - b_xk + b_lsekm
-
-    b_ent = tl.zeros([], tl.float32)
-    p_sb = p_stats + i_b * T * 4  # per (sample, t): lse at 1, lse at tau, lse at tau_h, entropy
-    for t in range(T):
-        p_zt = p_zb + t * stride_zt
-        # statistics of z_t: CE at 1, KL at tau (with Σ p_u·z/τ), entropy at tau_h
-        b_m1, b_s1 = _lse_start()
-        b_zy = tl.zeros([], tl.float32)
-        b_mk, b_sk = _lse_start()
-        b_xk = tl.zeros([], tl.float32)
-        b_mh, b_sh = _lse_start()
-        b_wh = tl.zeros([], tl.float32)
-        for i_c in range(0, tl.cdiv(C, BLOCK_C)):
-            o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
-            m_c = o_c < C
-            b_z = tl.load(p_zt + o_c, mask=m_c, other=0.0).to(tl.float32)
-            if TS_CE:
-                b_m1, b_s1, b_zy = _ce_update(b_z, o_c, m_c, i_y, b_m1, b_s1, b_zy)
-            if TS_KL:
-                b_pu = _teacher_probs(p_ub, o_c, m_c, inv_tau, b_lse_u)
-                b_mk, b_sk, b_xk = _kl_update(b_z, b_pu, m_c, inv_tau, b_mk, b_sk, b_xk)
-            if HAS_ENT:
-                b_ah = b_z * inv_tau_h
-                b_mh, b_scale, b_e, b_sh = _online_update(b_ah, m_c, b_mh, b_sh)
-                b_wh = b_wh * b_scale + tl.sum(b_e * b_ah, axis=0)
-        b_lse1 = tl.zeros([], tl.float32)
-        b_lsek = tl.zeros([], tl.float32)
-        b_lseh = tl.zeros([], tl.float32)
-        b_ent_t = tl.zeros([], tl.float32)
+        m_z = m_t[:, None] & m_c[None, :]
+        b_z = tl.load(p_zb + o_c[None, :], mask=m_z, other=0.0).to(tl.float32)  # [T_TILE, BC]
+        b_is_y = (o_c == i_y)[None, :]
         if TS_CE:
-            b_lse1 = b_m1 + tl.log(b_s1)
-            b_ce += (b_lse1 - b_zy) * inv_T
-        if TS_KL:
-            b_lsek = b_mk + tl.log(b_sk)
-            b_kl += (b_neg_ent_u - b_xk + b_lsek) * inv_T
+            b_m1, _, _, b_s1 = _online_rows(b_z, m_z, b_m1, b_s1)
+            b_zy += tl.sum(tl.where(b_is_y & m_z, b_z, 0.0), axis=1)
         if HAS_ENT:
-            b_lseh = b_mh + tl.log(b_sh)
-            b_ent_t = b_lseh - tl.math.div_rn(b_wh, b_sh)
-            b_ent += b_ent_t * inv_T
-        if COMPUTE_GRAD:
-            tl.store(p_sb + t * 4, b_lse1)
-            tl.store(p_sb + t * 4 + 1, b_lsek)
-            tl.store(p_sb + t * 4 + 2, b_lseh)
-            tl.store(p_sb + t * 4 + 3, b_ent_t)
-    tl.store(p_terms + i_b, b_ce)
-    tl.store(p_terms + B + i_b, b_kl)
-    tl.store(p_terms + 2 * B + i_b, b_ent)
+            b_ah = b_z * inv_tau_h
+            b_mh, b_scale, b_e, b_sh = _online_rows(b_ah, m_z, b_mh, b_sh)
+            b_wh = b_wh * b_scale + tl.sum(tl.where(m_z, b_e * b_ah, 0.0), axis=1)
+        b_pu = _teacher_probs(p_ub, o_c, m_c, inv_tau, lse_u)  # [1, BC]
+        if TS_KL:
+            b_mk, _, _, b_sk = _online_rows(b_z * inv_tau, m_z, b_mk, b_sk)
+            b_xk += tl.sum(b_pu * b_z, axis=1) * inv_tau
+        if NEED_MEAN:
+            b_zm = tl.sum(b_z, axis=0)[None, :] * inv_T  # [1, BC]; the tile holds every timestep
+            m_m = m_c[None, :]
+            if not TS_CE:
+                b_m1m, _, _, b_s1m = _online_rows(b_zm, m_m, b_m1m, b_s1m)
+                b_zym += tl.sum(tl.where(b_is_y & m_m, b_zm, 0.0), axis=1)
+            if not TS_KL:
+                b_mkm, _, _, b_skm = _online_rows(b_zm * inv_tau, m_m, b_mkm, b_skm)
+                b_xkm += tl.sum(b_pu * b_zm, axis=1) * inv_tau
 
-    if COMPUTE_GRAD:
-        tl.debug_barrier()  # the per-timestep statistics above are read back by every thread
-        for i_c in range(0, tl.cdiv(C, BLOCK_C)):
-            o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
-            m_c = o_c < C
-            b_pu = _teacher_probs(p_ub, o_c, m_c, inv_tau, b_lse_u)
-            b_onehot = (o_c == i_y).to(tl.float32)
-            # the part of the gradient that a time-fused term gives every timestep alike
-            b_gm = tl.zeros([BLOCK_C], tl.float32)
-            if NEED_MEAN:
-                b_zm = _mean_row(p_zb, stride_zt, T, o_c, m_c, inv_T)
-                if not TS_CE:
-                    b_gm += w_ce * (tl.exp(b_zm - b_lse1m) - b_onehot)
-                if not TS_KL:
-                    b_gm += w_kl * (tl.exp(b_zm * inv_tau - b_lsekm) - b_pu)
-            for t in range(T):
-                b_z = tl.load(p_zb + t * stride_zt + o_c, mask=m_c, other=0.0).to(tl.float32)
-                b_g = b_gm
-                if TS_CE:
-                    b_g += w_ce * (tl.exp(b_z - tl.load(p_sb + t * 4)) - b_onehot)
-                if TS_KL:
-                    b_g += w_kl * (tl.exp(b_z * inv_tau - tl.load(p_sb + t * 4 + 1)) - b_pu)
-                if HAS_ENT:
-                    b_logp = b_z * inv_tau_h - tl.load(p_sb + t * 4 + 2)
-                    b_g += w_ent * tl.exp(b_logp) * (b_logp + tl.load(p_sb + t * 4 + 3))
-                tl.store(p_gb + t * stride_zt + o_c, b_g.to(p_grad.dtype.element_ty), mask=m_c)
+    # per-row statistics for the backward, and this tile's sums of the per-sample terms (rows past T
+    # padded with sum 1 so that they stay finite)
+    p_rows = p_row + (o_t.to(tl.int64) * B + i_b) * ROW_STATS
+    ce = 0.0
+    kl = 0.0
+    ent = 0.0
+    if TS_CE:
+        b_lse1 = b_m1 + tl.log(tl.where(m_t, b_s1, 1.0))
+        tl.store(p_rows, b_lse1, mask=m_t)
+        ce = tl.sum(tl.where(m_t, b_lse1 - b_zy, 0.0), axis=0)
+    else:
+        ce = tl.sum(b_m1m + tl.log(b_s1m) - b_zym, axis=0)
+    if TS_KL:
+        b_lsek = b_mk + tl.log(tl.where(m_t, b_sk, 1.0))
+        tl.store(p_rows + 1, b_lsek, mask=m_t)
+        kl = tl.sum(tl.where(m_t, neg_ent_u - b_xk + b_lsek, 0.0), axis=0)
+    else:
+        kl = tl.sum(neg_ent_u - b_xkm + b_mkm + tl.log(b_skm), axis=0)
+    if HAS_ENT:
+        b_sh = tl.where(m_t, b_sh, 1.0)
+        b_lseh = b_mh + tl.log(b_sh)
+        b_ent = b_lseh - b_wh / b_sh
+        tl.store(p_rows + 2, b_lseh, mask=m_t)
+        tl.store(p_rows + 3, b_ent, mask=m_t)
+        ent = tl.sum(tl.where(m_t, b_ent, 0.0), axis=0)
+    i_tt = tl.program_id(1)
+    p_p = p_part + (i_tt * B + i_b) * PARTIALS
+    tl.store(p_p, ce * counts)
+    tl.store(p_p + 1, kl)
+    tl.store(p_p + 2, ent)
+    tl.store(p_p + 3, bad)
+    if i_tt == 0:
+        p_s = p_sample + i_b * SAMPLE_STATS
+        tl.store(p_s, lse_u)
+        if not TS_CE:
+            tl.store(p_s + 1, tl.sum(b_m1m + tl.log(b_s1m), axis=0))
+        if not TS_KL:
+            tl.store(p_s + 2, tl.sum(b_mkm + tl.log(b_skm), axis=0))
+        tl.store(p_s + 3, counts)
 
 
 @triton.jit
-def _scale_grad_kernel(p_g, p_go, n, BLOCK: tl.constexpr):
-    b_go = tl.load(p_go).to(tl.float32)
-    if b_go != 1.0:
-        i = tl.program_id(0).to(tl.int64)
-        o = i * BLOCK + tl.arange(0, BLOCK)
-        m = o < n
-        b_g = tl.load(p_g + o, mask=m, other=0.0).to(tl.float32)
-        tl.store(p_g + o, (b_g * b_go).to(p_g.dtype.element_ty), mask=m)
+def _tser_loss_reduce_kernel(
+    p_part, p_sample, p_loss, p_terms, p_scalars,
+    B, n_part, ce_T, kl_T, inv_T, inv_TB, w_ce, w_kl, lam,
+    BLOCK: tl.constexpr,
+):
+    """One program: batch means of the terms, the loss, and the CE gradient weight for the backward."""
+    b_ce = tl.zeros([BLOCK], tl.float32)
+    b_kl = tl.zeros([BLOCK], tl.float32)
+    b_ent = tl.zeros([BLOCK], tl.float32)
+    b_bad = tl.zeros([BLOCK], tl.float32)
+    for i in range(0, n_part, BLOCK):
+        o = i + tl.arange(0, BLOCK)
+        m = o < n_part
+        b_ce += tl.load(p_part + o * PARTIALS, mask=m, other=0.0)
+        b_kl += tl.load(p_part + o * PARTIALS + 1, mask=m, other=0.0)
+        b_ent += tl.load(p_part + o * PARTIALS + 2, mask=m, other=0.0)
+        b_bad += tl.load(p_part + o * PARTIALS + 3, mask=m, other=0.0)
+    b_counts = tl.zeros([BLOCK], tl.float32)
+    for i in range(0, B, BLOCK):
+        o = i + tl.arange(0, BLOCK)
+        b_counts += tl.load(p_sample + o * SAMPLE_STATS + 3, mask=o < B, other=0.0)
+    # CE averages over the labelled samples (0 when there are none); a bad label poisons everything
+    n_lab = tl.maximum(tl.sum(b_counts, axis=0), 1.0)
+    poison = tl.where(tl.sum(b_bad, axis=0) > 0, float("nan"), 0.0)
+    ce = tl.sum(b_ce, axis=0) / (ce_T * n_lab) + poison
+    kl = tl.sum(b_kl, axis=0) / (kl_T * B) + poison
+    ent = tl.sum(b_ent, axis=0) * inv_TB + poison
+    loss = w_ce * ce + w_kl * kl
+    if lam > 0:
+        loss -= lam * ent
+    tl.store(p_loss, loss)
+    tl.store(p_terms, ce)
+    tl.store(p_terms + 1, kl)
+    tl.store(p_terms + 2, ent)
+    tl.store(p_scalars, w_ce * inv_T / n_lab + poison)
 
 
-SCALE_BLOCK = 2048
-# Without a register budget ptxas spills a few loop-carried scalars in some variants at 48-72 registers.
+@triton.jit
+def _tser_loss_bwd_kernel(
+    p_z, p_u, p_y, p_row, p_sample, p_scalars, p_go, p_gz,
+    T, B, C, stride_zt, stride_zb, stride_ub, stride_y, ignore_index, inv_T, inv_tau, inv_tau_h, w_kl, w_ent,
+    T_TILE: tl.constexpr, BLOCK_C: tl.constexpr, TS_CE: tl.constexpr, TS_KL: tl.constexpr, HAS_ENT: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    NEED_MEAN: tl.constexpr = (not TS_CE) or (not TS_KL)
+    C, i_b, o_t, m_t, p_zb, p_ub = _program_tile(p_z, p_u, T, C, stride_zt, stride_zb, stride_ub, T_TILE, VEC)
+    p_gb = p_gz + (o_t.to(tl.int64)[:, None] * B + i_b) * C  # grad is dense [T, B, C]
+    i_y, counts, bad = _label(p_y, i_b, stride_y, ignore_index, C)
+    go = tl.load(p_go).to(tl.float32)
+    # dL/dz weights, grad_output folded in before anything is rounded to z's dtype
+    w_ce = tl.load(p_scalars) * go * counts
+    w_kl = w_kl * go
+    w_ent = w_ent * go
+    p_s = p_sample + i_b * SAMPLE_STATS
+    lse_u = tl.load(p_s)
+    p_rows = p_row + (o_t.to(tl.int64) * B + i_b) * ROW_STATS
+    b_lse1 = tl.load(p_rows, mask=m_t, other=0.0)[:, None]  # only the enabled terms' slots are read
+    b_lsek = tl.load(p_rows + 1, mask=m_t, other=0.0)[:, None]
+    b_lseh = tl.load(p_rows + 2, mask=m_t, other=0.0)[:, None]
+    b_ent = tl.load(p_rows + 3, mask=m_t, other=0.0)[:, None]
+    for i_c in range(0, tl.cdiv(C, BLOCK_C)):
+        o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        m_c = o_c < C
+        m_z = m_t[:, None] & m_c[None, :]
+        b_z = tl.load(p_zb + o_c[None, :], mask=m_z, other=0.0).to(tl.float32)  # [T_TILE, BC]
+        b_onehot = (o_c == i_y).to(tl.float32)[None, :]
+        b_pu = _teacher_probs(p_ub, o_c, m_c, inv_tau, lse_u)  # [1, BC]
+        b_g = tl.zeros([T_TILE, BLOCK_C], tl.float32)
+        if TS_CE:
+            b_g += w_ce * (tl.exp(b_z - b_lse1) - b_onehot)
+        if TS_KL:
+            b_g += w_kl * (tl.exp(b_z * inv_tau - b_lsek) - b_pu)
+        if HAS_ENT:
+            b_logp = b_z * inv_tau_h - b_lseh
+            b_g += w_ent * tl.exp(b_logp) * (b_logp + b_ent)
+        if NEED_MEAN:
+            b_zm = tl.sum(b_z, axis=0)[None, :] * inv_T  # [1, BC]
+            if not TS_CE:
+                b_g += w_ce * (tl.exp(b_zm - tl.load(p_s + 1)) - b_onehot)
+            if not TS_KL:
+                b_g += w_kl * (tl.exp(b_zm * inv_tau - tl.load(p_s + 2)) - b_pu)
+        tl.store(p_gb + o_c[None, :], b_g.to(p_gz.dtype.element_ty), mask=m_z)
+
+
+MAX_TILE = 2048  # elements of z one program holds at once ([T_TILE, BLOCK_C])
+REDUCE_BLOCK = 1024
+# ptxas, left to itself, spilled 8-16 bytes of loop-carried scalars in a few fused-time variants at sm_90
 MAXNREG = 128
 
 
-def block_for(C: int) -> tuple[int, int]:
-    """(BLOCK_C, num_warps) for C classes: one block per row up to 2048 classes."""
-    block_c = max(16, min(triton.next_power_of_2(C), 2048))
-    return block_c, 4 if block_c <= 1024 else 8
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
-def tser_loss_forward(z, u, y, grad, terms, *, alpha, tau, tau_h, lam, ts_ce, ts_kl, with_entropy):
-    """z [T, B, C] (last dim contiguous), u [B, C] (last dim contiguous), y [B] int; writes terms [3, B] fp32
-    and, when grad is not None, grad (z's shape and strides). The entropy term is computed when lam > 0 or
-    with_entropy."""
+@functools.lru_cache(maxsize=1024)
+def tile_for(T: int, C: int, ts_ce: bool, ts_kl: bool) -> tuple[int, int, int]:
+    """(T_TILE, BLOCK_C, num_warps): one row per program when every term is separated over time, else
+    every timestep of a sample; BLOCK_C fills the rest of MAX_TILE (at least 16 lanes)."""
+    t_tile = 1 if ts_ce and ts_kl else _pow2_ceil(T)
+    block_c = max(16, min(_pow2_ceil(C), MAX_TILE // t_tile))
+    tile = t_tile * block_c
+    return t_tile, block_c, 8 if tile >= 2048 else 4 if tile >= 512 else 2 if tile >= 128 else 1
+
+
+def _common_args(z, u, y, ignore_index, tau, tau_h):
     T, B, C = z.shape
-    block_c, warps = block_for(C)
-    # dL/dz_t of the batch-mean loss: every term carries 1/(T·B); reciprocals are taken here, not per program
-    scale = 1.0 / (T * B)
-    # four fp32 statistics per (sample, timestep), handed from the loss pass to the gradient pass
-    stats = torch.empty(B * T * 4 if grad is not None else 1, dtype=torch.float32, device=z.device)
-    _tser_loss_fwd_kernel[(B,)](
-        z, u, y, z if grad is None else grad, terms, stats,
-        T, B, C, z.stride(0), z.stride(1), u.stride(0),
-        1.0 / T, 1.0 / tau, 1.0 / tau_h, (1.0 - alpha) * scale, alpha * tau * scale, lam / tau_h * scale,
-        BLOCK_C=block_c, TS_CE=ts_ce, TS_KL=ts_kl, HAS_ENT=with_entropy or lam > 0,
-        COMPUTE_GRAD=grad is not None,
+    return (T, B, C, z.stride(0), z.stride(1), u.stride(0), y.stride(0), ignore_index, 1.0 / T, 1.0 / tau,
+            1.0 / tau_h)
+
+
+def _vec(z, u) -> int:
+    """The largest power of two up to 16 dividing C and every row stride: a row block can then be read in
+    vectors of that many elements (Triton's own specialisation only knows divisibility by 16)."""
+    vec = 16
+    for value in (z.shape[2], z.stride(0), z.stride(1), u.stride(0)):
+        while value % vec:
+            vec //= 2
+    return vec
+
+
+def tser_loss_forward(z, u, y, loss, terms, row_stats, sample_stats, partials, scalars, *, alpha, tau, tau_h, lam,
+                      ts_ce, ts_kl, with_entropy, ignore_index):
+    """z [T, B, C] and u [B, C] with unit class stride (any other strides, 0 included), y [B] integer (any
+    stride). Writes loss (0-d), terms [3] (CE part, KL part, mean entropy), row_stats [T, B, 4],
+    sample_stats [B, 4], partials [⌈T/T_TILE⌉, B, 4] and scalars [1], all fp32: 2 launches."""
+    T, B, C = z.shape
+    t_tile, block_c, warps = tile_for(T, C, ts_ce, ts_kl)
+    n_tt = -(-T // t_tile)
+    _tser_loss_fwd_kernel[(B, n_tt)](
+        z, u, y, row_stats, sample_stats, partials, *_common_args(z, u, y, ignore_index, tau, tau_h),
+        T_TILE=t_tile, BLOCK_C=block_c, TS_CE=ts_ce, TS_KL=ts_kl, HAS_ENT=with_entropy or lam > 0, VEC=_vec(z, u),
         num_warps=warps, maxnreg=MAXNREG,
+    )
+    _tser_loss_reduce_kernel[(1,)](
+        partials, sample_stats, loss, terms, scalars,
+        B, n_tt * B, T if ts_ce else 1, T if ts_kl else 1, 1.0 / T, 1.0 / (T * B), 1.0 - alpha, alpha * tau * tau,
+        lam,
+        BLOCK=REDUCE_BLOCK, num_warps=4,
     )
 
 
-def scale_grad_(grad, grad_output):
-    """grad *= grad_output (a one-element tensor) in place; nothing is read or written when it is exactly 1."""
-    n = grad.numel()
-    _scale_grad_kernel[(triton.cdiv(n, SCALE_BLOCK),)](grad, grad_output, n, BLOCK=SCALE_BLOCK, num_warps=4)
+def tser_loss_backward(z, u, y, row_stats, sample_stats, scalars, grad_loss, grad_z, *, alpha, tau, tau_h, lam,
+                       ts_ce, ts_kl, ignore_index):
+    """Writes grad_z (dense [T, B, C], z's dtype) = grad_loss · dL/dz: 1 launch."""
+    T, B, C = z.shape
+    t_tile, block_c, warps = tile_for(T, C, ts_ce, ts_kl)
+    # dL/dz weights of the batch-mean terms (the CE one depends on the labelled count, read on the device)
+    w_kl = alpha * tau / (T * B)
+    w_ent = lam / (tau_h * T * B)
+    _tser_loss_bwd_kernel[(B, -(-T // t_tile))](
+        z, u, y, row_stats, sample_stats, scalars, grad_loss, grad_z,
+        *_common_args(z, u, y, ignore_index, tau, tau_h), w_kl, w_ent,
+        T_TILE=t_tile, BLOCK_C=block_c, TS_CE=ts_ce, TS_KL=ts_kl, HAS_ENT=lam > 0, VEC=_vec(z, u),
+        num_warps=warps,
+    )

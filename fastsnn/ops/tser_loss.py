@@ -1,7 +1,13 @@
-"""The TSER distillation loss: input checks, backend dispatch, and the Triton path as torch.library custom
-ops with autograd (the forward writes dL/dz; the backward only scales it). The reference backend is plain
-PyTorch autograd."""
+"""The TSER distillation loss: input checks, backend dispatch, and the Triton path.
+
+Eager calls run a plain torch.autograd.Function (the least host time per call); under torch.compile the
+same launchers run as torch.library custom ops with fake kernels, so the graph traces without a break.
+The forward saves z, u, y and O(T·B) fp32 statistics; the backward recomputes grad_output·dL/dz.
+The reference backend is plain PyTorch autograd.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -10,77 +16,147 @@ from .. import reference
 from ..backend import BACKENDS, check_float_tensor, check_number, check_same_device, resolve_backend
 
 _OP = "tser_loss"
+# τ (and τ_H) outside this range lose the loss to fp32 cancellation: KL·τ² is a difference of log-sum-exps
+# of size log C multiplied by τ² (at τ = 1e4 the kernel and an fp64 formula differ in the 2nd digit)
+TAU_RANGE = (0.05, 100.0)
+TARGET_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def _check_labels(target: Tensor, C: int) -> None:
-    if target.numel() == 0:
-        return
-    if target.device.type == "cuda":
-        torch._assert_async(((target >= 0) & (target < C)).all(), f"{_OP}: target must hold class indices in [0, {C})")
-        return
-    low, high = int(target.min()), int(target.max())
-    if low < 0 or high >= C:
-        raise ValueError(f"{_OP}: target must hold class indices in [0, {C}), got min {low} and max {high}")
+@dataclass(frozen=True)
+class LossSpec:
+    """The loss's scalar arguments, validated (see tser_loss)."""
+    alpha: float
+    tau: float
+    lam: float
+    ts_ce: bool
+    ts_kl: bool
+    entropy_tau: float
+    ignore_index: int
+    with_entropy: bool  # compute the entropy term even when lam == 0 (for return_terms)
+
+    def kernel_kwargs(self) -> dict:
+        return dict(alpha=self.alpha, tau=self.tau, tau_h=self.entropy_tau, lam=self.lam, ts_ce=self.ts_ce,
+                    ts_kl=self.ts_kl, ignore_index=self.ignore_index)
 
 
-def _loss_from_terms(terms: Tensor, alpha: float, tau: float, lam: float) -> Tensor:
-    ce, kl, ent = terms.mean(dim=1)
-    return (1.0 - alpha) * ce + alpha * tau * tau * kl - lam * ent
+def _forward_impl(z: Tensor, u: Tensor, y: Tensor, spec: LossSpec, one_buffer: bool = True):
+    """(loss, terms, row_stats, sample_stats, scalars): 2 kernel launches, nothing initialised on the host.
+    With one_buffer (eager) the outputs are views of one allocation; a custom op's outputs may not alias."""
+    from ..kernels.tser_loss import PARTIALS, ROW_STATS, SAMPLE_STATS, SCALARS, tile_for, tser_loss_forward
+
+    T, B, C = z.shape
+    n_tt = -(-T // tile_for(T, C, spec.ts_ce, spec.ts_kl)[0])
+    # one allocation, cut into the outputs and the kernels' statistics
+    sizes = (1, 3, T * B * ROW_STATS, B * SAMPLE_STATS, n_tt * B * PARTIALS, SCALARS)
+    if one_buffer:
+        buffers = torch.empty(sum(sizes), dtype=torch.float32, device=z.device).split(sizes)
+    else:
+        buffers = [torch.empty(n, dtype=torch.float32, device=z.device) for n in sizes]
+    loss, terms, row_stats, sample_stats, partials, scalars = buffers
+    loss, row_stats, sample_stats = loss.view(()), row_stats.view(T, B, ROW_STATS), sample_stats.view(B, SAMPLE_STATS)
+    tser_loss_forward(z, u, y, loss, terms, row_stats, sample_stats, partials, scalars,
+                      with_entropy=spec.with_entropy, **spec.kernel_kwargs())
+    return loss, terms, row_stats, sample_stats, scalars
+
+
+def _backward_impl(grad_loss: Tensor, z: Tensor, u: Tensor, y: Tensor, row_stats: Tensor, sample_stats: Tensor,
+                   scalars: Tensor, spec: LossSpec) -> Tensor:
+    from ..kernels.tser_loss import tser_loss_backward
+
+    grad_z = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    tser_loss_backward(z, u, y, row_stats, sample_stats, scalars, grad_loss.reshape(()), grad_z,
+                       **spec.kernel_kwargs())
+    return grad_z
+
+
+class _TSERLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, u, y, spec):
+        loss, terms, row_stats, sample_stats, scalars = _forward_impl(z, u, y, spec)
+        ctx.save_for_backward(z, u, y, row_stats, sample_stats, scalars)
+        ctx.spec = spec
+        ctx.mark_non_differentiable(terms)
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the terms
+        return loss, terms
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_terms):
+        z, u, y, row_stats, sample_stats, scalars = ctx.saved_tensors
+        with torch.no_grad():
+            grad_z = _backward_impl(grad_loss, z, u, y, row_stats, sample_stats, scalars, ctx.spec)
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that refuses to be differentiated
+            grad_z = _NotTwiceDifferentiable.apply(grad_z, z)
+        return grad_z, None, None, None
+
+
+class _NotTwiceDifferentiable(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad_z, anchor):
+        return grad_z.view_as(grad_z)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(f"{_OP}: the loss's gradient cannot be differentiated again (double backward through "
+                           "tser_loss is not supported)")
+
+
+# ---- the same launchers as custom ops, for torch.compile ----
+
+def _spec(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index, with_entropy) -> LossSpec:
+    return LossSpec(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index, with_entropy)
 
 
 @torch.library.custom_op("fastsnn::tser_loss_forward", mutates_args=())
-def _tser_loss_forward(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: float, tau: float,
-                       lam: float, ts_ce: bool, ts_kl: bool, entropy_tau: float, with_entropy: bool,
-                       compute_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    from ..kernels.tser_loss import tser_loss_forward
-
-    T, B, C = student_logits.shape
-    _check_labels(target, C)
-    terms = torch.empty(3, B, dtype=torch.float32, device=student_logits.device)
-    grad = torch.empty_like(student_logits) if compute_grad else student_logits.new_empty(0)
-    tser_loss_forward(student_logits, teacher_logits, target, grad if compute_grad else None, terms, alpha=alpha,
-                      tau=tau, tau_h=entropy_tau, lam=lam, ts_ce=ts_ce, ts_kl=ts_kl, with_entropy=with_entropy)
-    return _loss_from_terms(terms, alpha, tau, lam), terms.mean(dim=1), grad
+def _tser_loss_forward_op(z: Tensor, u: Tensor, y: Tensor, alpha: float, tau: float, lam: float, ts_ce: bool,
+                          ts_kl: bool, entropy_tau: float, ignore_index: int,
+                          with_entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    spec = _spec(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index, with_entropy)
+    return _forward_impl(z, u, y, spec, one_buffer=False)
 
 
-@_tser_loss_forward.register_fake
-def _(student_logits, teacher_logits, target, alpha, tau, lam, ts_ce, ts_kl, entropy_tau, with_entropy, compute_grad):
-    z = student_logits
-    return (z.new_empty((), dtype=torch.float32), z.new_empty(3, dtype=torch.float32),
-            torch.empty_like(z) if compute_grad else z.new_empty(0))
+@_tser_loss_forward_op.register_fake
+def _(z, u, y, alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index, with_entropy):
+    from ..kernels.tser_loss import ROW_STATS, SAMPLE_STATS, SCALARS
+
+    T, B, C = z.shape
+    f32 = dict(dtype=torch.float32, device=z.device)
+    return (torch.empty((), **f32), torch.empty(3, **f32), torch.empty(T, B, ROW_STATS, **f32),
+            torch.empty(B, SAMPLE_STATS, **f32), torch.empty(SCALARS, **f32))
 
 
-@torch.library.custom_op("fastsnn::tser_loss_scale_grad_", mutates_args=("grad",))
-def _scale_grad_(grad: Tensor, grad_output: Tensor) -> None:
-    from ..kernels.tser_loss import scale_grad_
+@torch.library.custom_op("fastsnn::tser_loss_backward", mutates_args=())
+def _tser_loss_backward_op(grad_loss: Tensor, z: Tensor, u: Tensor, y: Tensor, row_stats: Tensor,
+                           sample_stats: Tensor, scalars: Tensor, alpha: float, tau: float, lam: float, ts_ce: bool,
+                           ts_kl: bool, entropy_tau: float, ignore_index: int) -> Tensor:
+    spec = _spec(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index, False)
+    return _backward_impl(grad_loss, z, u, y, row_stats, sample_stats, scalars, spec)
 
-    scale_grad_(grad, grad_output.reshape(1).to(torch.float32))
 
-
-@_scale_grad_.register_fake
-def _(grad, grad_output):
-    return None
+@_tser_loss_backward_op.register_fake
+def _(grad_loss, z, u, y, row_stats, sample_stats, scalars, alpha, tau, lam, ts_ce, ts_kl, entropy_tau,
+      ignore_index):
+    return torch.empty(z.shape, dtype=z.dtype, device=z.device)
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[2])
-    ctx.consumed = False
+    z, u, y, *params = inputs
+    ctx.params = params[:-1]  # all but with_entropy
+    ctx.save_for_backward(z, u, y, *output[2:])
+    ctx.mark_non_differentiable(*output[1:])
 
 
-def _backward(ctx, grad_loss, grad_terms, grad_grad):
-    if ctx.consumed:
-        raise RuntimeError(f"{_OP}: the backward runs once per forward (its gradient buffer is scaled in place); "
-                           "recompute the loss instead of backward(retain_graph=True) twice")
-    ctx.consumed = True
-    (grad,) = ctx.saved_tensors
-    _scale_grad_(grad, grad_loss)
-    return (grad,) + (None,) * 10
+def _backward(ctx, grad_loss, *_):
+    z, u, y, row_stats, sample_stats, scalars = ctx.saved_tensors
+    grad_z = _tser_loss_backward_op(grad_loss, z, u, y, row_stats, sample_stats, scalars, *ctx.params)
+    return (grad_z,) + (None,) * 10
 
 
 torch.library.register_autograd("fastsnn::tser_loss_forward", _backward, setup_context=_setup_context)
 
 
-def _check(student_logits, teacher_logits, target, alpha, tau, lam, ts_ce, ts_kl, entropy_tau, backend):
+# ---- checks and the public function ----
+
+def _check_tensors(student_logits, teacher_logits, target):
     for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits), ("target", target)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -94,34 +170,56 @@ def _check(student_logits, teacher_logits, target, alpha, tau, lam, ts_ce, ts_kl
     if teacher_logits.shape != (B, C):
         raise ValueError(f"{_OP}: teacher_logits must have shape [B, C] = [{B}, {C}] to match student_logits "
                          f"[T, B, C], got {tuple(teacher_logits.shape)}")
-    if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"{_OP}: target must be an integer tensor of class indices, got dtype {target.dtype}")
+    if target.dtype not in TARGET_DTYPES:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in TARGET_DTYPES)
+        raise TypeError(f"{_OP}: target must be an integer tensor of class indices ({allowed}), "
+                        f"got dtype {str(target.dtype).replace('torch.', '')}")
     if target.shape != (B,):
         raise ValueError(f"{_OP}: target must have shape [B] = [{B}], got {tuple(target.shape)}")
-    check_same_device(_OP, student_logits=student_logits, teacher_logits=teacher_logits, target=target)
-    return check_loss_params(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, backend)
+    return check_same_device(_OP, student_logits=student_logits, teacher_logits=teacher_logits, target=target)
 
 
-def check_loss_params(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, backend):
+def _check_labels_on_host(target: Tensor, C: int, ignore_index: int) -> None:
+    """On the CPU a bad label is an error (a sync costs nothing there); on CUDA it turns the loss NaN."""
+    rule = f"{_OP}: target must hold class indices in [0, {C}) or ignore_index={ignore_index}"
+    labels = target.long()
+    if torch.compiler.is_compiling():  # traced: the same check as a graph op
+        torch._assert_async(((labels == ignore_index) | ((labels >= 0) & (labels < C))).all(), rule)
+        return
+    counted = labels[labels != ignore_index]
+    if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= C):
+        raise ValueError(f"{rule}, got min {int(counted.min())} and max {int(counted.max())}")
+
+
+def check_loss_params(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, backend, ignore_index=-100):
     """Validates the loss's scalar arguments; returns (alpha, tau, lam, entropy_tau) as floats."""
     alpha = check_number(_OP, "alpha", alpha, low=0.0, high=1.0, rule="in [0, 1]")
-    tau = check_number(_OP, "tau", tau, low=0.0, low_inclusive=False, rule="a finite number > 0")
+    low, high = TAU_RANGE
+    tau = check_number(_OP, "tau", tau, low=low, high=high, rule=f"a number in [{low}, {high}]")
     lam = check_number(_OP, "lam", lam, low=0.0, rule="a finite number >= 0")
     if entropy_tau is not None:
-        entropy_tau = check_number(_OP, "entropy_tau", entropy_tau, low=0.0, low_inclusive=False,
-                                   rule="a finite number > 0, or None to use tau")
+        entropy_tau = check_number(_OP, "entropy_tau", entropy_tau, low=low, high=high,
+                                   rule=f"a number in [{low}, {high}], or None to use tau")
     for name, flag in (("ts_ce", ts_ce), ("ts_kl", ts_kl)):
         if not isinstance(flag, bool):
             raise TypeError(f"{_OP}: {name} must be True or False, got {flag!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{_OP}: ignore_index must be an int (a label value CE skips), got {ignore_index!r}")
     if backend not in BACKENDS:
         raise ValueError(f"{_OP}: backend must be one of {BACKENDS}, got {backend!r}")
     return alpha, tau, lam, entropy_tau
 
 
+def _unit_class_stride(t: Tensor) -> Tensor:
+    """t itself when its classes are adjacent in memory (any other strides, 0 included), else a copy."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
 def tser_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, *, alpha: float = 0.5,
               tau: float = 5.0, lam: float = 0.01, ts_ce: bool = True, ts_kl: bool = True,
-              entropy_tau: float | None = None, return_terms: bool = False, backend: str = "auto"):
-    """TSER distillation loss (paper eq. 11) and its ablations, fused in one Triton kernel.
+              entropy_tau: float | None = None, ignore_index: int = -100, return_terms: bool = False,
+              backend: str = "auto"):
+    """TSER distillation loss (paper eq. 11) and its ablations, fused in Triton kernels.
 
         L = (1−α)·CE_part + α·τ²·KL_part − λ·(1/T)·Σ_t H(softmax(z_t/τ_H))
 
@@ -135,29 +233,41 @@ def tser_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, *,
     [0.0001, 0.2], with τ = 5.
 
     Args:
-        student_logits: [T, B, C] fp32/fp16/bf16.
+        student_logits: [T, B, C] fp32/fp16/bf16, any strides (read in place when the classes are
+            adjacent, else copied).
         teacher_logits: [B, C], any of those dtypes; never receives a gradient.
-        target: [B] integer class indices in [0, C).
+        target: [B] class indices, any integer dtype (int8/16/32/64, uint8) and stride. A sample labelled
+            ignore_index (default −100, as F.cross_entropy) is left out of CE, whose batch mean then runs
+            over the labelled samples (0 if none); it still counts for KL and entropy. Any other label
+            outside [0, C) raises ValueError on the CPU and, on CUDA (no host sync), makes the loss, the
+            terms and the gradient NaN.
+        tau, entropy_tau: temperatures in [0.05, 100] (beyond that fp32 cancellation in KL·τ² dominates).
         return_terms: also return {"ce", "kl", "entropy"}: detached fp32 batch means of CE_part,
-            KL_part (without τ²) and (1/T)·Σ_t H, from the same kernel launch.
+            KL_part (without τ²) and (1/T)·Σ_t H.
         backend: "auto", "triton" or "reference" (see fastsnn.lif_multistep).
     Returns:
         the fp32 scalar loss, or (loss, terms) with return_terms.
-    Memory: the forward writes dL/dz (z's dtype) and keeps only that; the backward scales it by the
-    incoming gradient in place (and skips the multiply when that is exactly 1), so it runs once per forward.
+    Cost: 2 kernel launches forward, 1 backward. Saved for backward: z, u and y by reference plus 16 bytes
+    per (t, b) row; the backward writes grad_output·dL/dz in z's dtype from fp32 arithmetic.
     """
-    alpha, tau, lam, entropy_tau = _check(student_logits, teacher_logits, target, alpha, tau, lam, ts_ce, ts_kl,
-                                          entropy_tau, backend)
-    if resolve_backend(_OP, backend, student_logits.device) == "reference":
+    device = _check_tensors(student_logits, teacher_logits, target)
+    alpha, tau, lam, entropy_tau = check_loss_params(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, backend,
+                                                     ignore_index)
+    if device.type != "cuda":
+        _check_labels_on_host(target, student_logits.shape[2], ignore_index)
+    if resolve_backend(_OP, backend, device) == "reference":
         return reference.tser_loss(student_logits, teacher_logits, target, alpha=alpha, tau=tau, lam=lam,
-                                   ts_ce=ts_ce, ts_kl=ts_kl, entropy_tau=entropy_tau, return_terms=return_terms)
-    z = student_logits if student_logits.stride(-1) == 1 else student_logits.contiguous()
-    u = teacher_logits.detach()
-    u = u if u.stride(-1) == 1 else u.contiguous()
-    loss, terms, _ = _tser_loss_forward(z, u, target, alpha, tau, lam, ts_ce, ts_kl,
-                                        tau if entropy_tau is None else entropy_tau, bool(return_terms),
-                                        z.requires_grad and torch.is_grad_enabled())
+                                   ts_ce=ts_ce, ts_kl=ts_kl, entropy_tau=entropy_tau, ignore_index=ignore_index,
+                                   return_terms=return_terms)
+    z = _unit_class_stride(student_logits)
+    u = _unit_class_stride(teacher_logits.detach())
+    spec = LossSpec(alpha, tau, lam, ts_ce, ts_kl, tau if entropy_tau is None else entropy_tau, ignore_index,
+                    bool(return_terms))
+    if torch.compiler.is_compiling():
+        loss, terms, *_ = _tser_loss_forward_op(z, u, target, spec.alpha, spec.tau, spec.lam, spec.ts_ce,
+                                                spec.ts_kl, spec.entropy_tau, spec.ignore_index, spec.with_entropy)
+    else:
+        loss, terms = _TSERLossFunction.apply(z, u, target, spec)
     if return_terms:
-        terms = terms.detach()
         return loss, {"ce": terms[0], "kl": terms[1], "entropy": terms[2]}
     return loss
