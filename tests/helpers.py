@@ -1,7 +1,11 @@
 """Shared test helpers: the one tolerance table, comparisons, subprocess runs."""
+import itertools
 import os
 
+import pytest
 import torch
+
+from fastsnn.testing import count_launches  # noqa: F401  (re-exported for the tests)
 
 # One tolerance table for every comparison against a reference: dtype -> (atol, rtol)
 TOLERANCES = {
@@ -12,8 +16,13 @@ TOLERANCES = {
 
 
 def assert_close(actual, expected, dtype=None, scale=1.0):
-    atol, rtol = TOLERANCES[dtype or expected.dtype]
-    torch.testing.assert_close(actual, expected, atol=atol * scale, rtol=rtol, check_dtype=False)
+    """Within the dtype's (atol·scale, rtol); atol is never below the dtype's smallest subnormal, the
+    spacing of the values that rounding to the dtype can produce near 0."""
+    dtype = dtype or expected.dtype
+    atol, rtol = TOLERANCES[dtype]
+    finfo = torch.finfo(dtype)
+    atol = max(atol * scale, finfo.smallest_normal * finfo.eps)
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, check_dtype=False)
 
 
 def run_python(code: str, *, interpret: bool, timeout: float = 600, env_extra=None):
@@ -27,3 +36,36 @@ def run_python(code: str, *, interpret: bool, timeout: float = 600, env_extra=No
         env["TRITON_INTERPRET"] = "1"
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _label(name, value):
+    if isinstance(value, bool):
+        return name if value else ""
+    if isinstance(value, torch.dtype):
+        return str(value).replace("torch.", "").replace("float", "fp")
+    if isinstance(value, str):
+        return value
+    return f"{name}{value}"
+
+
+def case_id(**flags) -> str:
+    """A readable parametrize id: case_id(T=4, neuron="lif", detach=True, soft=False) -> "T4-lif-detach"."""
+    return "-".join(p for p in (_label(name, value) for name, value in flags.items()) if p) or "default"
+
+
+def product_cases(**axes):
+    """pytest.params over the product of the axes (name -> list of values, or dict of id label -> value),
+    with readable ids. All but a covering subset (every value of every axis at least once) are marked
+    `full`: `pytest --quick` runs each value once, the full suite every combination."""
+    names = list(axes)
+    choices = [list(v.items()) if isinstance(v, dict) else [(None, x) for x in v] for v in axes.values()]
+    width = max(len(c) for c in choices)
+    covering = {tuple(i % len(c) for c in choices) for i in range(width)}
+    cases = []
+    for index in itertools.product(*(range(len(c)) for c in choices)):
+        picked = [c[i] for c, i in zip(choices, index)]
+        label = "-".join(p for p in ((lab if lab is not None else _label(n, v)) for n, (lab, v) in zip(names, picked))
+                         if p) or "default"
+        marks = () if index in covering else (pytest.mark.full,)
+        cases.append(pytest.param(*(v for _, v in picked), id=label, marks=marks))
+    return cases

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fastsnn
-from helpers import assert_close
+from helpers import assert_close, run_python
 
 sj = pytest.importorskip("spikingjelly.activation_based")
 from spikingjelly.activation_based import functional, layer, neuron, surrogate  # noqa: E402
@@ -108,12 +108,22 @@ def test_single_step_nodes_are_kept():
     assert "step_mode='s'" in summary.kept["1"]
 
 
-def test_from_spikingjelly():
-    lif = fastsnn.LIF.from_spikingjelly(neuron.LIFNode(tau=4.0, surrogate_function=surrogate.PiecewiseQuadratic(),
-                                                       step_mode="m", detach_reset=True))
+def test_neuron_from_spikingjelly():
+    lif = fastsnn.neuron_from_spikingjelly(neuron.LIFNode(tau=4.0, surrogate_function=surrogate.PiecewiseQuadratic(),
+                                                          step_mode="m", detach_reset=True))
+    assert isinstance(lif, fastsnn.LIF)
     assert (lif.tau, lif.surrogate, lif.alpha, lif.detach_reset, lif.stateful) == (4.0, "piecewise_quadratic", 1.0,
                                                                                  True, True)
-    with pytest.raises(ValueError, match="LIF.from_spikingjelly needs a LIFNode, got IFNode"):
-        fastsnn.LIF.from_spikingjelly(neuron.IFNode(step_mode="m"))
+    if_node = fastsnn.neuron_from_spikingjelly(neuron.IFNode(step_mode="m", v_reset=None))
+    assert isinstance(if_node, fastsnn.IF) and if_node.v_reset is None
     with pytest.raises(ValueError, match="multi-step only"):
-        fastsnn.IF.from_spikingjelly(neuron.IFNode())
+        fastsnn.neuron_from_spikingjelly(neuron.IFNode())
+
+
+def test_the_core_does_not_import_the_adapter():
+    """interop.py is a leaf: importing every core module leaves it (and SpikingJelly) unimported."""
+    code = ("import sys; import fastsnn.neuron, fastsnn.ops, fastsnn.models, fastsnn.loss, fastsnn.reference; "
+            "print(any(m in sys.modules for m in ('fastsnn.interop', 'spikingjelly')))")
+    proc = run_python(code, interpret=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"

@@ -1,20 +1,20 @@
-"""Multistep LIF/IF: Triton kernels (interpreted on the CPU) against the PyTorch reference."""
-import itertools
-
+"""Multistep LIF/IF: the Triton kernels against the PyTorch reference, on every device of this process
+(interpreted on CPU tensors by default; compiled on CUDA under FASTSNN_COMPILED=1, see test_cuda.py)."""
 import pytest
 import torch
 
 import fastsnn
 from fastsnn import reference
 from fastsnn.surrogate import SURROGATES
-from helpers import assert_close
+from helpers import assert_close, product_cases
 
 SURROGATE_NAMES = sorted(SURROGATES)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # bf16 cases run on CUDA only (see conftest)
 
 
-def _inputs(T, shape, dtype, with_v_init):
-    x = (torch.randn(T, *shape) * 1.5 + 0.4).to(dtype).requires_grad_()
-    v_init = (torch.randn(*shape) * 0.5).to(dtype).requires_grad_() if with_v_init else None
+def _inputs(T, shape, dtype, with_v_init, device):
+    x = (torch.randn(T, *shape, device=device) * 1.5 + 0.4).to(dtype).requires_grad_()
+    v_init = (torch.randn(*shape, device=device) * 0.5).to(dtype).requires_grad_() if with_v_init else None
     return x, v_init
 
 
@@ -30,10 +30,10 @@ def _fwd_bwd(fn, x, v_init, grad_spikes, grad_v, **kw):
     return spikes, v_final, grads[0], (grads[1] if v_init is not None else None)
 
 
-def _compare(fn, ref, T, shape, dtype, with_v_init, return_v, backend="triton", **kw):
-    x, v_init = _inputs(T, shape, dtype, with_v_init)
-    grad_spikes = torch.randn(T, *shape)
-    grad_v = torch.randn(*shape) if return_v else None
+def _compare(fn, ref, T, shape, dtype, with_v_init, return_v, device, backend="triton", **kw):
+    x, v_init = _inputs(T, shape, dtype, with_v_init, device)
+    grad_spikes = torch.randn(T, *shape, device=device)
+    grad_v = torch.randn(*shape, device=device) if return_v else None
     got = _fwd_bwd(fn, x, v_init, grad_spikes, grad_v, backend=backend, **kw)
     want = _fwd_bwd(ref, x, v_init, grad_spikes, grad_v, **kw)
     assert got[0].dtype == dtype and got[0].shape == x.shape
@@ -50,42 +50,38 @@ def _compare(fn, ref, T, shape, dtype, with_v_init, return_v, backend="triton", 
     assert want[2].abs().sum() > 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("T", [1, 2, 4, 7])
-@pytest.mark.parametrize("surrogate", SURROGATE_NAMES)
-@pytest.mark.parametrize("v_reset", [0.0, None], ids=["hard", "soft"])
-@pytest.mark.parametrize("decay_input,detach_reset,with_v_init,return_v",
-                         list(itertools.product([True, False], repeat=4)))
-def test_lif_kernel_matches_reference(dtype, T, surrogate, v_reset, decay_input, detach_reset, with_v_init,
+@pytest.mark.parametrize("dtype,T,surrogate,v_reset,decay_input,detach_reset,with_v_init,return_v", product_cases(
+    dtype=DTYPES, T=[1, 2, 4, 7], surrogate=SURROGATE_NAMES, reset={"hard": 0.0, "soft": None},
+    decay={"decay": True, "no_decay": False}, detach=[True, False], v_init=[True, False], return_v=[True, False]))
+def test_lif_kernel_matches_reference(device, dtype, T, surrogate, v_reset, decay_input, detach_reset, with_v_init,
                                       return_v):
-    _compare(fastsnn.lif_multistep, reference.lif_multistep, T, (3, 37), dtype, with_v_init, return_v,
+    _compare(fastsnn.lif_multistep, reference.lif_multistep, T, (3, 37), dtype, with_v_init, return_v, device,
              surrogate=surrogate, v_reset=v_reset, decay_input=decay_input, detach_reset=detach_reset)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("T", [1, 4, 7])
-@pytest.mark.parametrize("v_reset", [0.0, None], ids=["hard", "soft"])
-@pytest.mark.parametrize("detach_reset,with_v_init,return_v", list(itertools.product([True, False], repeat=3)))
-def test_if_kernel_matches_reference(dtype, T, v_reset, detach_reset, with_v_init, return_v):
+@pytest.mark.parametrize("dtype,T,v_reset,detach_reset,with_v_init,return_v", product_cases(
+    dtype=DTYPES, T=[1, 4, 7], reset={"hard": 0.0, "soft": None}, detach=[True, False], v_init=[True, False],
+    return_v=[True, False]))
+def test_if_kernel_matches_reference(device, dtype, T, v_reset, detach_reset, with_v_init, return_v):
     ref = lambda x, **kw: reference.lif_multistep(x, neuron="if", **kw)  # noqa: E731
-    _compare(fastsnn.if_multistep, ref, T, (5, 19), dtype, with_v_init, return_v, surrogate="sigmoid",
+    _compare(fastsnn.if_multistep, ref, T, (5, 19), dtype, with_v_init, return_v, device, surrogate="sigmoid",
              v_reset=v_reset, detach_reset=detach_reset)
 
 
-@pytest.mark.parametrize("T", [9, 17])  # more timesteps than the backward keeps in registers at once
-@pytest.mark.parametrize("shape", [(41, 401), (2, 3, 5, 7)])
-def test_long_sequences_and_many_blocks(T, shape):
-    _compare(fastsnn.lif_multistep, reference.lif_multistep, T, shape, torch.float32, True, True,
+@pytest.mark.parametrize("T", [9, 17, 24], ids=lambda T: f"T{T}")  # one partial and two whole extra chunks
+@pytest.mark.parametrize("shape", [(41, 401), (2, 3, 5, 7)], ids=["41x401", "2x3x5x7"])
+def test_long_sequences_restart_chunks_from_checkpoints(device, T, shape):
+    _compare(fastsnn.lif_multistep, reference.lif_multistep, T, shape, torch.float32, True, True, device,
              tau=3.7, v_threshold=0.8, v_reset=-0.2, surrogate="atan")
 
 
-def test_reference_backend_is_the_reference():
-    _compare(fastsnn.lif_multistep, reference.lif_multistep, 4, (3, 37), torch.float32, True, True,
+def test_reference_backend_is_the_reference(device):
+    _compare(fastsnn.lif_multistep, reference.lif_multistep, 4, (3, 37), torch.float32, True, True, device,
              surrogate="erf", backend="reference")
 
 
-def test_custom_alpha_changes_the_gradient():
-    x = torch.randn(4, 64, requires_grad=True)
+def test_custom_alpha_changes_the_gradient(device):
+    x = torch.randn(4, 64, device=device, requires_grad=True)
     g1 = torch.autograd.grad(fastsnn.lif_multistep(x, alpha=2.0, backend="triton").sum(), x)[0]
     g2 = torch.autograd.grad(fastsnn.lif_multistep(x, alpha=5.0, backend="triton").sum(), x)[0]
     g2_ref = torch.autograd.grad(reference.lif_multistep(x, alpha=5.0).sum(), x)[0]
@@ -93,11 +89,11 @@ def test_custom_alpha_changes_the_gradient():
     assert_close(g2, g2_ref)
 
 
-def test_channels_last_layout_is_kept_and_correct():
+def test_channels_last_layout_is_kept_and_correct(device):
     T, B, C, H, W = 3, 2, 5, 4, 3
-    x = torch.randn(T * B, C, H, W).to(memory_format=torch.channels_last).view(T, B, C, H, W)
+    x = torch.randn(T * B, C, H, W, device=device).to(memory_format=torch.channels_last).view(T, B, C, H, W)
     x.requires_grad_()
-    spikes = fastsnn.lif_multistep(x)
+    spikes = fastsnn.lif_multistep(x, backend="triton")
     assert spikes.stride() == x.stride()
     g = torch.randn_like(spikes)
     (gx,) = torch.autograd.grad((spikes * g).sum(), x)
@@ -107,15 +103,28 @@ def test_channels_last_layout_is_kept_and_correct():
     assert_close(gx, torch.autograd.grad((ref * g).sum(), x_ref)[0])
 
 
-def test_input_broadcast_over_time_is_read_in_place():
-    step = torch.randn(2, 5, 4, 3).to(memory_format=torch.channels_last).requires_grad_()
-    x = step.unsqueeze(0).expand(4, *step.shape)  # direct encoding: one timestep repeated, time stride 0
+@pytest.mark.parametrize("T", [1, 4, 11], ids=lambda T: f"T{T}")
+def test_repeat_reads_one_timestep_and_sums_its_gradient_in_the_kernel(device, T):
+    step = torch.randn(2, 5, 4, 3, device=device).to(memory_format=torch.channels_last).requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().nbytes()) or t,
                                                   lambda t: t):
-        spikes = fastsnn.lif_multistep(x, backend="triton")
-    assert sum(saved) == step.numel() * step.element_size()  # one timestep, not T
-    assert spikes[0].is_contiguous(memory_format=torch.channels_last)
+        spikes = fastsnn.lif_multistep(step, repeat=T, backend="triton")
+    checkpoints = 4 * step.numel() * (-(-T // 8) - 1)
+    assert sum(saved) == step.numel() * step.element_size() + checkpoints  # one timestep, not T
+    assert spikes.shape == (T, *step.shape) and spikes[0].is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(spikes)
+    (grad,) = torch.autograd.grad((spikes * g).sum(), step)
+    dense = step.detach().unsqueeze(0).repeat(T, 1, 1, 1, 1).requires_grad_()
+    ref = reference.lif_multistep(dense)
+    assert torch.equal(spikes, ref)
+    assert_close(grad, torch.autograd.grad((ref * g).sum(), dense)[0].sum(0))
+
+
+def test_input_broadcast_over_time_is_read_in_place(device):
+    step = torch.randn(2, 5, 4, 3, device=device).requires_grad_()
+    x = step.unsqueeze(0).expand(4, *step.shape)  # a stride-0 view: read in place, its gradient via expand
+    spikes = fastsnn.lif_multistep(x, backend="triton")
     g = torch.randn_like(spikes)
     (grad,) = torch.autograd.grad((spikes * g).sum(), step)
     dense = step.detach().unsqueeze(0).repeat(4, 1, 1, 1, 1).requires_grad_()
@@ -124,55 +133,53 @@ def test_input_broadcast_over_time_is_read_in_place():
     assert_close(grad, torch.autograd.grad((ref * g).sum(), dense)[0].sum(0))
 
 
-def test_non_contiguous_input():
-    base = torch.randn(7, 4, 3)
+def test_non_contiguous_input(device):
+    base = torch.randn(7, 4, 3, device=device)
     x = base.transpose(0, 1).requires_grad_()  # [4, 7, 3], time stride is not the outermost
-    spikes = fastsnn.lif_multistep(x)
+    spikes = fastsnn.lif_multistep(x, backend="triton")
     assert torch.equal(spikes, reference.lif_multistep(x))
 
 
-def test_modules_match_functional():
-    x = torch.randn(4, 2, 8)
+def test_modules_match_functional(device):
+    x = torch.randn(4, 2, 8, device=device)
     lif = fastsnn.LIF(tau=3.0, v_reset=None, surrogate="sigmoid", detach_reset=True)
     assert torch.equal(lif(x), fastsnn.lif_multistep(x, tau=3.0, v_reset=None, surrogate="sigmoid"))
     neuron = fastsnn.IF(v_threshold=0.5)
     assert torch.equal(neuron(x), fastsnn.if_multistep(x, v_threshold=0.5))
-    assert "tau=3.0" in repr(lif)
+    assert "tau=3.0" in repr(lif) and lif.tau == 3.0 and lif.spec.kind == "lif"
+    same = fastsnn.MultistepNeuron.from_spec(lif.spec)
+    assert isinstance(same, fastsnn.LIF) and torch.equal(same(x), lif(x))
 
 
-def test_module_records_spike_rate():
-    x = torch.randn(4, 2, 8)
-    lif = fastsnn.LIF()
-    lif.record_rate = True
-    spikes = lif(x)
-    assert lif.spike_rate == spikes.float().mean()
+@pytest.mark.parametrize("T", [4, 8, 9, 17], ids=lambda T: f"T{T}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_saved_bytes_are_the_input_and_chunk_checkpoints(device, T, dtype):
+    x = torch.randn(T, 3, 33, device=device).to(dtype).requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fastsnn.lif_multistep(x, backend="triton")
+    # x itself, plus the fp32 membrane at each chunk boundary when T > 8 (none at T <= 8)
+    assert sum(saved) == x.numel() * x.element_size() + 4 * 3 * 33 * (-(-T // 8) - 1)
 
 
-def test_saved_bytes_equal_one_input():
-    for dtype in (torch.float32, torch.float16):
-        x = torch.randn(4, 3, 33).to(dtype).requires_grad_()
-        saved = []
-
-        def pack(t):
-            saved.append(t.numel() * t.element_size())
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fastsnn.lif_multistep(x)
-        assert sum(saved) == x.numel() * x.element_size()
-
-
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("repeat", [None, 3], ids=["sequence", "repeat3"])
+def test_torch_compile_fullgraph_matches_eager(device, repeat):
     torch._dynamo.reset()
-    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.BatchNorm2d(4))
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.BatchNorm2d(4)).to(device)
     lif = fastsnn.LIF()
 
-    def net(x):  # x [T, B, 2, H, W]
+    def net(x):  # x [T, B, 2, H, W], or [B, 2, H, W] with repeat
+        if repeat:
+            return lif(model(x), repeat=repeat)
         T, B = x.shape[:2]
-        y = model(x.flatten(0, 1)).view(T, B, 4, *x.shape[3:])
-        return lif(y)
+        return lif(model(x.flatten(0, 1)).view(T, B, 4, *x.shape[3:]))
 
-    x = torch.randn(3, 2, 2, 5, 5, requires_grad=True)
+    x = torch.randn(*(() if repeat else (3,)), 2, 2, 5, 5, device=device, requires_grad=True)
     eager = net(x)
     g_eager = torch.autograd.grad(eager.sum(), x)[0]
     compiled = torch.compile(net, fullgraph=True)(x)
@@ -181,13 +188,14 @@ def test_torch_compile_fullgraph_matches_eager():
     assert_close(g_compiled, g_eager)
 
 
-def test_ops_are_registered_with_fake_kernels():
+def test_ops_are_registered_with_fake_kernels(device):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    args = ("lif", 2.0, 1.0, 0.0, "atan", 2.0, False)
     with FakeTensorMode():
-        x = torch.empty(4, 2, 3)
-        spikes, v = torch.ops.fastsnn.lif_forward(x, None, 1, 2.0, 1.0, 0.0, True, 0, 2.0, False, True)
-    assert spikes.shape == (4, 2, 3) and v.shape == (2, 3)
-    torch.library.opcheck(torch.ops.fastsnn.lif_forward.default,
-                          (torch.randn(3, 2, 5, requires_grad=True), None, 1, 2.0, 1.0, 0.0, True, 0, 2.0, False,
-                           True))
+        x = torch.empty(4, 2, 3, device=device)
+        spikes, v, checkpoints = torch.ops.fastsnn.lif_forward(x, None, *args, True, 0)
+    assert spikes.shape == (4, 2, 3) and v.shape == (2, 3) and checkpoints.numel() == 0
+    for x, repeat in ((torch.randn(3, 2, 5, device=device, requires_grad=True), 0),
+                      (torch.randn(2, 5, device=device, requires_grad=True), 12)):
+        torch.library.opcheck(torch.ops.fastsnn.lif_forward.default, (x, None, *args, True, repeat))
