@@ -34,7 +34,7 @@ def test_teacher_output_shape(name):
 
 @pytest.mark.parametrize("student", STUDENTS)
 def test_student_has_its_teachers_parameter_count(student):
-    teacher = models.TEACHER_OF[student]
+    teacher = models.REGISTRY[student].teacher
     kw = {"imagenet": True} if student.startswith("sew") else {}
     s = models.create(student, 100, T=2)
     t = models.create(teacher, 100, **kw)
@@ -165,7 +165,7 @@ def test_neurons_carry_the_model_arguments():
     (("spiking_resnet18", 1), dict(T=2), "num_classes must be an integer >= 2, got 1"),
     (("spiking_resnet18", 10), dict(T=0), "T must be an integer >= 1"),
     (("spiking_resnet18", 10), {}, "T must be an integer >= 1"),
-    (("spiking_resnet18", 10), dict(T=2, neuron="relu"), "neuron must be 'lif' or 'if'"),
+    (("spiking_resnet18", 10), dict(T=2, neuron="relu"), "neuron must be one of ('if', 'lif', 'lif_no_decay')"),
     (("sew_resnet18", 10), dict(T=2, connect="OR"), "connect must be one of ('ADD', 'AND', 'IAND')"),
     (("spiking_resnet18", 10), dict(T=2, tau=0.5), "tau must be"),
 ])

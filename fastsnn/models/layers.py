@@ -6,22 +6,26 @@ is the same network with ReLU in place of the neuron and T = 1.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
-from ..neuron import IF, LIF
+from ..neuron import MultistepNeuron
 
-NEURONS = ("lif", "if", "relu")
 SEW_CONNECTS = ("ADD", "AND", "IAND")
+NeuronFactory = Callable[[], nn.Module]  # a new neuron module (spiking) or nn.ReLU (teacher) per call
 
 
-def make_neuron(kind: str, **cfg) -> nn.Module:
-    if kind == "lif":
-        return LIF(**cfg)
-    if kind == "if":
-        cfg.pop("tau", None)
-        return IF(**cfg)
-    return nn.ReLU(inplace=False)
+def fire(neuron: nn.Module, x: torch.Tensor, repeat: int | None = None) -> torch.Tensor:
+    """neuron(x); with repeat = T, x is one timestep [B, ...] presented at T steps: a fastsnn neuron reads it
+    in place and sums its gradient over time in its kernel; any other module (e.g. a SpikingJelly node
+    swapped in) gets the time-broadcast view [T, B, ...]."""
+    if repeat is None:
+        return neuron(x)
+    if isinstance(neuron, MultistepNeuron):
+        return neuron(x, repeat=repeat)
+    return neuron(x.unsqueeze(0).expand(repeat, *x.shape))
 
 
 def folded(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -32,14 +36,14 @@ def folded(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class _TwoConvBlock(nn.Module):
     """conv1-bn1-sn1-conv2-bn2-sn2 and a conv1x1-BN downsample where the shape changes; torchvision's names."""
 
-    def __init__(self, inplanes: int, planes: int, stride: int, neuron: dict):
+    def __init__(self, inplanes: int, planes: int, stride: int, neuron: NeuronFactory):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.sn1 = make_neuron(**neuron)
+        self.sn1 = neuron()
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.sn2 = make_neuron(**neuron)
+        self.sn2 = neuron()
         self.downsample = None
         if stride != 1 or inplanes != planes:
             self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
@@ -60,11 +64,11 @@ class SEWBlock(_TwoConvBlock):
     out = sn2(bn2(conv2(sn1(bn1(conv1(x)))))), shortcut = downsample_sn(downsample(x)) or x,
     result = connect(shortcut, out) with ADD: s + o, AND: s·o, IAND: s·(1 − o)."""
 
-    def __init__(self, inplanes: int, planes: int, stride: int, neuron: dict, connect: str):
+    def __init__(self, inplanes: int, planes: int, stride: int, neuron: NeuronFactory, connect: str):
         super().__init__(inplanes, planes, stride, neuron)
         self.connect = connect
         if self.downsample is not None:
-            self.downsample_sn = make_neuron(**neuron)
+            self.downsample_sn = neuron()
 
     def forward(self, x):
         out = self.sn1(folded(lambda y: self.bn1(self.conv1(y)), x))

@@ -4,41 +4,34 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import BasicBlock, SEWBlock, folded, make_neuron
-
-
-def repeat_over_time(y: torch.Tensor, T: int) -> torch.Tensor:
-    """[B, ...] -> [T, B, ...] as a broadcast view (time stride 0): fastsnn's LIF reads it without a copy
-    and saves one timestep for its backward instead of T."""
-    return y.unsqueeze(0).expand(T, *y.shape)
+from .layers import BasicBlock, NeuronFactory, SEWBlock, fire, folded
 
 
 class TimeMajorNet(nn.Module):
     """Common input handling: images [B, C, H, W] (direct encoding: the stem runs once and its output is
-    repeated over T) or time-major [T, B, C, H, W]. Students return [T, B, classes]; teachers (T = 1,
-    ReLU) return [B, classes]."""
+    presented at all T steps, the first neuron reading it in place) or time-major [T, B, C, H, W].
+    Students (T given) return [T, B, classes]; teachers (T None, ReLU) return [B, classes]."""
 
-    def __init__(self, T: int | None, spiking: bool):
+    def __init__(self, T: int | None):
         super().__init__()
         self.T = T
-        self.spiking = spiking
+        self.spiking = T is not None
 
     def stem(self, x):
         raise NotImplementedError
 
-    def body(self, x):  # [T, B, ...] after the stem's neuron -> [T, B, classes]
+    def body(self, x, repeat=None):  # [T, B, ...] (or [B, ...] with repeat) before the stem's neuron -> logits
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:
             y = self.stem(x)  # [B, ...], computed once
-            y = repeat_over_time(y, self.T) if self.spiking else y.unsqueeze(0)
+            out = self.body(y, repeat=self.T) if self.spiking else self.body(y.unsqueeze(0))
         elif x.dim() == 5:
-            y = folded(self.stem, x)
+            out = self.body(folded(self.stem, x))
         else:
             raise ValueError(f"{type(self).__name__}: input must be images [B, C, H, W] or time-major "
                              f"[T, B, C, H, W], got shape {tuple(x.shape)}")
-        out = self.body(y)
         return out if self.spiking else out.mean(dim=0)
 
 
@@ -47,16 +40,16 @@ class ResNet(TimeMajorNet):
     Module names follow torchvision (conv1, bn1, layer1..4, fc), so torchvision and SpikingJelly
     state_dicts load."""
 
-    def __init__(self, blocks, widths, num_classes, *, T, neuron, block="basic", connect="ADD", stem="cifar",
-                 in_channels=3, stem_width=None):
-        super().__init__(T, neuron["kind"] != "relu")
+    def __init__(self, blocks, widths, num_classes, *, T, neuron: NeuronFactory, block="basic", connect="ADD",
+                 stem="cifar", in_channels=3, stem_width=None):
+        super().__init__(T)
         stem_width = stem_width or widths[0]
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_channels, stem_width, 7, 2, 3, bias=False)
         else:
             self.conv1 = nn.Conv2d(in_channels, stem_width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_width)
-        self.sn1 = make_neuron(**neuron)
+        self.sn1 = neuron()
         self.maxpool = nn.MaxPool2d(3, 2, 1) if stem == "imagenet" else nn.Identity()
         inplanes = stem_width
         for i, (count, width) in enumerate(zip(blocks, widths)):
@@ -79,8 +72,8 @@ class ResNet(TimeMajorNet):
     def stem(self, x):
         return self.bn1(self.conv1(x))
 
-    def body(self, x):
-        x = folded(self.maxpool, self.sn1(x))
+    def body(self, x, repeat=None):
+        x = folded(self.maxpool, fire(self.sn1, x, repeat))
         for i in range(self.num_stages):
             x = getattr(self, f"layer{i + 1}")(x)
         x = folded(self.avgpool, x).flatten(2)
@@ -96,20 +89,20 @@ VGG_CONFIGS = {
 class VGG(TimeMajorNet):
     """CIFAR VGG with BN: [conv3×3-BN-neuron]×n with 2×2 max-pools, global average pool, one FC."""
 
-    def __init__(self, config, num_classes, *, T, neuron, in_channels=3):
-        super().__init__(T, neuron["kind"] != "relu")
+    def __init__(self, config, num_classes, *, T, neuron: NeuronFactory, in_channels=3):
+        super().__init__(T)
         widths = [c for c in config if c != "M"]
         self.conv0 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn0 = nn.BatchNorm2d(widths[0])
         self.features = nn.ModuleList()  # each: (conv, bn, neuron) or a pool
-        self.sn0 = make_neuron(**neuron)
+        self.sn0 = neuron()
         inplanes = widths[0]
         for c in config[1:]:
             if c == "M":
                 self.features.append(nn.MaxPool2d(2))
             else:
                 self.features.append(nn.ModuleDict({"conv": nn.Conv2d(inplanes, c, 3, 1, 1, bias=False),
-                                                    "bn": nn.BatchNorm2d(c), "sn": make_neuron(**neuron)}))
+                                                    "bn": nn.BatchNorm2d(c), "sn": neuron()}))
                 inplanes = c
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(inplanes, num_classes)
@@ -117,8 +110,8 @@ class VGG(TimeMajorNet):
     def stem(self, x):
         return self.bn0(self.conv0(x))
 
-    def body(self, x):
-        x = self.sn0(x)
+    def body(self, x, repeat=None):
+        x = fire(self.sn0, x, repeat)
         for layer in self.features:
             if isinstance(layer, nn.ModuleDict):
                 x = layer["sn"](folded(lambda y: layer["bn"](layer["conv"](y)), x))
@@ -131,21 +124,21 @@ class DigitsNet(TimeMajorNet):
     """The small pair for scikit-learn's 8×8 digits: conv(16)-BN-neuron, conv(32, stride 2)-BN-neuron,
     average pool, FC."""
 
-    def __init__(self, num_classes, *, T, neuron, in_channels=1, width=16):
-        super().__init__(T, neuron["kind"] != "relu")
+    def __init__(self, num_classes, *, T, neuron: NeuronFactory, in_channels=1, width=16):
+        super().__init__(T)
         self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.sn1 = make_neuron(**neuron)
+        self.sn1 = neuron()
         self.conv2 = nn.Conv2d(width, 2 * width, 3, 2, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(2 * width)
-        self.sn2 = make_neuron(**neuron)
+        self.sn2 = neuron()
         self.avgpool = nn.AdaptiveAvgPool2d(2)
         self.fc = nn.Linear(8 * width, num_classes)
 
     def stem(self, x):
         return self.bn1(self.conv1(x))
 
-    def body(self, x):
-        x = self.sn1(x)
+    def body(self, x, repeat=None):
+        x = fire(self.sn1, x, repeat)
         x = self.sn2(folded(lambda y: self.bn2(self.conv2(y)), x))
         return self.fc(folded(self.avgpool, x).flatten(2))
