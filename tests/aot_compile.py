@@ -1,10 +1,23 @@
-"""Ahead-of-time compilation of every kernel variant for sm_80/sm_89/sm_90 on a CPU-only machine.
+"""Ahead-of-time compilation of every kernel variant for sm_80/sm_89/sm_90 on a CPU-only machine, specialised
+exactly as Triton's JIT specialises a real launch.
 
-Run as a script in a process where TRITON_INTERPRET is unset. Prints one JSON object per line:
-{"kernel", "arch", "variant", "registers", "spill_bytes"} read from Triton's bundled ptxas -v.
+Each variant is a real call of a launcher in fastsnn.kernels on CPU tensors: the kernel launch is captured
+instead of run, bound by Triton's own binder (the JIT's specialisation: 16-byte-aligned pointers and
+integers divisible by 16 get tt.divisibility=16, launch options such as num_warps and maxnreg are parsed
+as the JIT parses them), and compiled with triton.compile. Each variant is compiled twice: with aligned
+tensors and sizes divisible by 16 (the common case), and unaligned (offset pointers, odd sizes).
+
+Run as a script in a process where TRITON_INTERPRET is unset:
+    python tests/aot_compile.py [kernel names...] [--arch 90] [--aligned-only] [--dtype fp16]
+(unaligned variants compile for sm_90 only unless --unaligned-archs says otherwise).
+Prints one JSON object per line: kernel, arch, aligned, variant, registers, spill_bytes, global loads and
+stores by width in bits ({"128": 2, "32": 1}), the SASS instruction count, shared memory and occupancy;
+then, for the LIF kernels, one {"kernel", ..., "instructions_per_element_step"} line per variant: the
+marginal SASS cost of one more timestep per element (see element_step_costs).
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import os
@@ -12,111 +25,253 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 
+import torch
+
 ARCHS = (80, 89, 90)
-DTYPES = ("fp32", "fp16", "bf16")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-INT_ARGS = {"N": "i64", "n": "i64", "stride_xt": "i64", "T": "i32", "B": "i32", "C": "i32", "stride_zt": "i64", "stride_zb": "i64",
-            "stride_ub": "i64", "has_v_init": "i32", "store_v": "i32", "has_grad_v": "i32"}
+def _tensor(shape, dtype, aligned, device="cpu"):
+    """A tensor of `shape` whose data pointer is 16-byte aligned, or deliberately one element off."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    if aligned:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.zeros(numel + 1, dtype=dtype, device=device)[1:].view(shape)
 
 
-def signature(kernel, const, dtype, fp32_pointers=(), int_pointers=()):
-    """Triton signature of `kernel`: pointers `p_*` of `dtype` unless named as fp32/int64, scalars from INT_ARGS
-    or fp32, constexprs for the names in `const`."""
-    sig = {}
-    for name in kernel.arg_names:
-        if name in const:
-            sig[name] = "constexpr"
-        elif name in fp32_pointers:
-            sig[name] = "*fp32"
-        elif name in int_pointers:
-            sig[name] = "*i64"
-        elif name.startswith("p_"):
-            sig[name] = f"*{dtype}"
-        else:
-            sig[name] = INT_ARGS.get(name, "fp32")
-    return sig
+# ---- variants: (kernel name, labels, T for an elementwise-over-time kernel or None, a call of the launcher
+#      that launches that kernel) ----
 
-
-def lif_variants():
+def lif_variants(aligned: bool):
+    """Forward at T = 4 and 8 (one chunk: the difference is the cost of 4 more steps); backward at T = 16 (two
+    chunks, the second restarting from a checkpoint) for every option, and at T = 4 and 8 for the atan,
+    detach_reset=True options (for the per-step cost)."""
     from fastsnn.kernels import lif
+    from fastsnn.spec import NeuronSpec
 
-    for dtype, neuron, hard in itertools.product(DTYPES, (0, 1, 2), (True, False)):
-        const = {"T": 4, "NEURON": neuron, "HARD_RESET": hard, "BLOCK": lif.FWD_BLOCK}
-        sig = signature(lif._lif_fwd_kernel, const, dtype, ("p_v0", "p_vT"))
-        yield "_lif_fwd_kernel", sig, const, {"num_warps": lif.FWD_WARPS}
-    for dtype, neuron, hard, surrogate, detach in itertools.product(DTYPES, (0, 1, 2), (True, False), range(4),
-                                                                     (True, False)):
-        # T = 2 * MAX_CHUNK exercises the chunked recompute path at the largest register footprint
-        T = 2 * lif.MAX_CHUNK
-        const = {"T": T, "CHUNK": lif.chunk_for(T), "NEURON": neuron, "HARD_RESET": hard, "SURROGATE": surrogate,
-                 "DETACH_RESET": detach, "BLOCK": lif.BWD_BLOCK}
-        sig = signature(lif._lif_bwd_kernel, const, dtype, ("p_v0", "p_gvT", "p_gv0"))
-        yield "_lif_bwd_kernel", sig, const, {"num_warps": lif.BWD_WARPS}
+    N = 4096 if aligned else 4095
+    kinds, resets = ("if", "lif", "lif_no_decay"), (0.0, None)
+    for dtype_name, kind, v_reset, T in itertools.product(DTYPES, kinds, resets, (4, 8)):
+        spec = NeuronSpec(kind, 2.0, 1.0, v_reset)
 
+        def call(T=T, dtype=DTYPES[dtype_name], spec=spec):
+            x = _tensor((T, N), dtype, aligned)
+            lif.lif_forward(x, torch.empty_like(x), None, None, None, spec)
+        yield "_lif_fwd_kernel", dict(dtype=dtype_name, T=T, kind=kind, hard_reset=v_reset is not None), T, call
+    backward = [(T, s, d) for T in (2 * lif.MAX_CHUNK,) for s in lif.SURROGATE_CODES for d in (True, False)]
+    backward += [(4, "atan", True), (8, "atan", True)]
+    for dtype_name, kind, v_reset, (T, surrogate, detach) in itertools.product(DTYPES, kinds, resets, backward):
+        spec = NeuronSpec(kind, 2.0, 1.0, v_reset, surrogate, 2.0, detach)
 
-def tser_loss_variants():
-    from fastsnn.kernels import tser_loss
-
-    # the blocks of C=1000 (one block per row) and C=32768 (many blocks per row)
-    blocks = [tser_loss.block_for(1000), tser_loss.block_for(32768)]
-    for dtype, (block_c, warps), ts_ce, ts_kl, ent, grad in itertools.product(
-            DTYPES, blocks, *[(True, False)] * 4):
-        const = {"BLOCK_C": block_c, "TS_CE": ts_ce, "TS_KL": ts_kl, "HAS_ENT": ent, "COMPUTE_GRAD": grad}
-        sig = signature(tser_loss._tser_loss_fwd_kernel, const, dtype, ("p_terms", "p_stats"), ("p_y",))
-        yield "_tser_loss_fwd_kernel", sig, const, {"num_warps": warps, "maxnreg": tser_loss.MAXNREG}
-    for dtype in DTYPES:
-        const = {"BLOCK": tser_loss.SCALE_BLOCK}
-        sig = signature(tser_loss._scale_grad_kernel, const, dtype, ("p_go",))
-        yield "_scale_grad_kernel", sig, const, {"num_warps": 4}
+        def call(T=T, dtype=DTYPES[dtype_name], spec=spec):
+            x = _tensor((T, N), dtype, aligned)
+            n = lif.checkpoints_for(T)
+            checkpoints = _tensor((n, N), torch.float32, aligned) if n else None
+            lif.lif_backward(x, torch.empty_like(x), None, checkpoints, None, torch.empty_like(x), None, spec)
+        yield "_lif_bwd_kernel", dict(dtype=dtype_name, T=T, kind=kind, hard_reset=v_reset is not None,
+                                      surrogate=surrogate, detach_reset=detach), T, call
 
 
-KERNEL_MODULES = {"_lif_fwd_kernel": "fastsnn.kernels.lif", "_lif_bwd_kernel": "fastsnn.kernels.lif",
-                  "_tser_loss_fwd_kernel": "fastsnn.kernels.tser_loss",
-                  "_scale_grad_kernel": "fastsnn.kernels.tser_loss"}
+def element_step_costs(rows) -> list[dict]:
+    """SASS instructions per element per timestep of the elementwise-over-time kernels, read as the marginal
+    cost of 4 more timesteps in one chunk: (instructions at T=8 − at T=4) / (4 · elements per thread)."""
+    by_key = {}
+    for r in rows:
+        if "elements_per_thread" in r and r["variant"]["T"] in (4, 8):
+            key = (r["kernel"], r["arch"], r["aligned"], json.dumps({k: v for k, v in r["variant"].items() if k != "T"}))
+            by_key.setdefault(key, {})[r["variant"]["T"]] = r
+    costs = []
+    for (kernel, arch, aligned, variant), pair in sorted(by_key.items()):
+        if 4 in pair and 8 in pair:
+            extra = pair[8]["sass_instructions"] - pair[4]["sass_instructions"]
+            costs.append({"kernel": kernel, "arch": arch, "aligned": aligned, "variant": json.loads(variant),
+                          "instructions_per_element_step": round(extra / (4 * pair[8]["elements_per_thread"]), 2)})
+    return costs
+
+
+def tser_loss_variants(aligned: bool):
+    from fastsnn.kernels import tser_loss as k
+
+    B = 256 if aligned else 255
+    for dtype_name, C, (ts_ce, ts_kl), lam in itertools.product(
+            DTYPES, (100, 1000, 1024, 5000), ((True, True), (False, True), (True, False), (False, False)),
+            (0.0, 0.01)):
+        T = 4
+        dtype = DTYPES[dtype_name]
+        C_run = C if aligned else C + 1
+
+        def buffers(T=T, dtype=dtype, C_run=C_run, ts_ce=ts_ce, ts_kl=ts_kl):
+            t_tile = k.tile_for(T, C_run, ts_ce, ts_kl)[0]
+            f32 = torch.float32
+            return (_tensor((T, B, C_run), dtype, aligned), _tensor((B, C_run), dtype, aligned),
+                    _tensor((B,), torch.int64, aligned), torch.empty(T, B, 4), torch.empty(B, 4),
+                    torch.empty(-(-T // t_tile), B, 4), torch.empty(1), torch.empty((), dtype=f32))
+        kw = dict(alpha=0.5, tau=5.0, tau_h=5.0, lam=lam, ts_ce=ts_ce, ts_kl=ts_kl, ignore_index=-100)
+        labels = dict(dtype=dtype_name, T=T, C=C, ts_ce=ts_ce, ts_kl=ts_kl, entropy=lam > 0)
+
+        def forward(buffers=buffers, kw=kw):
+            z, u, y, row, sample, part, scalars, loss = buffers()
+            k.tser_loss_forward(z, u, y, loss, torch.empty(3), row, sample, part, scalars, with_entropy=False, **kw)
+
+        def backward(buffers=buffers, kw=kw):
+            z, u, y, row, sample, part, scalars, loss = buffers()
+            k.tser_loss_backward(z, u, y, row, sample, scalars, loss, torch.empty_like(z), **kw)
+        yield "_tser_loss_fwd_kernel", labels, None, forward
+        yield "_tser_loss_bwd_kernel", labels, None, backward
+        if C == 100 and lam == 0.0 and ts_ce and ts_kl:  # fp32 buffers only: the same kernel for each dtype
+            yield "_tser_loss_reduce_kernel", labels, None, forward
+
+
 VARIANT_SOURCES = [lif_variants, tser_loss_variants]
 
 
-def compile_one(job):
-    import importlib
+def variants(aligned: bool):
+    return [v for source in VARIANT_SOURCES for v in source(aligned)]
 
+
+# ---- capture a launch, bind it as the JIT does, compile ----
+
+def capture_launches(call):
+    """Runs call() with every Triton launch captured instead of run: [(kernel, args, kwargs)]."""
+    from triton.runtime.jit import KernelInterface
+
+    launches = []
+    original = KernelInterface.__getitem__
+    KernelInterface.__getitem__ = lambda kernel, grid: (lambda *a, **kw: launches.append((kernel, a, kw)))
+    try:
+        call()
+    finally:
+        KernelInterface.__getitem__ = original
+    return launches
+
+
+def jit_compile(kernel, args, kwargs, arch: int):
+    """triton.compile of `kernel` with the signature, constexprs, attributes and options the JIT derives
+    from these launch arguments."""
     import triton
     from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=target, options=options.__dict__), options
+
+
+_WIDTH = {".128": 128, ".64": 64, ".U16": 16, ".S16": 16, ".16": 16, ".U8": 8, ".S8": 8}
+
+
+def sass_report(cubin: bytes) -> dict:
+    """Global load/store widths and the instruction count, read from cuobjdump's SASS of the cubin."""
     from triton.backends.nvidia.compiler import get_ptxas
 
-    name, sig, const, options, arch = job
-    kernel = getattr(importlib.import_module(KERNEL_MODULES[name]), name)
-    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=const)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    ptxas = get_ptxas(arch).path
+    cuobjdump = os.path.join(os.path.dirname(get_ptxas(90).path), "cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "k.ptx")
-        with open(ptx, "w") as f:
-            f.write(compiled.asm["ptx"])
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
+    loads, stores, count = Counter(), Counter(), 0
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+        if not m or m.group(1).startswith("NOP"):
+            continue
+        count += 1
+        opcode = m.group(1)
+        kind = loads if opcode.startswith("LDG") else stores if opcode.startswith("STG") else None
+        if kind is not None:
+            suffixes = re.findall(r"\.[A-Z0-9]+", opcode)
+            kind[str(next((_WIDTH[s] for s in suffixes if s in _WIDTH), 32))] += 1
+    return {"loads": dict(loads), "stores": dict(stores), "sass_instructions": count}
+
+
+def ptxas_report(ptx: str, arch: int) -> dict:
+    """Registers and spill bytes from ptxas -v with the flags Triton's make_cubin passes."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
         suffix = "a" if arch == 90 else ""
-        # the flags Triton's own make_cubin passes, so the figures are those of the kernel that runs
-        out = subprocess.run([ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name=sm_{arch}{suffix}", ptx,
-                              "-o", os.path.join(tmp, "k.cubin")],
+        log = subprocess.run([get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+                              f"--gpu-name=sm_{arch}{suffix}", path, "-o", os.path.join(tmp, "k.cubin")],
                              capture_output=True, text=True, check=True).stderr
-    registers = int(re.search(r"Used (\d+) registers", out).group(1))
-    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
-    first_pointer = next(v for v in sig.values() if v.startswith("*"))
-    variant = dict(const) | {"dtype": first_pointer.lstrip("*")}
-    return {"kernel": name, "arch": f"sm_{arch}", "variant": variant, "registers": registers, "spill_bytes": spills}
+    return {"registers": int(re.search(r"Used (\d+) registers", log).group(1)),
+            "spill_bytes": sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))}
+
+
+# per SM: (max resident warps, max resident blocks, shared memory in bytes), from NVIDIA's occupancy tables
+SM_LIMITS = {80: (64, 32, 164 * 1024), 89: (48, 24, 100 * 1024), 90: (64, 32, 228 * 1024)}
+
+
+def occupancy(registers: int, num_warps: int, shared: int, arch: int) -> float:
+    """Resident warps over the SM's maximum: registers are allocated per warp in units of 256, from four
+    16,384-register partitions; blocks are also bounded by shared memory and the block limit."""
+    max_warps, max_blocks, smem = SM_LIMITS[arch]
+    regs_per_warp = -(-registers * 32 // 256) * 256
+    warps_by_regs = 4 * (16384 // regs_per_warp)
+    blocks = min(max_blocks, max_warps // num_warps, warps_by_regs // num_warps, smem // max(shared, 1))
+    return round(blocks * num_warps / max_warps, 3)
+
+
+def compile_one(job):
+    index, arch, aligned = job
+    name, labels, steps, call = variants(aligned)[index]
+    kernel, args, kwargs = next((k, a, kw) for k, a, kw in capture_launches(call) if k.fn.__name__ == name)
+    if "DIVIDE" in kwargs:  # the launchers choose div_rn for CPU tensors (the interpreter); compile the GPU's choice
+        from fastsnn.kernels.lif import DIVIDE_FMA
+
+        kwargs = dict(kwargs, DIVIDE=DIVIDE_FMA)
+    compiled, options = jit_compile(kernel, args, kwargs, arch)
+    row = {"kernel": name, "arch": f"sm_{arch}", "aligned": aligned, "variant": labels,
+           "num_warps": options.num_warps}
+    row |= ptxas_report(compiled.asm["ptx"], arch)
+    row |= sass_report(compiled.asm["cubin"])
+    row["shared_bytes"] = compiled.metadata.shared
+    row["occupancy"] = occupancy(row["registers"], options.num_warps, compiled.metadata.shared, arch)
+    if steps:  # elementwise-over-time kernels: BLOCK elements per program, each stepped T times
+        constexprs = {kernel.arg_names[i[0]]: v for i, v in compiled.src.constants.items()}
+        row["elements_per_thread"] = max(1, constexprs["BLOCK"] // (32 * options.num_warps))
+    return row
 
 
 def main(argv):
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("aot_compile: unset TRITON_INTERPRET; the interpreter cannot compile kernels")
-    only = set(argv)
-    jobs = [(name, sig, const, options, arch)
-            for source in VARIANT_SOURCES for name, sig, const, options in source()
-            for arch in ARCHS if not only or name in only]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("kernels", nargs="*", help="kernel names (default: all)")
+    parser.add_argument("--arch", type=int, action="append", choices=ARCHS, help="default: all of 80, 89, 90")
+    parser.add_argument("--aligned-only", action="store_true")
+    parser.add_argument("--unaligned-archs", type=int, action="append", choices=ARCHS,
+                        help="archs of the unaligned compilations (default: 90 only)")
+    parser.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="only these dtypes")
+    opts = parser.parse_args(argv)
+    archs = {True: opts.arch or ARCHS, False: [] if opts.aligned_only else opts.unaligned_archs or [90]}
+    jobs = [(index, arch, aligned)
+            for aligned in (True, False)
+            for index, (name, labels, *_) in enumerate(variants(aligned))
+            if (not opts.kernels or name in opts.kernels) and (not opts.dtype or labels["dtype"] in opts.dtype)
+            for arch in archs[aligned]]
+    print(f"aot_compile: {len(jobs)} compilations", file=sys.stderr, flush=True)
+    rows = []
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for row in pool.map(compile_one, jobs, chunksize=4):
+        for i, row in enumerate(pool.map(compile_one, jobs, chunksize=2), 1):
+            rows.append(row)
             print(json.dumps(row), flush=True)
+            if i % 50 == 0:
+                print(f"aot_compile: {i}/{len(jobs)}", file=sys.stderr, flush=True)
+    for cost in element_step_costs(rows):
+        print(json.dumps(cost), flush=True)
 
 
 if __name__ == "__main__":
