@@ -1,34 +1,33 @@
 """One training step (forward, TSER loss, backward, SGD step) of fastsnn's network against the same network
-with SpikingJelly 2.0 LIFNode neurons and the eager loss; and the bytes each saves for backward."""
-import json
-import os
-
+with SpikingJelly 2.0 LIFNode neurons on its Triton kernels and the eager loss; and the bytes each saves for
+backward. Rows record; bench/report.py writes."""
 import pytest
 import torch
 
 import fastsnn
-from common import run_benchmark, saved_bytes
+from common import DEVICE, GPU_ROWS, fastsnn_path, prepare_spikingjelly, run_benchmark, saved_bytes, size, \
+    spikingjelly_path
 from fastsnn import models, reference
 
-HAS_CUDA = torch.cuda.is_available()
-CASES = {"sew_resnet34": dict(size=224, batch=32, cpu_batch=1), "spiking_resnet19": dict(size=32, batch=128, cpu_batch=2)}
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+CASES = {"sew_resnet34": dict(image=224, batch=32, classes=1000, tiny=(32, 1)),
+         "spiking_resnet19": dict(image=32, batch=128, classes=100, tiny=(8, 1))}
 
 
-def build(arch, provider, device):
-    """(model, loss_fn): fastsnn's, or the same network with SpikingJelly neurons and the eager loss."""
+def build(arch, provider, device, dtype=torch.float32):
+    """(model, loss_fn, path): fastsnn's, or the same network (same weights) with SpikingJelly neurons."""
     torch.manual_seed(0)
-    model = models.create(arch, 100 if arch != "sew_resnet34" else 1000, T=4, surrogate="atan", detach_reset=True)
-    if provider == "spikingjelly":
-        sj_neuron = pytest.importorskip("spikingjelly.activation_based.neuron")
-        sj_surrogate = pytest.importorskip("spikingjelly.activation_based.surrogate")
-        for name, m in list(models.spiking_neurons(model).items()):
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr,
-                    sj_neuron.LIFNode(tau=2.0, surrogate_function=sj_surrogate.ATan(), detach_reset=True,
-                                      step_mode="m"))
-        return model.to(device), reference.tser_loss
-    return model.to(device), fastsnn.tser_loss
+    model = models.create(arch, CASES[arch]["classes"], T=4, surrogate="atan", detach_reset=True)
+    if provider == "fastsnn":
+        return model.to(device), fastsnn.tser_loss, fastsnn_path(device)
+    sj_neuron = pytest.importorskip("spikingjelly.activation_based.neuron")
+    sj_surrogate = pytest.importorskip("spikingjelly.activation_based.surrogate")
+    for name in list(models.spiking_neurons(model)):
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr,
+                sj_neuron.LIFNode(tau=2.0, surrogate_function=sj_surrogate.ATan(), detach_reset=True, step_mode="m"))
+    model = model.to(device)
+    prepare_spikingjelly(model, dtype, device)
+    return model, reference.tser_loss, spikingjelly_path(device, dtype)
 
 
 def _reset(model):
@@ -42,56 +41,52 @@ def _step_fn(model, loss_fn, images, teacher_logits, target, optimizer, amp):
         _reset(model)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             logits = model(images)
-        loss = loss_fn(logits, teacher_logits, target)
+        loss = loss_fn(logits.float(), teacher_logits, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     return step
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="GPU rows need CUDA")
+@pytest.mark.skipif(not GPU_ROWS, reason="GPU rows need CUDA (or FASTSNN_BENCH_DRY_RUN=1)")
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
 @pytest.mark.parametrize("arch", list(CASES))
 @pytest.mark.parametrize("provider", ["fastsnn", "spikingjelly"])
-def test_train_step_gpu(benchmark, provider, arch):
+def test_train_step(benchmark, provider, arch, channels_last):
     case = CASES[arch]
-    benchmark.group = f"train step {arch} T=4 {case['size']}px B={case['batch']} bf16"
-    model, loss_fn = build(arch, provider, "cuda")
-    model = model.to(memory_format=torch.channels_last)
-    images = torch.randn(case["batch"], 3, case["size"], case["size"], device="cuda").to(
-        memory_format=torch.channels_last)
-    classes = model.fc.out_features
-    teacher_logits = torch.randn(case["batch"], classes, device="cuda")
-    target = torch.randint(0, classes, (case["batch"],), device="cuda")
+    image, batch = size((case["image"], case["batch"]), case["tiny"])
+    amp = DEVICE == "cuda"  # bf16 autocast on the GPU
+    benchmark.group = f"train step {arch} T=4 {image}px B={batch} {'bf16' if amp else 'fp32'} " + \
+        ("channels_last" if channels_last else "nchw")
+    model, loss_fn, path = build(arch, provider, DEVICE, torch.bfloat16 if amp else torch.float32)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=layout)
+    images = torch.randn(batch, 3, image, image, device=DEVICE).to(memory_format=layout)
+    teacher_logits = torch.randn(batch, case["classes"], device=DEVICE)
+    target = torch.randint(0, case["classes"], (batch,), device=DEVICE)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    run_benchmark(benchmark, _step_fn(model, loss_fn, images, teacher_logits, target, optimizer, True),
-                  bytes_moved=None, copy_gbs=None, rounds=10, warmup=3, provider=provider, op="train_step",
-                  arch=arch, batch=case["batch"])
-    benchmark.extra_info["images/s"] = round(case["batch"] / benchmark.stats.stats.median, 1)
+    run_benchmark(benchmark, _step_fn(model, loss_fn, images, teacher_logits, target, optimizer, amp),
+                  bytes_moved=None, copy_gbs=None, path=path, rounds=10, warmup=3, provider=provider,
+                  op="train_step", arch=arch, image=image, batch=batch, channels_last=channels_last,
+                  dtype="bf16" if amp else "fp32")
+    benchmark.extra_info["images/s"] = round(batch / benchmark.stats.stats.median, 1)
 
 
 @pytest.mark.parametrize("arch", list(CASES))
 def test_saved_activation_bytes(benchmark, arch):
-    """Bytes saved for backward by one training step's forward and loss, fastsnn vs SpikingJelly neurons.
-    Runs on the CPU too (fastsnn's kernels interpreted there); written to bench/results/saved_bytes.json."""
+    """Bytes saved for backward by one training step's forward and loss, fastsnn vs SpikingJelly neurons
+    (fp32; on the CPU fastsnn's kernels run interpreted). Recorded in extra_info; report.py tabulates."""
     case = CASES[arch]
-    device = "cuda" if HAS_CUDA else "cpu"
-    batch = case["batch"] if HAS_CUDA else case["cpu_batch"]
-    images = torch.randn(batch, 3, case["size"], case["size"], device=device)
-    row = {"arch": arch, "T": 4, "batch": batch, "image_size": case["size"], "device": device}
+    image, batch = case["image"], (case["batch"] if DEVICE == "cuda" else 1)
+    images = torch.randn(batch, 3, image, image, device=DEVICE)
+    row = {"op": "saved_bytes", "arch": arch, "T": 4, "batch": batch, "image": image, "path": fastsnn_path(DEVICE),
+           "provider": "fastsnn"}
     for provider in ("fastsnn", "spikingjelly"):
-        model, loss_fn = build(arch, provider, device)
-        classes = model.fc.out_features
-        teacher_logits = torch.randn(batch, classes, device=device)
-        target = torch.randint(0, classes, (batch,), device=device)
-        row[f"{provider}_MB"] = round(saved_bytes(lambda: loss_fn(model(images), teacher_logits, target)) / 2**20, 2)
-    row["ratio"] = round(row["fastsnn_MB"] / row["spikingjelly_MB"], 3)
+        model, loss_fn, _ = build(arch, provider, DEVICE)
+        teacher_logits = torch.randn(batch, case["classes"], device=DEVICE)
+        target = torch.randint(0, case["classes"], (batch,), device=DEVICE)
+        row[f"{provider}_bytes"] = saved_bytes(lambda: loss_fn(model(images), teacher_logits, target))
+    row["ratio"] = round(row["fastsnn_bytes"] / row["spikingjelly_bytes"], 3)
     benchmark.extra_info.update(row)
     benchmark.group = "saved bytes"
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"saved_bytes-{device}.json")
-    existing = json.load(open(path)) if os.path.exists(path) else {}
-    existing[arch] = row
-    with open(path, "w") as f:
-        json.dump(existing, f, indent=2)
-    assert row["fastsnn_MB"] > 0 and row["spikingjelly_MB"] > 0

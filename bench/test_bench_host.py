@@ -1,0 +1,62 @@
+"""Host time per call (CPU-runnable): an eager forward+backward of each op with every kernel launch replaced
+by a no-op, against a bare torch.autograd.Function that makes the same allocations. On a fast GPU this,
+not the kernel, decides the time of a small op; the target is <= 1.5x the bare Function."""
+import time
+
+import pytest
+import torch
+from triton.runtime.jit import KernelInterface
+
+import fastsnn
+from common import DEVICE
+
+
+class _Bare(torch.autograd.Function):
+    """The floor: allocate the op's outputs (forward) and input gradient (backward), compute nothing."""
+
+    @staticmethod
+    def forward(ctx, x, *outputs_like):
+        ctx.save_for_backward(x)
+        return tuple(torch.empty_like(o) for o in outputs_like)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (x,) = ctx.saved_tensors
+        return (torch.empty_like(x),) + (None,) * len(grads)
+
+
+def _per_call_us(fn, repeats=300):
+    for _ in range(20):
+        fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats * 1e6
+
+
+def _cases():
+    x = torch.randn(4, 8, 64, device=DEVICE, requires_grad=True)
+    z = torch.randn(4, 8, 10, device=DEVICE, requires_grad=True)
+    u, y = torch.randn(8, 10, device=DEVICE), torch.randint(0, 10, (8,), device=DEVICE)
+    return {
+        "lif_multistep": (lambda: torch.autograd.grad(fastsnn.lif_multistep(x, backend="triton").sum(), x),
+                          lambda: torch.autograd.grad(_Bare.apply(x, x)[0].sum(), x)),
+        "tser_loss": (lambda: torch.autograd.grad(fastsnn.tser_loss(z, u, y, backend="triton"), z),
+                      lambda: torch.autograd.grad(_Bare.apply(z, z[0, 0, 0])[0], z)),
+    }
+
+
+@pytest.mark.parametrize("op", ["lif_multistep", "tser_loss"])
+def test_host_time_per_call(benchmark, op, monkeypatch):
+    # no kernel runs: what is timed is the Python/dispatcher path around the launches
+    monkeypatch.setattr(KernelInterface, "__getitem__", lambda kernel, grid: (lambda *a, **k: None))
+    if op == "tser_loss":  # the CPU's host label check is not part of the CUDA path
+        import sys
+
+        monkeypatch.setattr(sys.modules["fastsnn.ops.tser_loss"], "_check_labels_on_host", lambda *a: None)
+    op_call, bare_call = _cases()[op]
+    op_us, bare_us = _per_call_us(op_call), _per_call_us(bare_call)
+    benchmark.group = "host time per call"
+    benchmark.extra_info.update(op="host", name=op, host_us=round(op_us, 1), bare_function_us=round(bare_us, 1),
+                                ratio=round(op_us / bare_us, 2), path="launches no-op'd", provider="fastsnn")
+    benchmark.pedantic(op_call, rounds=5, iterations=1)
