@@ -28,18 +28,25 @@ def build_parser():
     p.add_argument("--data-dir", help="default: the checkpoint's")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--out", help="report directory (default: beside the checkpoint)")
+    p.add_argument("--out", help="report directory (default: beside the checkpoint); the report is "
+                                 "eval-<checkpoint name>.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report of this checkpoint")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if not os.path.isfile(args.checkpoint):
-        print(f"fastsnn.evaluate: error: --checkpoint {args.checkpoint}: no such file", file=sys.stderr)
+    try:
+        state = ckpt.check_training_checkpoint(ckpt.load(args.checkpoint, what="--checkpoint"), args.checkpoint,
+                                               what="--checkpoint")
+    except ckpt.CheckpointError as e:
+        print(f"fastsnn.evaluate: error: {e}", file=sys.stderr)
         return 2
-    state = ckpt.load(args.checkpoint)
-    if not isinstance(state, dict) or "args" not in state:
-        print(f"fastsnn.evaluate: error: {args.checkpoint} is not a fastsnn.train checkpoint", file=sys.stderr)
+    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+    report_path = os.path.join(out, f"eval-{os.path.splitext(os.path.basename(args.checkpoint))[0]}.json")
+    if os.path.exists(report_path) and not args.overwrite:
+        print(f"fastsnn.evaluate: error: {report_path} exists; pass --overwrite to replace it or --out for "
+              f"another folder", file=sys.stderr)
         return 2
     train_args = argparse.Namespace(**state["args"])
     dataset = args.dataset or train_args.dataset
@@ -69,18 +76,18 @@ def main(argv=None) -> int:
             per_layer = rates.per_layer()
     meter.remove()
     energy = meter.energy(len(spec.test))
-    report = {"student_acc": result["acc"], "per_timestep_acc": result["per_timestep_acc"],
+    report = {"student_acc": result["acc"], "student_acc5": result["acc5"],
+              "per_timestep_acc": result["per_timestep_acc"],
               "firing_rate": result["firing_rate"], "per_layer_firing_rate": per_layer, "energy": energy,
               "arch": train_args.arch, "dataset": dataset, "T": None if not spiking else train_args.T,
               "checkpoint": os.path.abspath(args.checkpoint), "epoch": state.get("epoch")}
-    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "eval.json"), "w") as f:
+    with open(report_path, "w") as f:
         json.dump(report, f, indent=2)
-    print(f"{train_args.arch} on {dataset}: accuracy {result['acc']:.2f}%, per-timestep "
+    print(f"{train_args.arch} on {dataset}: accuracy {result['acc']:.2f}% (top-5 {result['acc5']:.2f}%), per-timestep "
           f"{' '.join(f'{a:.1f}' for a in result['per_timestep_acc'])}, firing rate {result['firing_rate']:.4f}, "
           f"energy {energy['energy_mJ']:.4g} mJ per image ({energy['acs']:.3g} ACs, "
-          f"{energy['encoding_macs']:.3g} encoding MACs); report {os.path.join(out, 'eval.json')}")
+          f"{energy['encoding_macs']:.3g} encoding MACs); report {report_path}")
     return 0
 
 

@@ -13,13 +13,14 @@ import os
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from . import rundir
 from . import data as datasets
 from . import models
 from .ops.tser_loss import tser_loss
@@ -95,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the student")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("run")
-    g.add_argument("--out", help="run directory (default runs/<timestamp>)")
+    g.add_argument("--out", help="run directory (default runs/<timestamp>); a folder that already holds a run "
+                                 "is refused unless --resume continues it or --overwrite is given")
+    g.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one")
     g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
     g.add_argument("--resume", help="continue from a checkpoint (last.pt)")
     g.add_argument("--max-bad-steps", type=int, default=10, help="non-finite losses in a row before stopping")
@@ -121,7 +124,7 @@ def _fill_defaults(args) -> None:
     if args.arch is None:
         args.arch = d["teacher"] if args.ann else d["arch"]
     if args.teacher is None:
-        args.teacher = models.TEACHER_OF.get(args.arch, d["teacher"])
+        args.teacher = models.REGISTRY[args.arch].teacher or d["teacher"] if args.arch in models.REGISTRY else d["teacher"]
     if args.workers is None:
         args.workers = 0 if args.dataset == "digits" else 8
     if args.warmup_epochs is None:
@@ -215,13 +218,13 @@ def _load_teacher(args, num_classes, in_channels, device, log):
         if dist.is_initialized():
             dist.barrier()
             path = _cached_digits_teacher_path(args)
-    obj = ckpt.load(path)
-    state = ckpt.model_state(obj)
-    saved_args = obj.get("args", {}) if isinstance(obj, dict) else {}
+    state, header = ckpt.load_model_file(path, what="--teacher-weights", role="teacher", arch=args.teacher)
+    saved_args = header.get("args", {})
     imagenet = bool(saved_args.get("imagenet_stem", False)) or args.dataset == "imagenet"
+    has_imagenet_stem = "imagenet" in models.model_spec(args.teacher).stems
     teacher = models.create(args.teacher, num_classes, in_channels=in_channels,
-                            **({"imagenet": True} if imagenet and "resnet" in args.teacher else {}))
-    fc = state.get("fc.weight") if isinstance(state, dict) else None
+                            **({"imagenet": True} if imagenet and has_imagenet_stem else {}))
+    fc = state.get("fc.weight")
     if fc is not None and fc.shape[0] != num_classes:
         raise UsageError(f"--teacher-weights {path} has {fc.shape[0]} classes, but {args.dataset} has {num_classes}")
     try:
@@ -243,18 +246,22 @@ def _cached_digits_teacher_path(args) -> str:
 
 
 def _cached_digits_teacher(args, log) -> str:
+    """The digits teacher for this seed, trained once into the cache; concurrent runs (the ablation, a
+    user's parallel experiments) wait on one lock instead of training it side by side."""
     path = _cached_digits_teacher_path(args)
-    if os.path.isfile(path):
-        log(f"teacher: reusing the cached digits teacher {path}")
-        return path
-    log(f"teacher: training a digits teacher ({DIGITS_TEACHER_EPOCHS} epochs), cached at {path}")
-    run_dir = os.path.join(args.cache_dir, f"digits_ann-seed{args.seed}")
-    code = main(["--ann", "--dataset", "digits", "--arch", "digits_ann", "--epochs", str(DIGITS_TEACHER_EPOCHS),
-                 "--seed", str(args.seed), "--device", "cpu", "--out", run_dir, "--quiet"], _nested=True)
-    if code != 0:
-        raise RuntimeError("training the digits teacher failed")
     os.makedirs(args.cache_dir, exist_ok=True)
-    ckpt.save_atomic(ckpt.load(os.path.join(run_dir, "best.pt")), path)
+    with rundir.RunLock(args.cache_dir, name=f".{os.path.basename(path)}.lock", wait=True):
+        if os.path.isfile(path):
+            log(f"teacher: reusing the cached digits teacher {path}")
+            return path
+        log(f"teacher: training a digits teacher ({DIGITS_TEACHER_EPOCHS} epochs), cached at {path}")
+        run_dir = os.path.join(args.cache_dir, f"digits_ann-seed{args.seed}")
+        code = main(["--ann", "--dataset", "digits", "--arch", "digits_ann", "--epochs", str(DIGITS_TEACHER_EPOCHS),
+                     "--seed", str(args.seed), "--device", "cpu", "--out", run_dir, "--overwrite", "--quiet"],
+                    _nested=True)
+        if code != 0:
+            raise RuntimeError("training the digits teacher failed")
+        ckpt.save_atomic(ckpt.load(os.path.join(run_dir, "best.pt"), what="digits teacher"), path)
     return path
 
 
@@ -297,9 +304,11 @@ def compute_loss(args, student_logits, teacher_logits, target):
 
 @torch.no_grad()
 def evaluate(model, loader, device, args, world, *, spiking: bool):
-    """Accuracy (%) of the time-mean logits, of each timestep's logits, and the mean firing rate."""
+    """Accuracy (%) of the time-mean logits (top-1 and top-5), of each timestep's logits, and the mean
+    firing rate."""
     model.eval()
     correct = torch.zeros((), device=device, dtype=torch.float64)
+    correct5 = torch.zeros((), device=device, dtype=torch.float64)
     per_t = torch.zeros(args.T if spiking else 1, device=device, dtype=torch.float64)
     total = torch.zeros((), device=device, dtype=torch.float64)
     recorder = models.record_firing_rates(model) if spiking else nullcontext(None)
@@ -312,11 +321,14 @@ def evaluate(model, loader, device, args, world, *, spiking: bool):
                 logits = model(images).float()
             if not spiking:
                 logits = logits.unsqueeze(0)
-            correct += (logits.mean(0).argmax(-1) == target).sum()
+            mean = logits.mean(0)
+            correct += (mean.argmax(-1) == target).sum()
+            top5 = mean.topk(min(5, mean.shape[-1]), dim=-1).indices
+            correct5 += (top5 == target.unsqueeze(-1)).any(-1).sum()
             per_t += (logits.argmax(-1) == target).sum(-1)
             total += target.numel()
         firing = rates.mean() if spiking else float("nan")
-    stats = torch.cat([correct.view(1), per_t, total.view(1)])
+    stats = torch.cat([correct.view(1), correct5.view(1), per_t, total.view(1)])
     if world > 1:
         dist.all_reduce(stats)
         if spiking:  # mean of the ranks' rates (each rank sees an equal share of the test set)
@@ -325,8 +337,8 @@ def evaluate(model, loader, device, args, world, *, spiking: bool):
             firing = float(f) / world
     total = float(stats[-1])
     model.train()
-    return {"acc": 100.0 * float(stats[0]) / total, "per_timestep_acc": (100.0 * stats[1:-1] / total).tolist(),
-            "firing_rate": firing}
+    return {"acc": 100.0 * float(stats[0]) / total, "acc5": 100.0 * float(stats[1]) / total,
+            "per_timestep_acc": (100.0 * stats[2:-1] / total).tolist(), "firing_rate": firing}
 
 
 def _autocast(args, device):
@@ -399,7 +411,12 @@ def _write_plots(out, history, summary):
         plt.close(fig)
 
 
-def run(args, rank, world, local_rank) -> dict:
+def run(args, rank, world, local_rank, hold=None) -> dict:
+    """One training run. ``hold(context_manager)`` keeps the run folder's lock for the caller's lifetime
+    (main passes an ExitStack's enter_context); without it the lock is released when run returns."""
+    if hold is None:
+        with ExitStack() as held:
+            return run(args, rank, world, local_rank, hold=held.enter_context)
     device = _device(args, local_rank)
     is_main = rank == 0
     log = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
@@ -413,9 +430,10 @@ def run(args, rank, world, local_rank) -> dict:
     teacher = None
     if not args.ann and args.method != "ce":
         teacher = _load_teacher(args, spec.num_classes, spec.in_channels, device, log)
-    out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    out = args.out
     if is_main:
         os.makedirs(out, exist_ok=True)
+        hold(rundir.RunLock(out))
 
     student.to(device)
     if args.channels_last:
@@ -432,7 +450,8 @@ def run(args, rank, world, local_rank) -> dict:
 
     start_epoch, start_step, best_acc, history = 0, 0, -1.0, []
     if args.resume:
-        state = ckpt.load(args.resume)
+        state = ckpt.check_training_checkpoint(ckpt.load(args.resume, what="--resume"), args.resume,
+                                               what="--resume", role=_role(args), arch=args.arch)
         student.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -466,7 +485,7 @@ def run(args, rank, world, local_rank) -> dict:
             rng = gathered
         if not is_main:
             return
-        state = {"model": student.state_dict(), "optimizer": optimizer.state_dict(),
+        state = {**ckpt.describe(role=_role(args), arch=args.arch), "model": student.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
                  "step_in_epoch": step_in_epoch, "rng": rng, "args": vars(args), "best_acc": best_acc,
                  "history": history, "arch": args.arch, "num_classes": spec.num_classes,
@@ -591,9 +610,11 @@ def main(argv=None, _nested=False) -> int:
         if args.resume and not _nested:
             _merge_resumed_args(args, argv)
         _validate(args, 1 if _nested else _world_size())
+        _check_out(args, _nested)
         rank, world, local_rank = (0, 1, 0) if _nested else _distributed(args)
-        run(args, rank, world, local_rank)
-    except UsageError as e:
+        with ExitStack() as held:  # the run folder's lock, taken once the inputs have all been checked
+            run(args, rank, world, local_rank, hold=held.enter_context)
+    except (UsageError, ckpt.CheckpointError, rundir.RunFolderError) as e:
         print(f"fastsnn.train: error: {e}", file=sys.stderr)
         return 2
     except TooManyBadSteps as e:
@@ -608,15 +629,45 @@ def main(argv=None, _nested=False) -> int:
     return 0
 
 
+def _check_out(args, nested: bool) -> None:
+    """Resolve the default run folder (recorded in the checkpoint, so a resume continues there) and refuse
+    one that cannot take this run, before anything is written."""
+    if not args.out:
+        args.out = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    if not nested and int(os.environ.get("RANK", "0")) != 0:
+        return  # rank 0 owns the folder
+    resuming = bool(args.resume) and os.path.isdir(args.out) and os.path.samefile(
+        os.path.dirname(os.path.abspath(args.resume)), args.out)
+    problem = rundir.check(args.out, resuming=resuming, overwrite=args.overwrite)
+    if problem:
+        raise UsageError(problem)
+
+
+def given_flags(argv) -> set[str]:
+    """The destinations of the flags actually present in ``argv`` (``--no-ts-ce``, abbreviations and
+    ``--flag=value`` included): the parser re-run with every default suppressed."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def _role(args) -> str:
+    return "teacher" if args.ann else "student"
+
+
 def _merge_resumed_args(args, argv) -> None:
-    """A resumed run continues with its saved arguments; flags given now (other than --resume) win."""
-    if not os.path.isfile(args.resume):
-        raise UsageError(f"--resume {args.resume}: no such file")
-    saved = ckpt.load(args.resume).get("args", {})
-    given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv or sys.argv[1:]) if a.startswith("--")}
+    """A resumed run continues with its saved arguments; flags given now (other than --resume) win. Which
+    flags were given is asked of argparse itself (a second parse that fills in no defaults)."""
+    state = ckpt.check_training_checkpoint(ckpt.load(args.resume, what="--resume"), args.resume, what="--resume")
+    saved = state["args"]
+    given = given_flags(sys.argv[1:] if argv is None else argv)
     for key, value in saved.items():
-        if key not in given and key not in ("resume", "stop_after_epochs", "quiet") and hasattr(args, key):
+        if key not in given and key not in ("resume", "stop_after_epochs", "quiet", "overwrite") \
+                and hasattr(args, key):
             setattr(args, key, value)
+    # the checkpoint must hold the model this invocation would build
+    ckpt.check_training_checkpoint(state, args.resume, what="--resume", role=_role(args), arch=args.arch)
 
 
 if __name__ == "__main__":
