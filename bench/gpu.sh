@@ -107,7 +107,7 @@ if [ $DRY -eq 1 ]; then
 else
     XDIST=()
     $PY -c "import xdist" 2> /dev/null && XDIST=(-n 8)
-    CORRECTNESS=(env FASTSNN_COMPILED=1 $PY -m pytest -q -p no:cacheprovider "${XDIST[@]}" --maxfail=50 -k cuda
+    CORRECTNESS=(env FASTSNN_COMPILED=1 $PY -m pytest -q -p no:cacheprovider "${XDIST[@]}" --full --maxfail=50 -k cuda
                  test_lif.py test_tser_loss.py test_properties.py test_cuda.py)
 fi
 

@@ -134,6 +134,49 @@ def variants(aligned: bool):
     return [v for source in VARIANT_SOURCES for v in source(aligned)]
 
 
+SCOPES = ("quick", "default", "full")
+
+
+def _representative(name: str, labels: dict) -> bool:
+    """The variants compiled for sm_80/sm_89 in the default scope: every LIF forward, the atan backward
+    (every dtype, kind, reset, detach and T), the loss at C = 1000. Other surrogates and C differ in arithmetic
+    and block count only, which sm_90 (every variant) covers."""
+    if name.startswith("_lif_bwd"):
+        return labels["surrogate"] == "atan"
+    if name in ("_tser_loss_fwd_kernel", "_tser_loss_bwd_kernel"):
+        return labels["C"] == 1000
+    return True
+
+
+def jobs(scope: str = "full", kernels=(), dtypes=(), archs=(), unaligned_archs=(), aligned_only=False):
+    """[(variant index, arch, aligned)] to compile. Scopes: quick = sm_90 fp16 aligned and unaligned; default =
+    every variant aligned on sm_90, the representative ones on sm_80/sm_89 and (fp16) unaligned on sm_90; full =
+    every variant aligned on sm_80/89/90 and unaligned on sm_90. Explicit archs/dtypes narrow the scope."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    out = []
+    for aligned in (True, False):
+        if not aligned and aligned_only:
+            continue
+        for index, (name, labels, *_) in enumerate(variants(aligned)):
+            if (kernels and name not in kernels) or (dtypes and labels["dtype"] not in dtypes):
+                continue
+            if scope == "quick" and labels["dtype"] != "fp16":
+                continue
+            if not aligned:
+                wanted = unaligned_archs or (90,)
+                if scope == "default" and (labels["dtype"] != "fp16" or not _representative(name, labels)):
+                    continue
+            elif scope == "quick":
+                wanted = (90,)
+            elif scope == "default":
+                wanted = (80, 89, 90) if _representative(name, labels) else (90,)
+            else:
+                wanted = ARCHS
+            out += [(index, arch, aligned) for arch in wanted if not archs or arch in archs]
+    return out
+
+
 # ---- capture a launch, bind it as the JIT does, compile ----
 
 def capture_launches(call):
@@ -255,21 +298,18 @@ def main(argv):
     parser.add_argument("--unaligned-archs", type=int, action="append", choices=ARCHS,
                         help="archs of the unaligned compilations (default: 90 only)")
     parser.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="only these dtypes")
+    parser.add_argument("--scope", choices=SCOPES, default="full", help="see jobs() (default: full)")
     opts = parser.parse_args(argv)
-    archs = {True: opts.arch or ARCHS, False: [] if opts.aligned_only else opts.unaligned_archs or [90]}
-    jobs = [(index, arch, aligned)
-            for aligned in (True, False)
-            for index, (name, labels, *_) in enumerate(variants(aligned))
-            if (not opts.kernels or name in opts.kernels) and (not opts.dtype or labels["dtype"] in opts.dtype)
-            for arch in archs[aligned]]
-    print(f"aot_compile: {len(jobs)} compilations", file=sys.stderr, flush=True)
+    todo = jobs(opts.scope, opts.kernels, opts.dtype or (), opts.arch or (), opts.unaligned_archs or (),
+                opts.aligned_only)
+    print(f"aot_compile: {len(todo)} compilations", file=sys.stderr, flush=True)
     rows = []
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for i, row in enumerate(pool.map(compile_one, jobs, chunksize=2), 1):
+        for i, row in enumerate(pool.map(compile_one, todo, chunksize=2), 1):
             rows.append(row)
             print(json.dumps(row), flush=True)
             if i % 50 == 0:
-                print(f"aot_compile: {i}/{len(jobs)}", file=sys.stderr, flush=True)
+                print(f"aot_compile: {i}/{len(todo)}", file=sys.stderr, flush=True)
     for cost in element_step_costs(rows):
         print(json.dumps(cost), flush=True)
 

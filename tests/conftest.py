@@ -24,8 +24,11 @@ def pytest_configure(config):
 
 def pytest_addoption(parser):
     parser.addoption("--quick", action="store_true",
-                     help="the edit-test loop: every code path once (cases marked `full` and tests marked `slow` "
-                          "are deselected; the AOT check compiles sm_90 fp16 only)")
+                     help="the edit-test loop: every code path once (cases marked `pairwise` or `full` and tests "
+                          "marked `slow` are deselected; the AOT check compiles sm_90 fp16 only)")
+    parser.addoption("--full", action="store_true",
+                     help="every combination of the parametrised case products (cases marked `full`), which the "
+                          "default run covers pairwise; the CUDA re-run (test_cuda.py) always uses it")
 
 
 # The devices the kernel tests run on in this process: the interpreter on CPU tensors by default; compiled
@@ -39,8 +42,10 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("device", DEVICES)
 
 
-def _deselected(item, quick: bool) -> bool:
-    if quick and (item.get_closest_marker("full") or item.get_closest_marker("slow")):
+def _deselected(item, quick: bool, full: bool) -> bool:
+    if quick and any(item.get_closest_marker(m) for m in ("full", "pairwise", "slow")):
+        return True
+    if not full and item.get_closest_marker("full"):
         return True
     params = getattr(item, "callspec", None)
     params = params.params if params else {}
@@ -49,10 +54,10 @@ def _deselected(item, quick: bool) -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    quick = config.getoption("--quick")
+    quick, full = config.getoption("--quick"), config.getoption("--full")
     kept, dropped = [], []
     for item in items:
-        (dropped if _deselected(item, quick) else kept).append(item)
+        (dropped if _deselected(item, quick, full) else kept).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept

@@ -53,19 +53,41 @@ def case_id(**flags) -> str:
     return "-".join(p for p in (_label(name, value) for name, value in flags.items()) if p) or "default"
 
 
+def _pairwise(choices, start):
+    """Greedy all-pairs covering: index tuples that, with `start`, hold every pair of values of any two axes."""
+    axes = range(len(choices))
+    needed = {(i, a, j, b) for i in axes for j in axes if i < j
+              for a in range(len(choices[i])) for b in range(len(choices[j]))}
+
+    def pairs(index):
+        return {(i, index[i], j, index[j]) for i in axes for j in axes if i < j}
+    for index in start:
+        needed -= pairs(index)
+    picked = []
+    candidates = list(itertools.product(*(range(len(c)) for c in choices)))
+    while needed:
+        best = max(candidates, key=lambda index: len(pairs(index) & needed))
+        picked.append(best)
+        needed -= pairs(best)
+    return set(picked)
+
+
 def product_cases(**axes):
     """pytest.params over the product of the axes (name -> list of values, or dict of id label -> value),
-    with readable ids. All but a covering subset (every value of every axis at least once) are marked
-    `full`: `pytest --quick` runs each value once, the full suite every combination."""
+    with readable ids, in three tiers: a covering subset (every value of every axis at least once) runs
+    always; the cases that complete an all-pairs covering (every pair of values of any two axes) are marked
+    `pairwise` (run by default, deselected by --quick); the rest of the product is marked `full` (run with
+    --full, and on CUDA, where it is fast)."""
     names = list(axes)
     choices = [list(v.items()) if isinstance(v, dict) else [(None, x) for x in v] for v in axes.values()]
     width = max(len(c) for c in choices)
     covering = {tuple(i % len(c) for c in choices) for i in range(width)}
+    pairwise = _pairwise(choices, covering) - covering
     cases = []
     for index in itertools.product(*(range(len(c)) for c in choices)):
         picked = [c[i] for c, i in zip(choices, index)]
         label = "-".join(p for p in ((lab if lab is not None else _label(n, v)) for n, (lab, v) in zip(names, picked))
                          if p) or "default"
-        marks = () if index in covering else (pytest.mark.full,)
+        marks = () if index in covering else (pytest.mark.pairwise,) if index in pairwise else (pytest.mark.full,)
         cases.append(pytest.param(*(v for _, v in picked), id=label, marks=marks))
     return cases

@@ -1,4 +1,4 @@
-"""Every kernel variant compiles ahead of time for sm_80/sm_89/sm_90, specialised as the JIT specialises a
+"""Kernel variants (all of them with --full) compile ahead of time for sm_80/sm_89/sm_90, specialised as the JIT specialises a
 real launch, with zero spill bytes; the SASS is read for the global access widths (no GPU needed)."""
 import json
 import os
@@ -17,10 +17,11 @@ KERNELS = ["_lif_fwd_kernel", "_lif_bwd_kernel", "_tser_loss_fwd_kernel", "_tser
 
 @pytest.fixture(scope="module")
 def compiled(request):
-    """The JSON rows of aot_compile.py (all variants; sm_90 and fp16 only under --quick), with its progress
+    """The JSON rows of aot_compile.py (its default scope; quick under --quick, full under --full), with its progress
     lines passed through to the terminal while it runs."""
-    quick = request.config.getoption("--quick")
-    args = ["--arch", "90", "--dtype", "fp16"] if quick else []
+    config = request.config
+    scope = "quick" if config.getoption("--quick") else "full" if config.getoption("--full") else "default"
+    args = ["--scope", scope]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # the script imports fastsnn from this checkout, installed or not
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(HERE), env.get("PYTHONPATH")]))
@@ -35,23 +36,19 @@ def compiled(request):
                 print(f"\naot_compile: {len(rows)} variants compiled", file=sys.__stderr__, flush=True)
     stderr = proc.stderr.read()
     assert proc.wait(timeout=3600) == 0, stderr[-4000:]
-    return rows, quick, costs
+    return rows, scope, costs
 
 
-def _expected(kernel, quick):
-    count = 0
-    for aligned, archs in ((True, (90,) if quick else aot_compile.ARCHS), (False, (90,))):
-        count += len(archs) * sum(1 for name, labels, *_ in aot_compile.variants(aligned)
-                                  if name == kernel and (not quick or labels["dtype"] == "fp16"))
-    return count
+def _expected(kernel, scope):
+    return sum(1 for index, arch, aligned in aot_compile.jobs(scope, (kernel,)))
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_every_variant_compiles_without_spills(compiled, kernel):
-    rows, quick, _ = compiled
+    rows, scope, _ = compiled
     rows = [r for r in rows if r["kernel"] == kernel]
-    assert len(rows) == _expected(kernel, quick) > 0
-    assert {r["arch"] for r in rows} == ({"sm_90"} if quick else {"sm_80", "sm_89", "sm_90"})
+    assert len(rows) == _expected(kernel, scope) > 0
+    assert {r["arch"] for r in rows} == ({"sm_90"} if scope == "quick" else {"sm_80", "sm_89", "sm_90"})
     spilling = [r for r in rows if r["spill_bytes"]]
     assert not spilling, spilling[:3]
     assert all(0 < r["registers"] <= 255 for r in rows)

@@ -22,7 +22,7 @@ DEVICE_TEST_FILES = ["test_lif.py", "test_tser_loss.py", "test_properties.py", "
 @pytest.mark.skipif(not HAS_CUDA or not INTERPRET, reason="needs CUDA; launches the compiled run")
 def test_compiled_run_on_the_gpu(request):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"FASTSNN_COMPILED": "1"}
-    quick = ["--quick"] if request.config.getoption("--quick") else []
+    quick = ["--quick"] if request.config.getoption("--quick") else ["--full"]  # compiled, every case is fast
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *quick,
                            *DEVICE_TEST_FILES], capture_output=True, text=True, env=env, timeout=3600, cwd=HERE)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]

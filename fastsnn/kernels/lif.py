@@ -198,10 +198,6 @@ def _fp32_placeholder(device):
     return _FP32_PLACEHOLDERS[device]
 
 
-def _or_placeholder(t, like):
-    return _fp32_placeholder(like.device) if t is None else t
-
-
 def chunk_for(T: int) -> int:
     return min(T, MAX_CHUNK)
 
@@ -219,8 +215,11 @@ def block_for(x: torch.Tensor, N: int, *tensors: torch.Tensor | None) -> int:
     16-byte aligned and N and the time stride are multiples of that (what lets Triton's JIT prove 128-bit
     accesses), else UNALIGNED_ELEMENTS values per thread."""
     per_thread = 16 // x.element_size()
-    aligned = N % per_thread == 0 and x.stride(0) % per_thread == 0 and all(
-        t.data_ptr() % 16 == 0 for t in (x, *tensors) if t is not None)
+    addresses = x.data_ptr()
+    for t in tensors:
+        if t is not None:
+            addresses |= t.data_ptr()
+    aligned = N % per_thread == 0 and x.stride(0) % per_thread == 0 and addresses % 16 == 0
     return (per_thread if aligned else UNALIGNED_ELEMENTS) * 32 * NUM_WARPS
 
 
@@ -235,7 +234,7 @@ def _launch_constants(spec) -> tuple[tuple, dict]:
 
 def _divide_mode(x):
     """CPU tensors reach a kernel only under the interpreter, whose fma is not fused: div_rn there."""
-    return DIVIDE_RN.value if x.device.type == "cpu" else DIVIDE_FMA.value
+    return DIVIDE_FMA.value if x.is_cuda else DIVIDE_RN.value
 
 
 def lif_forward(x, spikes, v_init, v_final, checkpoints, spec):
@@ -244,8 +243,10 @@ def lif_forward(x, spikes, v_init, v_final, checkpoints, spec):
     T, N = x.shape[0], spikes.stride(0)  # spikes is dense time-major: its time stride is N
     block = block_for(x, N, spikes, v_init, v_final, checkpoints)
     scalars, codes = _launch_constants(spec)
+    none = _fp32_placeholder(x.device)
     _lif_fwd_kernel[(-(-N // block),)](
-        x, spikes, _or_placeholder(v_init, x), _or_placeholder(v_final, x), _or_placeholder(checkpoints, x),
+        x, spikes, none if v_init is None else v_init, none if v_final is None else v_final,
+        none if checkpoints is None else checkpoints,
         N, x.stride(0), *scalars, int(v_init is not None), int(v_final is not None),
         T=T, CHUNK=chunk_for(T), DIVIDE=_divide_mode(x), BLOCK=block, num_warps=NUM_WARPS, **codes,
     )
@@ -257,9 +258,10 @@ def lif_backward(x, grad_spikes, v_init, checkpoints, grad_v_final, grad_x, grad
     T, N = x.shape[0], grad_spikes.stride(0)  # grad_spikes is dense time-major: its time stride is N
     block = block_for(x, N, grad_spikes, v_init, checkpoints, grad_v_final, grad_x, grad_v_init)
     scalars, codes = _launch_constants(spec)
+    none = _fp32_placeholder(x.device)
     _lif_bwd_kernel[(-(-N // block),)](
-        x, grad_spikes, _or_placeholder(v_init, x), _or_placeholder(checkpoints, x),
-        _or_placeholder(grad_v_final, x), grad_x, _or_placeholder(grad_v_init, x),
+        x, grad_spikes, none if v_init is None else v_init, none if checkpoints is None else checkpoints,
+        none if grad_v_final is None else grad_v_final, grad_x, none if grad_v_init is None else grad_v_init,
         N, x.stride(0), *scalars, spec.alpha, int(v_init is not None), int(grad_v_final is not None),
         T=T, CHUNK=chunk_for(T), SURROGATE=SURROGATE_CODES[spec.surrogate], DETACH_RESET=spec.detach_reset,
         DIVIDE=_divide_mode(x), SUM_OVER_TIME=sum_over_time, BLOCK=block, num_warps=NUM_WARPS, **codes,

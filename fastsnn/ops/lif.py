@@ -28,33 +28,41 @@ def _v_state(v: Tensor | None, x: Tensor) -> Tensor | None:
     return None if v is None else same_layout(v.float(), x[0])
 
 
+def _kernels():
+    """fastsnn.kernels.lif, imported on first use (importing fastsnn does not import Triton) and then kept:
+    an import statement on every call would cost host time."""
+    global _KERNELS
+    if _KERNELS is None:
+        from ..kernels import lif as module
+
+        _KERNELS = module
+    return _KERNELS
+
+
+_KERNELS = None
+
+
 def _checkpoints(x: Tensor) -> Tensor | None:
     """fp32 membrane checkpoints [n, ...] laid out like x's timesteps, or None when T needs none."""
-    from ..kernels.lif import checkpoints_for
-
-    n = checkpoints_for(x.shape[0])
+    n = _kernels().checkpoints_for(x.shape[0])
     return time_major_like(x[:n], dtype=torch.float32) if n else None
 
 
 def _forward_impl(x: Tensor, v_init: Tensor | None, spec: NeuronSpec, return_v: bool):
     """(spikes, v_final or None, checkpoints or None): one launch."""
-    from ..kernels.lif import lif_forward
-
     spikes = time_major_like(x)
     v_final = _v_like(x) if return_v else None
     checkpoints = _checkpoints(x)
-    lif_forward(x, spikes, _v_state(v_init, x), v_final, checkpoints, spec)
+    _kernels().lif_forward(x, spikes, _v_state(v_init, x), v_final, checkpoints, spec)
     return spikes, v_final, checkpoints
 
 
 def _backward_impl(grad_spikes: Tensor, grad_v_final: Tensor | None, x: Tensor, v_init: Tensor | None,
                    checkpoints: Tensor | None, spec: NeuronSpec, sum_over_time: bool):
     """(grad_x, grad_v_init or None): one launch. With sum_over_time grad_x is one timestep [1, ...]."""
-    from ..kernels.lif import lif_backward
-
     grad_x = time_major_like(x[:1] if sum_over_time else x)
     grad_v_init = None if v_init is None else _v_like(x)
-    lif_backward(x, as_time_major_like(grad_spikes, x), _v_state(v_init, x), checkpoints,
+    _kernels().lif_backward(x, as_time_major_like(grad_spikes, x), _v_state(v_init, x), checkpoints,
                  _v_state(grad_v_final, x), grad_x, grad_v_init, spec, sum_over_time)
     return grad_x, grad_v_init
 
