@@ -125,6 +125,14 @@ def test_ann_checkpoint_is_a_teacher_for_tser(tmp_path):
     proc = _cli(tmp_path, "--ann", "--epochs", "3", "--out", "teacher")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "teacher" / "metrics.json").read_text())["method"] == "ann"
+    # strict JSON: an ANN has no firing rate, written as null, never NaN
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+    summary = strict((tmp_path / "teacher" / "metrics.json").read_text())
+    rows = [strict(line) for line in (tmp_path / "teacher" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["firing_rate"] is None and all(r["firing_rate"] is None for r in rows)
+    assert summary["best_epoch"] == 1 + max(range(len(rows)), key=lambda i: (rows[i]["test_acc"], -i))
+    assert "teacher epoch 1/3: loss" in proc.stdout and "kl" not in proc.stdout and "firing" not in proc.stdout
     proc = _cli(tmp_path, "--teacher-weights", "teacher/best.pt", "--epochs", "2", "--out", "student",
                 "--method", "tser", "--ts-ce", "--no-ts-kl")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -289,6 +297,14 @@ def test_non_finite_losses(tmp_path):
     (["--alpha", "2"], "--alpha must be in [0, 1]"),
     (["--label-smoothing", "0.1"], "--label-smoothing applies to --method ce and --ann only"),
     (["--ann", "--arch", "digits_snn"], "--arch with --ann must be a teacher"),
+    (["--surrogate", "relu"], "--surrogate must be one of atan, sigmoid, piecewise_quadratic, erf, got 'relu'"),
+    (["--entropy-tau", "0"], "--entropy-tau must be in [0.05, 100.0], got 0.0"),
+    (["--tau", "-1"], "--tau must be in [0.05, 100.0]"),
+    (["--tau", "nan"], "--tau must be a finite number"),
+    (["--lif-tau", "inf"], "--lif-tau must be a finite number"),
+    (["--momentum", "-0.5"], "--momentum must be in [0, 1)"),
+    (["--workers", "-1"], "--workers must be >= 0"),
+    (["--threads", "-1"], "--threads must be >= 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, words):
     proc = _cli(tmp_path, *args, "--out", "never")
@@ -345,3 +361,18 @@ def test_a_second_run_on_a_busy_folder_is_refused(tmp_path):
     finally:
         first.kill()
         first.wait()
+
+
+def test_ctrl_c_ends_with_how_to_resume(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "fastsnn.train", "--method", "ce", "--epochs", "50", "--out", "run"],
+                            cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "fastsnn.train: interrupted; resume with: python -m fastsnn.train --resume run/last.pt"
+    resumed = _cli(tmp_path, "--resume", "run/last.pt", "--epochs", "2")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
