@@ -39,13 +39,26 @@ class LossSpec:
                     ts_kl=self.ts_kl, ignore_index=self.ignore_index)
 
 
+def _kernels():
+    """fastsnn.kernels.tser_loss, imported on first use (importing fastsnn does not import Triton), with its
+    statistics widths as plain ints (host arithmetic on tl.constexpr objects is slow): (module, widths)."""
+    global _KERNELS
+    if _KERNELS is None:
+        from ..kernels import tser_loss as k
+
+        _KERNELS = k, tuple(int(w.value) for w in (k.ROW_STATS, k.SAMPLE_STATS, k.PARTIALS, k.SCALARS))
+    return _KERNELS
+
+
+_KERNELS = None
+
+
 def _forward_impl(z: Tensor, u: Tensor, y: Tensor, spec: LossSpec, one_buffer: bool = True):
     """(loss, terms, row_stats, sample_stats, scalars): 2 kernel launches, nothing initialised on the host.
     With one_buffer (eager) the outputs are views of one allocation; a custom op's outputs may not alias."""
-    from ..kernels.tser_loss import PARTIALS, ROW_STATS, SAMPLE_STATS, SCALARS, tile_for, tser_loss_forward
-
+    k, (ROW_STATS, SAMPLE_STATS, PARTIALS, SCALARS) = _kernels()
     T, B, C = z.shape
-    n_tt = -(-T // tile_for(T, C, spec.ts_ce, spec.ts_kl)[0])
+    n_tt = -(-T // k.tile_for(T, C, spec.ts_ce, spec.ts_kl)[0])
     # one allocation, cut into the outputs and the kernels' statistics
     sizes = (1, 3, T * B * ROW_STATS, B * SAMPLE_STATS, n_tt * B * PARTIALS, SCALARS)
     if one_buffer:
@@ -54,17 +67,15 @@ def _forward_impl(z: Tensor, u: Tensor, y: Tensor, spec: LossSpec, one_buffer: b
         buffers = [torch.empty(n, dtype=torch.float32, device=z.device) for n in sizes]
     loss, terms, row_stats, sample_stats, partials, scalars = buffers
     loss, row_stats, sample_stats = loss.view(()), row_stats.view(T, B, ROW_STATS), sample_stats.view(B, SAMPLE_STATS)
-    tser_loss_forward(z, u, y, loss, terms, row_stats, sample_stats, partials, scalars,
+    k.tser_loss_forward(z, u, y, loss, terms, row_stats, sample_stats, partials, scalars,
                       with_entropy=spec.with_entropy, **spec.kernel_kwargs())
     return loss, terms, row_stats, sample_stats, scalars
 
 
 def _backward_impl(grad_loss: Tensor, z: Tensor, u: Tensor, y: Tensor, row_stats: Tensor, sample_stats: Tensor,
                    scalars: Tensor, spec: LossSpec) -> Tensor:
-    from ..kernels.tser_loss import tser_loss_backward
-
     grad_z = torch.empty(z.shape, dtype=z.dtype, device=z.device)
-    tser_loss_backward(z, u, y, row_stats, sample_stats, scalars, grad_loss.reshape(()), grad_z,
+    _kernels()[0].tser_loss_backward(z, u, y, row_stats, sample_stats, scalars, grad_loss.reshape(()), grad_z,
                        **spec.kernel_kwargs())
     return grad_z
 
@@ -116,8 +127,7 @@ def _tser_loss_forward_op(z: Tensor, u: Tensor, y: Tensor, alpha: float, tau: fl
 
 @_tser_loss_forward_op.register_fake
 def _(z, u, y, alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index, with_entropy):
-    from ..kernels.tser_loss import ROW_STATS, SAMPLE_STATS, SCALARS
-
+    ROW_STATS, SAMPLE_STATS, _, SCALARS = _kernels()[1]
     T, B, C = z.shape
     f32 = dict(dtype=torch.float32, device=z.device)
     return (torch.empty((), **f32), torch.empty(3, **f32), torch.empty(T, B, ROW_STATS, **f32),
