@@ -531,7 +531,8 @@ def run(args, rank, world, local_rank, hold=None) -> dict:
             rng = gathered
         if not is_main:
             return
-        state = {**ckpt.describe(role=_role(args), arch=args.arch), "model": student.state_dict(), "optimizer": optimizer.state_dict(),
+        state = {**ckpt.describe(role=_role(args), arch=args.arch), "model": student.state_dict(),
+                 "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
                  "step_in_epoch": step_in_epoch, "rng": rng, "args": vars(args), "best_acc": best_acc,
                  "best_epoch": best_epoch, "history": history, "arch": args.arch, "num_classes": spec.num_classes,
@@ -641,8 +642,7 @@ def run(args, rank, world, local_rank, hold=None) -> dict:
         with open(os.path.join(out, "metrics.json"), "w") as f:
             json.dump(strict_json(summary), f, indent=2, allow_nan=False)
         _write_plots(out, history, summary)
-        role = "teacher" if args.ann else "student"
-        log(f"done: {role} {summary['student_acc']:.2f}% after the last epoch, best {best_acc:.2f}% at epoch "
+        log(f"done: {_role(args)} {summary['student_acc']:.2f}% after the last epoch, best {best_acc:.2f}% at epoch "
             f"{best_epoch} (best.pt)" + (f"; teacher {teacher_acc:.2f}%" if teacher_acc is not None else "")
             + f"; run directory {out}")
     return summary
@@ -650,7 +650,7 @@ def run(args, rank, world, local_rank, hold=None) -> dict:
 
 def _epoch_line(args, epoch, row) -> str:
     """One line per epoch; the teacher stage (--ann) has no KL, entropy or firing rate to report."""
-    head = f"{'teacher' if args.ann else 'student'} epoch {epoch + 1}/{args.epochs}: loss {row['train_loss']:.4f}"
+    head = f"{_role(args)} epoch {epoch + 1}/{args.epochs}: loss {row['train_loss']:.4f}"
     if not args.ann:
         head += f" (ce {row['train_ce']:.4f} kl {row['train_kl']:.4f} entropy {row['train_entropy']:.4f})"
     head += f" train {row['train_acc']:.2f}% test {row['test_acc']:.2f}%"
