@@ -3,8 +3,10 @@ CIFAR-10/100 (torchvision's pickle layout) and ImageNet (ImageFolder train/ and 
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
@@ -55,6 +57,65 @@ def _digits() -> DataSpec:
                     TensorDataset(images[test_idx], labels[test_idx]), 10, 1, 8)
 
 
+class DataError(ValueError):
+    """A data file that cannot be used; the message is one line naming it."""
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Reads CIFAR's python batch files (dicts of lists, strings and numpy arrays) and nothing else: a file
+    naming any other Python global is refused before any of it runs (plain pickle.load would call it)."""
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"names {module}.{name}")
+
+
+def load_cifar_batch(path: str) -> dict:
+    """One CIFAR python batch or meta file, read with a restricted unpickler (see _ArrayUnpickler)."""
+    try:
+        with open(path, "rb") as f:
+            obj = _ArrayUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise DataError(f"{path}: refused: a CIFAR batch file may hold only numpy arrays, lists and strings "
+                        f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: not a CIFAR batch file (a {type(obj).__name__}, not a dict)")
+    return obj
+
+
+def _safe_cifar_class(base, verify: bool):
+    """torchvision's CIFAR10/100 (download, md5 check when verify, __getitem__), its files read with
+    load_cifar_batch instead of pickle.load. Without verify, a local copy (or a re-pickled subset) is taken as
+    found: the restricted reader, not the md5 sum, is what makes that safe."""
+    from torchvision.datasets import VisionDataset
+
+    class SafeCIFAR(base):
+        if not verify:
+            train_list = [[f, None] for f, _ in base.train_list]
+            test_list = [[f, None] for f, _ in base.test_list]
+            meta = dict(base.meta, md5=None)
+
+        def __init__(self, root, train=True, transform=None, download=False):
+            VisionDataset.__init__(self, root, transform=transform)
+            self.train = train
+            if download:
+                self.download()
+            if not self._check_integrity():
+                raise DataError(f"{root}: CIFAR files missing or corrupted (--download fetches them)")
+            folder = os.path.join(self.root, self.base_folder)
+            entries = [load_cifar_batch(os.path.join(folder, f)) for f, _ in (self.train_list if train else self.test_list)]
+            self.data = np.vstack([e["data"] for e in entries]).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
+            self.targets = [int(t) for e in entries for t in e.get("labels", e.get("fine_labels", []))]
+            self.classes = load_cifar_batch(os.path.join(folder, self.meta["filename"]))[self.meta["key"]]
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+    return SafeCIFAR
+
+
 def _cifar(name: str, data_dir: str, download: bool, autoaugment: bool, cutout: int) -> DataSpec:
     from torchvision import datasets, transforms as T
 
@@ -69,13 +130,7 @@ def _cifar(name: str, data_dir: str, download: bool, autoaugment: bool, cutout: 
     test_tf = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
     base = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
 
-    class LocalCIFAR(base):
-        # torchvision checks the files' md5 sums; a local copy (or a re-pickled subset) is taken as found
-        train_list = [[f, None] for f, _ in base.train_list]
-        test_list = [[f, None] for f, _ in base.test_list]
-        meta = dict(base.meta, md5=None)
-
-    cls = base if download else LocalCIFAR
+    cls = _safe_cifar_class(base, verify=download)
     train = cls(data_dir, train=True, download=download, transform=T.Compose(train_tf))
     test = cls(data_dir, train=False, download=download, transform=test_tf)
     return DataSpec(train, test, 10 if name == "cifar10" else 100, 3, 32)

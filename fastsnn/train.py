@@ -673,7 +673,7 @@ def main(argv=None, _nested=False) -> int:
         rank, world, local_rank = (0, 1, 0) if _nested else _distributed(args)
         with ExitStack() as held:  # the run folder's lock, taken once the inputs have all been checked
             run(args, rank, world, local_rank, hold=held.enter_context)
-    except (UsageError, ckpt.CheckpointError, rundir.RunFolderError) as e:
+    except (UsageError, ckpt.CheckpointError, rundir.RunFolderError, datasets.DataError) as e:
         print(f"fastsnn.train: error: {e}", file=sys.stderr)
         return 2
     except TooManyBadSteps as e:

@@ -376,3 +376,15 @@ def test_ctrl_c_ends_with_how_to_resume(tmp_path):
     assert err.strip().splitlines()[-1] == "fastsnn.train: interrupted; resume with: python -m fastsnn.train --resume run/last.pt"
     resumed = _cli(tmp_path, "--resume", "run/last.pt", "--epochs", "2")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
+def test_a_crafted_cifar_batch_is_refused_and_runs_nothing(tmp_path):
+    _write_cifar(tmp_path / "data", "cifar10")
+    marker = tmp_path / "code-ran"
+    with open(tmp_path / "data" / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
+        pickle.dump({"data": _RunsCode(marker), "labels": [0]}, f)
+    proc = _cli(tmp_path, "--dataset", "cifar10", "--data-dir", "data", "--method", "ce", "--epochs", "1",
+                "--out", "never")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().count("\n") == 0 and "data_batch_3: refused" in proc.stderr
+    assert not marker.exists() and not (tmp_path / "never").exists()
