@@ -1,7 +1,8 @@
 """fastsnn: fused Triton kernels and a training program for spiking neural networks (SNNs) distilled
 from ANN teachers with the TSER loss."""
-from .neuron import IF, LIF, MultistepNeuron
+from .neuron import BNIF, BNLIF, IF, LIF, BNNeuron, MultistepNeuron
 from .loss import TSERLoss
+from .ops.bn_lif import bn_if, bn_lif
 from .ops.lif import if_multistep, lif_multistep
 from .ops.tser_loss import tser_loss
 from .spec import NeuronSpec
@@ -18,5 +19,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'fastsnn' has no attribute {name!r}")
 
 
-__all__ = ["lif_multistep", "if_multistep", "LIF", "IF", "MultistepNeuron", "NeuronSpec", "tser_loss", "TSERLoss",
+__all__ = ["lif_multistep", "if_multistep", "LIF", "IF", "MultistepNeuron", "bn_lif", "bn_if", "BNLIF", "BNIF",
+           "BNNeuron", "NeuronSpec", "tser_loss", "TSERLoss",
            "convert_spikingjelly", "neuron_from_spikingjelly"]

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .backend import BACKENDS
+from .ops.bn_lif import apply_bn_neuron
 from .ops.lif import apply_neuron
 from .spec import NeuronSpec, kind_of
 
@@ -49,11 +50,22 @@ class MultistepNeuron(nn.Module):
         """SpikingJelly's name for the charge: True for "lif" (and "if"), False for "lif_no_decay"."""
         return self.spec.kind != "lif_no_decay"
 
-    def forward(self, x: torch.Tensor, repeat: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, repeat: int | None = None, bn: nn.Module | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """spikes of x[T, ...]; with bn (an nn.BatchNorm1d/2d/3d module), of bn(x) [+ residual] computed by the
+        fused op (fastsnn.bn_lif): the BatchNorm's parameters and running statistics are used and updated as
+        its own forward would, but the normalised tensor is never stored."""
         if self.step_mode != "m":
             raise RuntimeError(f"{type(self).__name__}: only step_mode='m' (input [T, ...]) is supported, "
                                f"got step_mode={self.step_mode!r}")
         op = type(self).__name__
+        if bn is not None:
+            if self.stateful:
+                raise ValueError(f"{op}: bn= (the fused BatchNorm + neuron) needs a stateless neuron; this one "
+                                 f"is stateful=True")
+            return batch_norm_fire(op, bn, self.spec, x, residual=residual, repeat=repeat, backend=self.backend)
+        if residual is not None:
+            raise ValueError(f"{op}: residual is only taken with bn= (add it to x instead)")
         if self.stateful:
             spikes, self.v = apply_neuron(op, x, self.spec, v_init=self.v, return_v=True, repeat=repeat,
                                           backend=self.backend)
@@ -91,3 +103,72 @@ class IF(MultistepNeuron):
         spec = NeuronSpec.create("IF", kind="if", v_threshold=v_threshold, v_reset=v_reset, surrogate=surrogate,
                                  alpha=alpha, detach_reset=detach_reset)
         super().__init__(spec, backend=backend, stateful=stateful)
+
+
+def batch_norm_fire(op: str, bn: nn.Module, spec: NeuronSpec, x: torch.Tensor, *, residual=None, repeat=None,
+                    backend: str = "auto") -> torch.Tensor:
+    """spec's neuron over bn(x) [+ residual], fused, with nn.BatchNorm's bookkeeping: num_batches_tracked,
+    momentum=None (cumulative average), track_running_stats=False (batch statistics in eval mode too)."""
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise TypeError(f"{op}: bn must be a torch.nn BatchNorm module (BatchNorm1d/2d/3d), got {type(bn).__name__}")
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    use_running = not bn.training or bn.track_running_stats
+    return apply_bn_neuron(op, x, bn.weight, bn.bias, bn.running_mean if use_running else None,
+                           bn.running_var if use_running else None, spec, training=training, momentum=factor,
+                           eps=bn.eps, residual=residual, repeat=repeat, backend=backend)
+
+
+class BNNeuron(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm (over the channel dim 2 of x[T, B, C, ...], statistics over T·B·spatial) + optional residual +
+    multistep neuron, as one module with nn.BatchNorm2d's parameters, buffers and state_dict keys (weight,
+    bias, running_mean, running_var, num_batches_tracked), so BatchNorm checkpoints load unchanged.
+
+    forward(x[T, B, C, ...], residual=None, repeat=None) -> spikes; see fastsnn.bn_lif.
+    """
+
+    def __init__(self, num_features: int, spec: NeuronSpec, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, backend: str = "auto"):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        if backend not in BACKENDS:
+            raise ValueError(f"{type(self).__name__}: backend must be one of {BACKENDS}, got {backend!r}")
+        self.spec = spec
+        self.backend = backend
+
+    def _check_input_dim(self, input):  # the op checks x (any [T, B, C, ...])
+        pass
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                repeat: int | None = None) -> torch.Tensor:
+        return batch_norm_fire(type(self).__name__, self, self.spec, x, residual=residual, repeat=repeat,
+                               backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", neuron={self.spec}"
+
+
+class BNLIF(BNNeuron):
+    """BatchNorm + LIF (see BNNeuron, fastsnn.bn_lif); the neuron arguments are fastsnn.LIF's."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, tau: float = 2.0, decay_input: bool = True,
+                 v_threshold: float = 1.0, v_reset: float | None = 0.0, surrogate: str = "atan",
+                 alpha: float | None = None, detach_reset: bool = False, backend: str = "auto"):
+        spec = NeuronSpec.create("BNLIF", kind=kind_of(decay_input, "BNLIF"), tau=tau, v_threshold=v_threshold,
+                                 v_reset=v_reset, surrogate=surrogate, alpha=alpha, detach_reset=detach_reset)
+        super().__init__(num_features, spec, eps, momentum, affine, track_running_stats, backend)
+
+
+class BNIF(BNNeuron):
+    """BatchNorm + IF (see BNNeuron, fastsnn.bn_if); the neuron arguments are fastsnn.IF's."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, v_threshold: float = 1.0, v_reset: float | None = 0.0,
+                 surrogate: str = "atan", alpha: float | None = None, detach_reset: bool = False,
+                 backend: str = "auto"):
+        spec = NeuronSpec.create("BNIF", kind="if", v_threshold=v_threshold, v_reset=v_reset, surrogate=surrogate,
+                                 alpha=alpha, detach_reset=detach_reset)
+        super().__init__(num_features, spec, eps, momentum, affine, track_running_stats, backend)

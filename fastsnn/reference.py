@@ -65,6 +65,22 @@ def lif_multistep(x, spec: NeuronSpec | None = None, *, v_init=None, return_v=Fa
     return out
 
 
+def bn_lif_multistep(x, weight, bias, running_mean, running_var, spec: NeuronSpec, *, training, momentum=0.1,
+                     eps=1e-5, residual=None, repeat=None, compute_dtype=torch.float32):
+    """BatchNorm over T·B·(spatial) per channel (torch.nn.functional.batch_norm on the folded batch, updating
+    the running statistics in training mode), then + residual, then the multistep neuron `spec`.
+
+    x: [T, B, C, *spatial], or with repeat = T one timestep [B, C, *spatial] normalised once and presented
+    at every step (its statistics are those of that timestep).
+    """
+    folded = x if repeat else x.flatten(0, 1)
+    y = F.batch_norm(folded, running_mean, running_var, weight, bias, training, momentum, eps)
+    y = y.unsqueeze(0).expand(repeat, *y.shape) if repeat else y.unflatten(0, x.shape[:2])
+    if residual is not None:
+        y = y + residual
+    return lif_multistep(y, spec, compute_dtype=compute_dtype)
+
+
 def tser_loss(student_logits, teacher_logits, target, *, alpha=0.5, tau=5.0, lam=0.01, ts_ce=True, ts_kl=True,
               entropy_tau=None, ignore_index=-100, return_terms=False, compute_dtype=torch.float32):
     """TSER loss (paper eq. 7-11) written from the formulas, in `compute_dtype`.

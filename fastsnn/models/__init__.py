@@ -89,7 +89,7 @@ def model_spec(name: str) -> ModelSpec:
 def create(name: str, num_classes: int, *, T: int | None = None, neuron: str = "lif", tau: float = 2.0,
            v_threshold: float = 1.0, surrogate: str = "atan", alpha: float | None = None, detach_reset: bool = True,
            v_reset: float | None = 0.0, connect: str = "ADD", imagenet: bool | None = None,
-           in_channels: int | None = None, backend: str = "auto") -> nn.Module:
+           in_channels: int | None = None, backend: str = "auto", fuse_bn: bool = True) -> nn.Module:
     """Builds a registered model.
 
     Students ("spiking_resnet18/19/34", "spiking_vgg11/16", "sew_resnet18/34", "digits_snn") need T >= 1
@@ -99,6 +99,9 @@ def create(name: str, num_classes: int, *, T: int | None = None, neuron: str = "
     imagenet: the 7×7 stride-2 stem with max-pool (the default for sew_resnet*, optional for the 18/34-layer
     ResNets, whose module names then match torchvision's so its state_dicts load). in_channels defaults to
     the model's (1 for digits_*, else 3).
+    fuse_bn: every conv → BatchNorm → [+ shortcut] → neuron of a student runs as the fused op fastsnn.bn_lif
+    (the BN output and the neuron input are never stored); False runs the modules one after the other, for
+    comparison. Parameters, state_dict keys and results are the same either way.
     """
     spec = model_spec(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -124,7 +127,10 @@ def create(name: str, num_classes: int, *, T: int | None = None, neuron: str = "
         if connect not in SEW_CONNECTS:
             raise ValueError(f"models.create: connect must be one of {SEW_CONNECTS}, got {connect!r}")
         kw["connect"] = connect
-    model = spec.build(num_classes, T=T, neuron=factory, in_channels=in_channels or spec.in_channels, **kw)
+    if not isinstance(fuse_bn, bool):
+        raise TypeError(f"models.create: fuse_bn must be True or False, got {fuse_bn!r}")
+    model = spec.build(num_classes, T=T, neuron=factory, in_channels=in_channels or spec.in_channels,
+                       fuse_bn=fuse_bn, **kw)
     model.arch = name
     return model
 

@@ -33,11 +33,26 @@ def folded(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module(x.flatten(0, 1)).unflatten(0, x.shape[:2])
 
 
+def bn_fire(bn: nn.Module, neuron: nn.Module, x: torch.Tensor, *, residual: torch.Tensor | None = None,
+            repeat: int | None = None, fuse: bool = True) -> torch.Tensor:
+    """neuron(bn(x) [+ residual]) over x[T, B, C, ...] (or one timestep [B, C, ...] presented T = repeat
+    times). With fuse and a stateless fastsnn neuron this is one fused op (fastsnn.bn_lif: the normalised
+    tensor and the neuron input are never stored); otherwise the modules run one after the other (a teacher's
+    ReLU, a SpikingJelly node swapped in, fuse=False for comparison)."""
+    if fuse and isinstance(neuron, MultistepNeuron) and not neuron.stateful:
+        return neuron(x, repeat=repeat, bn=bn, residual=residual)
+    y = bn(x) if repeat is not None else folded(bn, x)
+    if residual is not None:
+        y = y + residual
+    return fire(neuron, y, repeat)
+
+
 class _TwoConvBlock(nn.Module):
     """conv1-bn1-sn1-conv2-bn2-sn2 and a conv1x1-BN downsample where the shape changes; torchvision's names."""
 
-    def __init__(self, inplanes: int, planes: int, stride: int, neuron: NeuronFactory):
+    def __init__(self, inplanes: int, planes: int, stride: int, neuron: NeuronFactory, fuse_bn: bool = True):
         super().__init__()
+        self.fuse_bn = fuse_bn
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.sn1 = neuron()
@@ -53,10 +68,9 @@ class BasicBlock(_TwoConvBlock):
     """Spiking ResNet block: sn2(bn2(conv2(sn1(bn1(conv1(x))))) + shortcut(x)); with ReLU, torchvision's."""
 
     def forward(self, x):
-        out = self.sn1(folded(lambda y: self.bn1(self.conv1(y)), x))
-        out = folded(lambda y: self.bn2(self.conv2(y)), out)
+        out = bn_fire(self.bn1, self.sn1, folded(self.conv1, x), fuse=self.fuse_bn)
         identity = x if self.downsample is None else folded(self.downsample, x)
-        return self.sn2(out + identity)
+        return bn_fire(self.bn2, self.sn2, folded(self.conv2, out), residual=identity, fuse=self.fuse_bn)
 
 
 class SEWBlock(_TwoConvBlock):
@@ -64,16 +78,20 @@ class SEWBlock(_TwoConvBlock):
     out = sn2(bn2(conv2(sn1(bn1(conv1(x)))))), shortcut = downsample_sn(downsample(x)) or x,
     result = connect(shortcut, out) with ADD: s + o, AND: s·o, IAND: s·(1 − o)."""
 
-    def __init__(self, inplanes: int, planes: int, stride: int, neuron: NeuronFactory, connect: str):
-        super().__init__(inplanes, planes, stride, neuron)
+    def __init__(self, inplanes: int, planes: int, stride: int, neuron: NeuronFactory, connect: str,
+                 fuse_bn: bool = True):
+        super().__init__(inplanes, planes, stride, neuron, fuse_bn)
         self.connect = connect
         if self.downsample is not None:
             self.downsample_sn = neuron()
 
     def forward(self, x):
-        out = self.sn1(folded(lambda y: self.bn1(self.conv1(y)), x))
-        out = self.sn2(folded(lambda y: self.bn2(self.conv2(y)), out))
-        identity = x if self.downsample is None else self.downsample_sn(folded(self.downsample, x))
+        out = bn_fire(self.bn1, self.sn1, folded(self.conv1, x), fuse=self.fuse_bn)
+        out = bn_fire(self.bn2, self.sn2, folded(self.conv2, out), fuse=self.fuse_bn)
+        identity = x
+        if self.downsample is not None:
+            conv, bn = self.downsample
+            identity = bn_fire(bn, self.downsample_sn, folded(conv, x), fuse=self.fuse_bn)
         if self.connect == "ADD":
             return identity + out
         if self.connect == "AND":

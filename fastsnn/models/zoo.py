@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import BasicBlock, NeuronFactory, SEWBlock, fire, folded
+from .layers import BasicBlock, NeuronFactory, SEWBlock, bn_fire, folded
 
 
 class TimeMajorNet(nn.Module):
@@ -12,15 +12,16 @@ class TimeMajorNet(nn.Module):
     presented at all T steps, the first neuron reading it in place) or time-major [T, B, C, H, W].
     Students (T given) return [T, B, classes]; teachers (T None, ReLU) return [B, classes]."""
 
-    def __init__(self, T: int | None):
+    def __init__(self, T: int | None, fuse_bn: bool = True):
         super().__init__()
         self.T = T
         self.spiking = T is not None
+        self.fuse_bn = fuse_bn  # conv → BN → [+ shortcut] → neuron as the fused op (fastsnn.bn_lif)
 
-    def stem(self, x):
+    def stem(self, x):  # the stem's convolution (its BN and neuron run in body, fused)
         raise NotImplementedError
 
-    def body(self, x, repeat=None):  # [T, B, ...] (or [B, ...] with repeat) before the stem's neuron -> logits
+    def body(self, x, repeat=None):  # [T, B, ...] (or [B, ...] with repeat) after the stem's conv -> logits
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -41,8 +42,8 @@ class ResNet(TimeMajorNet):
     state_dicts load."""
 
     def __init__(self, blocks, widths, num_classes, *, T, neuron: NeuronFactory, block="basic", connect="ADD",
-                 stem="cifar", in_channels=3, stem_width=None):
-        super().__init__(T)
+                 stem="cifar", in_channels=3, stem_width=None, fuse_bn=True):
+        super().__init__(T, fuse_bn)
         stem_width = stem_width or widths[0]
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_channels, stem_width, 7, 2, 3, bias=False)
@@ -57,9 +58,9 @@ class ResNet(TimeMajorNet):
             layers = []
             for j in range(count):
                 if block == "sew":
-                    layers.append(SEWBlock(inplanes, width, stride if j == 0 else 1, neuron, connect))
+                    layers.append(SEWBlock(inplanes, width, stride if j == 0 else 1, neuron, connect, fuse_bn))
                 else:
-                    layers.append(BasicBlock(inplanes, width, stride if j == 0 else 1, neuron))
+                    layers.append(BasicBlock(inplanes, width, stride if j == 0 else 1, neuron, fuse_bn))
                 inplanes = width
             setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
         self.num_stages = len(blocks)
@@ -70,10 +71,10 @@ class ResNet(TimeMajorNet):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def stem(self, x):
-        return self.bn1(self.conv1(x))
+        return self.conv1(x)
 
     def body(self, x, repeat=None):
-        x = folded(self.maxpool, fire(self.sn1, x, repeat))
+        x = folded(self.maxpool, bn_fire(self.bn1, self.sn1, x, repeat=repeat, fuse=self.fuse_bn))
         for i in range(self.num_stages):
             x = getattr(self, f"layer{i + 1}")(x)
         x = folded(self.avgpool, x).flatten(2)
@@ -89,8 +90,8 @@ VGG_CONFIGS = {
 class VGG(TimeMajorNet):
     """CIFAR VGG with BN: [conv3×3-BN-neuron]×n with 2×2 max-pools, global average pool, one FC."""
 
-    def __init__(self, config, num_classes, *, T, neuron: NeuronFactory, in_channels=3):
-        super().__init__(T)
+    def __init__(self, config, num_classes, *, T, neuron: NeuronFactory, in_channels=3, fuse_bn=True):
+        super().__init__(T, fuse_bn)
         widths = [c for c in config if c != "M"]
         self.conv0 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn0 = nn.BatchNorm2d(widths[0])
@@ -108,13 +109,13 @@ class VGG(TimeMajorNet):
         self.fc = nn.Linear(inplanes, num_classes)
 
     def stem(self, x):
-        return self.bn0(self.conv0(x))
+        return self.conv0(x)
 
     def body(self, x, repeat=None):
-        x = fire(self.sn0, x, repeat)
+        x = bn_fire(self.bn0, self.sn0, x, repeat=repeat, fuse=self.fuse_bn)
         for layer in self.features:
             if isinstance(layer, nn.ModuleDict):
-                x = layer["sn"](folded(lambda y: layer["bn"](layer["conv"](y)), x))
+                x = bn_fire(layer["bn"], layer["sn"], folded(layer["conv"], x), fuse=self.fuse_bn)
             else:
                 x = folded(layer, x)
         return self.fc(folded(self.avgpool, x).flatten(2))
@@ -124,8 +125,8 @@ class DigitsNet(TimeMajorNet):
     """The small pair for scikit-learn's 8×8 digits: conv(16)-BN-neuron, conv(32, stride 2)-BN-neuron,
     average pool, FC."""
 
-    def __init__(self, num_classes, *, T, neuron: NeuronFactory, in_channels=1, width=16):
-        super().__init__(T)
+    def __init__(self, num_classes, *, T, neuron: NeuronFactory, in_channels=1, width=16, fuse_bn=True):
+        super().__init__(T, fuse_bn)
         self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.sn1 = neuron()
@@ -136,9 +137,9 @@ class DigitsNet(TimeMajorNet):
         self.fc = nn.Linear(8 * width, num_classes)
 
     def stem(self, x):
-        return self.bn1(self.conv1(x))
+        return self.conv1(x)
 
     def body(self, x, repeat=None):
-        x = fire(self.sn1, x, repeat)
-        x = self.sn2(folded(lambda y: self.bn2(self.conv2(y)), x))
+        x = bn_fire(self.bn1, self.sn1, x, repeat=repeat, fuse=self.fuse_bn)
+        x = bn_fire(self.bn2, self.sn2, folded(self.conv2, x), fuse=self.fuse_bn)
         return self.fc(folded(self.avgpool, x).flatten(2))

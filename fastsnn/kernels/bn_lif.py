@@ -1,0 +1,458 @@
+"""BatchNorm + (residual) + multistep neuron, fused: the neuron's input y = BN(x) [+ r] never exists in memory.
+
+Layout. x is [T, B, C, *spatial] in a dense time-major layout (each timestep one dense block, any dim order,
+e.g. NCHW or channels_last), or one timestep with time stride 0 (direct encoding). In a dense layout the
+offset of an element within a timestep is   outer·(C·INNER) + c·INNER + inner   where INNER is the channel
+dim's stride (HW for NCHW, 1 for channels_last and for [T, B, C]) and OUTER = N / (C·INNER). Every kernel
+here walks one [BLOCK_O, BLOCK_C, BLOCK_I] tile of that (outer, channel, inner) view through all timesteps,
+so a tile's per-channel constants are loaded once and its per-channel sums are formed in registers (no
+atomics, no channel gather).
+
+Passes (bytes per element of x and one timestep, e = x's element size; r: the residual):
+  forward (training)  stats: read x (e)                     per-program count/mean/M2 per channel (Chan)
+                      finalize: per channel (tiny)          mean, 1/std, running stats, scale
+                      fire: read x, r; write spikes (3e)    y = (x − μ)·scale + shift [+ r], neuron
+                      = 4e (+ e with r): the floor is two reads of x and the spikes' write.
+  forward (eval)      finalize from the running statistics, then fire: 3e.
+  backward            neuron: read x, r, dL/ds; write g (4e)    g = dL/dy; Σg and Σg·x̂ per channel
+                      finalize: per channel (tiny)              dL/dweight, dL/dbias, grad_x's coefficients
+                      grad_x: read g, x; write dL/dx (3e)       dL/dx = a·(g − Σg/n − x̂·Σg·x̂/n)
+                      = 7e, against 9e unfused (neuron 3e, BatchNorm's backward ≥ 5e, plus the add's).
+Saved for the backward: x (as given: one timestep when broadcast), r when given (the caller's tensor; in
+a ResNet block it is the block input, which the block's first convolution saves anyway), the fp32 per-
+channel [mean, 1/std, scale, shift] and, for T > 8, the fp32 membrane every 8 steps (as fastsnn.kernels.lif).
+
+The forward and the backward form y with the same tl.fma, so the recomputed membrane equals the forward's
+bit for bit; the neuron arithmetic is fastsnn.kernels.lif's.
+"""
+import triton
+import triton.language as tl
+
+from .lif import (DIVIDE_FMA, DIVIDE_RN, MAX_CHUNK, NEURON_IF, NEURON_LIF, NUM_WARPS, SURROGATE_CODES, _charge,
+                  _fire_and_reset, _launch_constants, _surrogate_grad, chunk_for)
+
+# rows of the per-channel fp32 table the forward writes and the backward reads: stats[k, c]
+MEAN, RSTD, SCALE, SHIFT = 0, 1, 2, 3
+# rows of the backward's per-channel coefficients: coef[k, c]
+COEF_A, COEF_K1, COEF_K2 = 0, 1, 2
+
+
+@triton.jit
+def _tile(pid_oi, pid_c, OUTER, C, INNER, NUM_I_TILES,
+          BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr):
+    """(offsets within a timestep [BO, BC, BI] int64, their mask, the tile's channels [BC], channel mask)."""
+    i_o = pid_oi // NUM_I_TILES
+    i_i = pid_oi % NUM_I_TILES
+    o_o = i_o.to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    o_i = i_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    m_c = o_c < C
+    offsets = (o_o[:, None, None] * (C * INNER) + (o_c * INNER)[None, :, None] + o_i[None, None, :])
+    mask = (o_o < OUTER)[:, None, None] & m_c[None, :, None] & (o_i < INNER)[None, None, :]
+    return offsets, mask, o_c, m_c
+
+
+@triton.jit
+def _channel_sum(b):
+    """[BO, BC, BI] -> [BC]"""
+    return tl.sum(tl.sum(b, axis=2), axis=0)
+
+
+@triton.jit
+def _per_channel(p, o_c, m_c, other):
+    """A per-channel fp32 row [BC] as a [1, BC, 1] tile operand."""
+    return tl.load(p + o_c, mask=m_c, other=other).to(tl.float32)[None, :, None]
+
+
+@triton.jit
+def _bn_affine(b_x, mean, scale, shift):
+    """y = (x − μ)·scale + shift, one rounding for the product and sum: forward and backward agree exactly."""
+    return tl.fma(b_x - mean, scale, shift)
+
+
+@triton.jit
+def _bn_stats_kernel(
+    p_x, p_part, T_STEPS, stride_xt, OUTER, C, INNER, NUM_I_TILES, P,
+    BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
+):
+    """Per program and channel: (count, mean, M2) of its tile over T_STEPS timesteps, merged timestep by
+    timestep with Chan's formula (no E[x²] − E[x]² cancellation). p_part: fp32 [3, P, C]."""
+    pid_oi = tl.program_id(0)
+    offsets, mask, o_c, m_c = _tile(pid_oi, tl.program_id(1), OUTER, C, INNER, NUM_I_TILES,
+                                    BLOCK_O, BLOCK_C, BLOCK_I)
+    n_tile = _channel_sum(mask.to(tl.float32))
+    inv_n_tile = 1.0 / tl.maximum(n_tile, 1.0)
+    b_n = tl.zeros([BLOCK_C], tl.float32)
+    b_mean = tl.zeros([BLOCK_C], tl.float32)
+    b_m2 = tl.zeros([BLOCK_C], tl.float32)
+    for t in range(T_STEPS):
+        b_x = tl.load(p_x + t * stride_xt + offsets, mask=mask, other=0.0).to(tl.float32)
+        t_mean = _channel_sum(b_x) * inv_n_tile
+        b_d = tl.where(mask, b_x - t_mean[None, :, None], 0.0)
+        t_m2 = _channel_sum(b_d * b_d)
+        n_new = b_n + n_tile
+        frac = n_tile / tl.maximum(n_new, 1.0)
+        delta = t_mean - b_mean
+        b_mean += delta * frac
+        b_m2 += t_m2 + delta * delta * b_n * frac
+        b_n = n_new
+    row = pid_oi.to(tl.int64) * C + o_c
+    tl.store(p_part + row, b_n, mask=m_c)
+    tl.store(p_part + P * C + row, b_mean, mask=m_c)
+    tl.store(p_part + 2 * P * C + row, b_m2, mask=m_c)
+
+
+@triton.jit
+def _bn_finalize_fwd_kernel(
+    p_part, p_weight, p_bias, p_rmean, p_rvar, p_stats, P, C, momentum, eps,
+    TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """stats[MEAN, RSTD, SCALE, SHIFT] per channel: from the batch (merging the programs' partials; the
+    running statistics updated in place with the unbiased variance) or, in eval mode, from the running ones."""
+    o_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    if TRAINING:
+        b_n = tl.zeros([BLOCK_C], tl.float32)
+        b_s = tl.zeros([BLOCK_C], tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            o_p = p0 + tl.arange(0, BLOCK_P)
+            m = (o_p < P)[:, None] & m_c[None, :]
+            o = o_p[:, None].to(tl.int64) * C + o_c[None, :]
+            n_p = tl.load(p_part + o, mask=m, other=0.0)
+            b_n += tl.sum(n_p, axis=0)
+            b_s += tl.sum(n_p * tl.load(p_part + P * C + o, mask=m, other=0.0), axis=0)
+        mean = b_s / tl.maximum(b_n, 1.0)
+        b_m2 = tl.zeros([BLOCK_C], tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            o_p = p0 + tl.arange(0, BLOCK_P)
+            m = (o_p < P)[:, None] & m_c[None, :]
+            o = o_p[:, None].to(tl.int64) * C + o_c[None, :]
+            n_p = tl.load(p_part + o, mask=m, other=0.0)
+            d = tl.load(p_part + P * C + o, mask=m, other=0.0) - mean[None, :]
+            b_m2 += tl.sum(tl.load(p_part + 2 * P * C + o, mask=m, other=0.0) + n_p * d * d, axis=0)
+        var = b_m2 / tl.maximum(b_n, 1.0)
+        if UPDATE_RUNNING:
+            r_mean = tl.load(p_rmean + o_c, mask=m_c, other=0.0).to(tl.float32)
+            r_var = tl.load(p_rvar + o_c, mask=m_c, other=0.0).to(tl.float32)
+            unbiased = b_m2 / tl.maximum(b_n - 1.0, 1.0)
+            tl.store(p_rmean + o_c, ((1.0 - momentum) * r_mean + momentum * mean).to(p_rmean.dtype.element_ty),
+                     mask=m_c)
+            tl.store(p_rvar + o_c, ((1.0 - momentum) * r_var + momentum * unbiased).to(p_rvar.dtype.element_ty),
+                     mask=m_c)
+    else:
+        mean = tl.load(p_rmean + o_c, mask=m_c, other=0.0).to(tl.float32)
+        var = tl.load(p_rvar + o_c, mask=m_c, other=1.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt_rn(var + eps)
+    if HAS_WEIGHT:
+        weight = tl.load(p_weight + o_c, mask=m_c, other=1.0).to(tl.float32)
+    else:
+        weight = tl.full([BLOCK_C], 1.0, tl.float32)
+    if HAS_BIAS:
+        shift = tl.load(p_bias + o_c, mask=m_c, other=0.0).to(tl.float32)
+    else:
+        shift = tl.zeros([BLOCK_C], tl.float32)
+    tl.store(p_stats + MEAN * C + o_c, mean, mask=m_c)
+    tl.store(p_stats + RSTD * C + o_c, rstd, mask=m_c)
+    tl.store(p_stats + SCALE * C + o_c, weight * rstd, mask=m_c)
+    tl.store(p_stats + SHIFT * C + o_c, shift, mask=m_c)
+
+
+@triton.jit
+def _bn_lif_fwd_kernel(
+    p_x, p_r, p_stats, p_s, p_ck,
+    stride_xt, N, OUTER, C, INNER, NUM_I_TILES, tau, inv_tau, v_threshold, v_reset,
+    T: tl.constexpr, CHUNK: tl.constexpr, NEURON: tl.constexpr, HARD_RESET: tl.constexpr, DIVIDE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
+):
+    NUM_CHUNKS: tl.constexpr = (T + CHUNK - 1) // CHUNK
+    offsets, mask, o_c, m_c = _tile(tl.program_id(0), tl.program_id(1), OUTER, C, INNER, NUM_I_TILES,
+                                    BLOCK_O, BLOCK_C, BLOCK_I)
+    mean = _per_channel(p_stats + MEAN * C, o_c, m_c, 0.0)
+    scale = _per_channel(p_stats + SCALE * C, o_c, m_c, 0.0)
+    shift = _per_channel(p_stats + SHIFT * C, o_c, m_c, 0.0)
+    b_v = tl.zeros([BLOCK_O, BLOCK_C, BLOCK_I], tl.float32) + v_reset
+    for i_c in range(NUM_CHUNKS):
+        if i_c > 0:  # the membrane entering this chunk, for the backward
+            tl.store(p_ck + (i_c - 1) * N + offsets, b_v, mask=mask)
+        b_ys = ()  # CHUNK x the neuron input: every load of the chunk before any store
+        for j in tl.static_range(CHUNK):
+            t = i_c * CHUNK + j
+            m_t = mask & (t < T)
+            b_y = _bn_affine(tl.load(p_x + t * stride_xt + offsets, mask=m_t, other=0.0).to(tl.float32),
+                             mean, scale, shift)
+            if HAS_RESIDUAL:
+                b_y += tl.load(p_r + t * N + offsets, mask=m_t, other=0.0).to(tl.float32)
+            b_ys += (b_y,)
+        for j in tl.static_range(CHUNK):
+            t = i_c * CHUNK + j
+            b_h = _charge(b_v, b_ys[j], tau, inv_tau, v_reset, NEURON, DIVIDE)
+            b_fired, b_v_next = _fire_and_reset(b_h, v_threshold, v_reset, HARD_RESET)
+            tl.store(p_s + t * N + offsets, b_fired.to(p_s.dtype.element_ty), mask=mask & (t < T))
+            b_v = tl.where(t < T, b_v_next, b_v)
+
+
+@triton.jit
+def _bn_lif_bwd_kernel(
+    p_x, p_r, p_gs, p_stats, p_ck, p_g, p_part,
+    stride_xt, N, OUTER, C, INNER, NUM_I_TILES, P, tau, inv_tau, v_threshold, v_reset, alpha,
+    T: tl.constexpr, CHUNK: tl.constexpr, NEURON: tl.constexpr, HARD_RESET: tl.constexpr,
+    SURROGATE: tl.constexpr, DETACH_RESET: tl.constexpr, DIVIDE: tl.constexpr, SUM_OVER_TIME: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
+):
+    """g = dL/dy (y: the neuron input) in x's dtype (one timestep holding Σ_t g_t when x is broadcast over
+    time), and per program and channel the fp32 partials Σg and Σg·x̂ (x̂ = (x − μ)/σ): p_part [2, P, C]."""
+    NUM_CHUNKS: tl.constexpr = (T + CHUNK - 1) // CHUNK
+    pid_oi = tl.program_id(0)
+    offsets, mask, o_c, m_c = _tile(pid_oi, tl.program_id(1), OUTER, C, INNER, NUM_I_TILES,
+                                    BLOCK_O, BLOCK_C, BLOCK_I)
+    mean = _per_channel(p_stats + MEAN * C, o_c, m_c, 0.0)
+    rstd = _per_channel(p_stats + RSTD * C, o_c, m_c, 0.0)
+    scale = _per_channel(p_stats + SCALE * C, o_c, m_c, 0.0)
+    shift = _per_channel(p_stats + SHIFT * C, o_c, m_c, 0.0)
+    if NEURON == NEURON_IF:
+        dh_dv = 1.0
+        dh_dy = 1.0
+    elif NEURON == NEURON_LIF:
+        dh_dv = 1.0 - inv_tau
+        dh_dy = inv_tau
+    else:  # NEURON_LIF_NO_DECAY
+        dh_dv = 1.0 - inv_tau
+        dh_dy = 1.0
+    b_gv = tl.zeros([BLOCK_O, BLOCK_C, BLOCK_I], tl.float32)
+    b_sum_g = tl.zeros([BLOCK_O, BLOCK_C, BLOCK_I], tl.float32)  # Σ_t g (per element; per channel at the end)
+    b_sum_gx = tl.zeros([BLOCK_O, BLOCK_C, BLOCK_I], tl.float32)  # Σ_t g·x̂
+    for k in range(NUM_CHUNKS):
+        i_c = NUM_CHUNKS - 1 - k
+        if i_c == 0:
+            b_v = tl.zeros([BLOCK_O, BLOCK_C, BLOCK_I], tl.float32) + v_reset
+        else:
+            b_v = tl.load(p_ck + (i_c - 1) * N + offsets, mask=mask, other=0.0)
+        b_xs = ()  # every load of the chunk before any store
+        b_gss = ()
+        b_rs = ()
+        for j in tl.static_range(CHUNK):
+            t = i_c * CHUNK + j
+            m_t = mask & (t < T)
+            b_xs += (tl.load(p_x + t * stride_xt + offsets, mask=m_t, other=0.0).to(tl.float32),)
+            b_gss += (tl.load(p_gs + t * N + offsets, mask=m_t, other=0.0).to(tl.float32),)
+            if HAS_RESIDUAL:
+                b_rs += (tl.load(p_r + t * N + offsets, mask=m_t, other=0.0).to(tl.float32),)
+        b_hs = ()  # the recomputed membrane before firing, CHUNK x fp32
+        for j in tl.static_range(CHUNK):
+            b_y = _bn_affine(b_xs[j], mean, scale, shift)
+            if HAS_RESIDUAL:
+                b_y += b_rs[j]
+            b_h = _charge(b_v, b_y, tau, inv_tau, v_reset, NEURON, DIVIDE)
+            b_hs += (b_h,)
+            _, b_v = _fire_and_reset(b_h, v_threshold, v_reset, HARD_RESET)
+        for j in tl.static_range(CHUNK - 1, -1, -1):
+            t = i_c * CHUNK + j
+            b_h = b_hs[j]
+            b_u = b_h - v_threshold
+            b_sg = _surrogate_grad(b_u, alpha, SURROGATE)
+            if HARD_RESET:
+                b_dv_dh = tl.where(b_u >= 0, 0.0, 1.0)
+                if not DETACH_RESET:
+                    b_dv_dh += (v_reset - b_h) * b_sg
+            else:
+                if DETACH_RESET:
+                    b_dv_dh = 1.0
+                else:
+                    b_dv_dh = 1.0 - v_threshold * b_sg
+            b_gh = b_gss[j] * b_sg + b_gv * b_dv_dh
+            b_g = tl.where(t < T, b_gh * dh_dy, 0.0)
+            b_sum_g += b_g
+            if not SUM_OVER_TIME:
+                b_sum_gx += b_g * ((b_xs[j] - mean) * rstd)
+                tl.store(p_g + t * N + offsets, b_g.to(p_g.dtype.element_ty), mask=mask & (t < T))
+            b_gv = tl.where(t < T, b_gh * dh_dv, b_gv)  # steps past T (a partial last chunk) pass it through
+    if SUM_OVER_TIME:  # x̂ is the same at every step: Σ_t g_t·x̂ = (Σ_t g_t)·x̂
+        b_x = tl.load(p_x + offsets, mask=mask, other=0.0).to(tl.float32)
+        b_sum_gx = b_sum_g * ((b_x - mean) * rstd)
+        tl.store(p_g + offsets, b_sum_g.to(p_g.dtype.element_ty), mask=mask)
+    row = pid_oi.to(tl.int64) * C + o_c
+    tl.store(p_part + row, _channel_sum(tl.where(mask, b_sum_g, 0.0)), mask=m_c)
+    tl.store(p_part + P * C + row, _channel_sum(tl.where(mask, b_sum_gx, 0.0)), mask=m_c)
+
+
+@triton.jit
+def _bn_finalize_bwd_kernel(
+    p_part, p_stats, p_weight, p_gweight, p_gbias, p_coef, P, C, inv_count,
+    TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, GRAD_WEIGHT: tl.constexpr, GRAD_BIAS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dL/dweight = Σg·x̂, dL/dbias = Σg (fp32), and grad_x's coefficients coef[A, K1, K2] per channel:
+    dL/dx = A·(g − K1 − x̂·K2), A = weight/σ, K1 = Σg/n, K2 = Σg·x̂/n (K1 = K2 = 0 in eval mode)."""
+    o_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    b_g = tl.zeros([BLOCK_C], tl.float32)
+    b_gx = tl.zeros([BLOCK_C], tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        o_p = p0 + tl.arange(0, BLOCK_P)
+        m = (o_p < P)[:, None] & m_c[None, :]
+        o = o_p[:, None].to(tl.int64) * C + o_c[None, :]
+        b_g += tl.sum(tl.load(p_part + o, mask=m, other=0.0), axis=0)
+        b_gx += tl.sum(tl.load(p_part + P * C + o, mask=m, other=0.0), axis=0)
+    if GRAD_WEIGHT:
+        tl.store(p_gweight + o_c, b_gx, mask=m_c)
+    if GRAD_BIAS:
+        tl.store(p_gbias + o_c, b_g, mask=m_c)
+    if HAS_WEIGHT:
+        weight = tl.load(p_weight + o_c, mask=m_c, other=1.0).to(tl.float32)
+    else:
+        weight = tl.full([BLOCK_C], 1.0, tl.float32)
+    rstd = tl.load(p_stats + RSTD * C + o_c, mask=m_c, other=0.0)
+    tl.store(p_coef + COEF_A * C + o_c, weight * rstd, mask=m_c)
+    if TRAINING:
+        tl.store(p_coef + COEF_K1 * C + o_c, b_g * inv_count, mask=m_c)
+        tl.store(p_coef + COEF_K2 * C + o_c, b_gx * inv_count, mask=m_c)
+    else:
+        tl.store(p_coef + COEF_K1 * C + o_c, tl.zeros([BLOCK_C], tl.float32), mask=m_c)
+        tl.store(p_coef + COEF_K2 * C + o_c, tl.zeros([BLOCK_C], tl.float32), mask=m_c)
+
+
+@triton.jit
+def _bn_grad_input_kernel(
+    p_g, p_x, p_stats, p_coef, p_gx, T_STEPS, stride_xt, N, OUTER, C, INNER, NUM_I_TILES,
+    BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
+):
+    """dL/dx = A·(g − K1 − x̂·K2) over T_STEPS timesteps of g (time stride N) and x (time stride stride_xt)."""
+    offsets, mask, o_c, m_c = _tile(tl.program_id(0), tl.program_id(1), OUTER, C, INNER, NUM_I_TILES,
+                                    BLOCK_O, BLOCK_C, BLOCK_I)
+    mean = _per_channel(p_stats + MEAN * C, o_c, m_c, 0.0)
+    rstd = _per_channel(p_stats + RSTD * C, o_c, m_c, 0.0)
+    a = _per_channel(p_coef + COEF_A * C, o_c, m_c, 0.0)
+    k1 = _per_channel(p_coef + COEF_K1 * C, o_c, m_c, 0.0)
+    k2 = _per_channel(p_coef + COEF_K2 * C, o_c, m_c, 0.0)
+    for t in range(T_STEPS):
+        b_g = tl.load(p_g + t * N + offsets, mask=mask, other=0.0).to(tl.float32)
+        b_x = tl.load(p_x + t * stride_xt + offsets, mask=mask, other=0.0).to(tl.float32)
+        b_gx = a * (b_g - k1 - ((b_x - mean) * rstd) * k2)
+        tl.store(p_gx + t * N + offsets, b_gx.to(p_gx.dtype.element_ty), mask=mask)
+
+
+# ---- launchers ----
+
+FINALIZE_BLOCK_C = 32
+FINALIZE_BLOCK_P = 64
+MAX_BLOCK_C = 128  # channels per tile when the channel dim is innermost
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+class Geometry:
+    """The (outer, channel, inner) view of one timestep and the tiling of it that every kernel here shares."""
+
+    __slots__ = ("T", "N", "outer", "C", "inner", "stride_xt", "block", "num_i_tiles", "grid", "programs")
+
+    def __init__(self, T: int, N: int, C: int, inner: int, stride_xt: int, element_size: int):
+        self.T, self.N, self.C, self.inner, self.stride_xt = T, N, C, inner, stride_xt
+        self.outer = N // (C * inner)
+        per_thread = 16 // element_size  # 16 bytes per thread: 4 fp32 or 8 fp16/bf16 values
+        total = per_thread * 32 * NUM_WARPS
+        if inner > 1:
+            block_i = min(_next_pow2(inner), total)
+            block_c = 1
+        else:
+            block_i = 1
+            block_c = min(_next_pow2(C), MAX_BLOCK_C)
+        block_o = max(1, min(total // (block_i * block_c), _next_pow2(self.outer)))
+        self.block = (block_o, block_c, block_i)
+        self.num_i_tiles = -(-inner // block_i)
+        self.programs = -(-self.outer // block_o) * self.num_i_tiles  # P: programs along (outer, inner)
+        self.grid = (self.programs, -(-C // block_c))
+
+    @property
+    def count(self) -> int:
+        """Values per channel in the statistics: T_STEPS · OUTER · INNER."""
+        return self.steps * self.outer * self.inner
+
+    @property
+    def steps(self) -> int:
+        """Stored timesteps of x: 1 when it is broadcast over time."""
+        return 1 if self.stride_xt == 0 else self.T
+
+    def view_args(self):
+        return (self.outer, self.C, self.inner, self.num_i_tiles)
+
+    def blocks(self) -> dict:
+        return dict(BLOCK_O=self.block[0], BLOCK_C=self.block[1], BLOCK_I=self.block[2])
+
+
+def _divide_mode(x):
+    """CPU tensors reach a kernel only under the interpreter, whose fma is not fused: div_rn there."""
+    return DIVIDE_FMA.value if x.is_cuda else DIVIDE_RN.value
+
+
+def bn_statistics(x, geometry, weight, bias, running_mean, running_var, stats, *, training, momentum, eps):
+    """Fills stats [4, C] (fp32: mean, 1/std, scale, shift); in training mode from x (2 launches), updating
+    running_mean/var in place when given; else from the running statistics (1 launch)."""
+    g, C = geometry, geometry.C
+    dummy = stats
+    if training:
+        partials = stats.new_empty(3, g.programs, C)
+        _bn_stats_kernel[g.grid](x, partials, g.steps, g.stride_xt, *g.view_args(), g.programs,
+                                 num_warps=NUM_WARPS, **g.blocks())
+    else:
+        partials = dummy
+    update = training and running_mean is not None
+    _bn_finalize_fwd_kernel[(-(-C // FINALIZE_BLOCK_C),)](
+        partials, dummy if weight is None else weight, dummy if bias is None else bias,
+        dummy if running_mean is None else running_mean, dummy if running_var is None else running_var, stats,
+        g.programs, C, float(momentum), float(eps),
+        TRAINING=training, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, UPDATE_RUNNING=update,
+        BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C,
+    )
+
+
+def bn_fire(x, residual, stats, spikes, checkpoints, geometry, spec):
+    """spikes [T, ...] (time stride N, x's layout) of the neuron `spec` over y = BN(x) [+ residual]."""
+    g = geometry
+    scalars, codes = _launch_constants(spec)
+    dummy = stats
+    _bn_lif_fwd_kernel[g.grid](
+        x, dummy if residual is None else residual, stats, spikes, dummy if checkpoints is None else checkpoints,
+        g.stride_xt, g.N, *g.view_args(), *scalars,
+        T=g.T, CHUNK=chunk_for(g.T), DIVIDE=_divide_mode(x), HAS_RESIDUAL=residual is not None,
+        num_warps=NUM_WARPS, **codes, **g.blocks(),
+    )
+
+
+def bn_fire_backward(x, residual, grad_spikes, stats, checkpoints, grad_y, weight, grad_weight, grad_bias, grad_x,
+                     geometry, spec, *, training):
+    """grad_y (= dL/d(residual); one timestep when x is broadcast over time), grad_weight/grad_bias (fp32 [C],
+    or None) and grad_x (may be grad_y itself: each element is read before it is written): 3 launches."""
+    g, C = geometry, geometry.C
+    scalars, codes = _launch_constants(spec)
+    dummy = stats
+    partials = stats.new_empty(2, g.programs, C)
+    _bn_lif_bwd_kernel[g.grid](
+        x, dummy if residual is None else residual, grad_spikes, stats,
+        dummy if checkpoints is None else checkpoints, grad_y, partials,
+        g.stride_xt, g.N, *g.view_args(), g.programs, *scalars, spec.alpha,
+        T=g.T, CHUNK=chunk_for(g.T), SURROGATE=SURROGATE_CODES[spec.surrogate], DETACH_RESET=spec.detach_reset,
+        DIVIDE=_divide_mode(x), SUM_OVER_TIME=g.stride_xt == 0 and g.T > 1, HAS_RESIDUAL=residual is not None,
+        num_warps=NUM_WARPS, **codes, **g.blocks(),
+    )
+    coef = stats.new_empty(3, C)
+    _bn_finalize_bwd_kernel[(-(-C // FINALIZE_BLOCK_C),)](
+        partials, stats, dummy if weight is None else weight, dummy if grad_weight is None else grad_weight,
+        dummy if grad_bias is None else grad_bias, coef, g.programs, C, 1.0 / g.count,
+        TRAINING=training, HAS_WEIGHT=weight is not None, GRAD_WEIGHT=grad_weight is not None,
+        GRAD_BIAS=grad_bias is not None, BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C,
+    )
+    if grad_x is not None:
+        steps = 1 if g.stride_xt == 0 else g.T
+        _bn_grad_input_kernel[g.grid](grad_y, x, stats, coef, grad_x, steps, g.stride_xt, g.N, *g.view_args(),
+                                      num_warps=NUM_WARPS, **g.blocks())
+
+
+def checkpoints_for(T: int) -> int:
+    return -(-T // MAX_CHUNK) - 1
+
+
+__all__ = ["Geometry", "bn_statistics", "bn_fire", "bn_fire_backward", "checkpoints_for", "MEAN", "RSTD", "SCALE",
+           "SHIFT"]

@@ -1,0 +1,317 @@
+"""BatchNorm + optional residual + multistep neuron as one op: input checks, backend dispatch, the Triton path.
+
+    spikes = neuron(BN(x) [+ residual])   over x[T, B, C, *spatial], BN statistics per channel over T·B·spatial
+
+The Triton path keeps only x (plus per-channel fp32 statistics) for the backward, which recomputes the
+normalised value and the membrane (see fastsnn.kernels.bn_lif for the passes and their byte counts). Eager
+calls run a torch.autograd.Function; under torch.compile the same launchers run as torch.library custom ops.
+The reference backend is torch.nn.functional.batch_norm + fastsnn.reference.lif_multistep.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..backend import check_float_tensor, check_number, check_same_device, resolve_backend
+from ..spec import NeuronSpec, kind_of, neuron_spec
+from ._layout import as_time_major_like, is_dense_time_major, time_major_like
+
+
+def _kernels():
+    """fastsnn.kernels.bn_lif, imported on first use and then kept."""
+    global _KERNELS
+    if _KERNELS is None:
+        from ..kernels import bn_lif as module
+
+        _KERNELS = module
+    return _KERNELS
+
+
+_KERNELS = None
+
+
+def _repeated(x: Tensor, repeat: int) -> Tensor:
+    return x.unsqueeze(0).expand(repeat, *x.shape)
+
+
+def _geometry(x_seq: Tensor):
+    """The kernels' (outer, channel, inner) view of x_seq [T, B, C, ...] (dense time-major, or time stride 0)."""
+    C = x_seq.shape[2]
+    N = math.prod(x_seq.shape[1:])
+    inner = x_seq.stride(2) if C > 1 else N
+    return _kernels().Geometry(x_seq.shape[0], N, C, inner, x_seq.stride(0) if x_seq.shape[0] > 1 else N,
+                               x_seq.element_size())
+
+
+def _checkpoints(x_seq: Tensor) -> Tensor | None:
+    n = _kernels().checkpoints_for(x_seq.shape[0])
+    return time_major_like(x_seq[:n], dtype=torch.float32) if n else None
+
+
+def _statistics_impl(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat) -> Tensor:
+    """stats [4, C] fp32 (mean, 1/std, scale, shift); the running statistics updated in training mode."""
+    x_seq = _repeated(x, repeat) if repeat else x
+    geometry = _geometry(x_seq)
+    stats = torch.empty(4, geometry.C, dtype=torch.float32, device=x.device)
+    _kernels().bn_statistics(x_seq, geometry, weight, bias, running_mean, running_var, stats, training=training,
+                             momentum=momentum, eps=eps)
+    return stats
+
+
+def _fire_impl(x, residual, stats, spec, repeat):
+    """(spikes, checkpoints or None): 1 launch."""
+    x_seq = _repeated(x, repeat) if repeat else x
+    spikes = time_major_like(x_seq)
+    checkpoints = _checkpoints(x_seq)
+    residual = None if residual is None else as_time_major_like(residual, x_seq)
+    _kernels().bn_fire(x_seq, residual, stats, spikes, checkpoints, _geometry(x_seq), spec)
+    return spikes, checkpoints
+
+
+def _backward_impl(grad_spikes, x, weight, residual, stats, checkpoints, spec, training, repeat, needs):
+    """(grad_x, grad_weight, grad_bias, grad_residual), None where `needs` (4 bools) says not needed."""
+    x_seq = _repeated(x, repeat) if repeat else x
+    geometry = _geometry(x_seq)
+    broadcast = geometry.stride_xt == 0 and geometry.T > 1
+    grad_y = time_major_like(x_seq[:1] if broadcast else x_seq)
+    grad_weight = torch.empty_like(stats[0]) if needs[1] else None
+    grad_bias = torch.empty_like(stats[0]) if needs[2] else None
+    grad_x = None
+    if needs[0]:
+        grad_x = time_major_like(grad_y) if needs[3] else grad_y  # in place over g when g is not returned
+    residual = None if residual is None else as_time_major_like(residual, x_seq)
+    _kernels().bn_fire_backward(x_seq, residual, as_time_major_like(grad_spikes, x_seq), stats, checkpoints,
+                                grad_y, weight, grad_weight, grad_bias, grad_x, geometry, spec, training=training)
+    if grad_x is not None and broadcast:
+        grad_x = grad_x[0]
+    return grad_x, grad_weight, grad_bias, grad_y if needs[3] else None
+
+
+def _cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
+    return None if grad is None or like is None else grad.to(like.dtype)
+
+
+class _BNNeuronFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, spec, training, momentum, eps, repeat):
+        stats = _statistics_impl(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat)
+        spikes, checkpoints = _fire_impl(x, residual, stats, spec, repeat)
+        ctx.save_for_backward(x, weight, residual, stats, checkpoints)
+        ctx.spec, ctx.training, ctx.repeat = spec, training, repeat
+        ctx.has_bias = bias is not None
+        return spikes
+
+    @staticmethod
+    def backward(ctx, grad_spikes):
+        x, weight, residual, stats, checkpoints = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:4]
+        grad_x, grad_weight, grad_bias, grad_residual = _backward_impl(
+            grad_spikes, x, weight, residual, stats, checkpoints, ctx.spec, ctx.training, ctx.repeat, needs)
+        return (grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual)) + (None,) * 7
+
+
+# ---- the same launchers as custom ops, for torch.compile ----
+
+def _spec_args(spec: NeuronSpec) -> tuple:
+    return (spec.kind, spec.tau, spec.v_threshold, spec.v_reset, spec.surrogate, spec.alpha, spec.detach_reset)
+
+
+def _empty_f32(x: Tensor) -> Tensor:
+    return x.new_empty(0, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastsnn::bn_statistics", mutates_args=("running_mean", "running_var"))
+def _bn_statistics_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+                      running_var: Optional[Tensor], training: bool, momentum: float, eps: float,
+                      repeat: int) -> Tensor:
+    return _statistics_impl(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat)
+
+
+@_bn_statistics_op.register_fake
+def _(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat):
+    return x.new_empty(4, x.shape[1] if repeat else x.shape[2], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastsnn::bn_neuron_fire", mutates_args=())
+def _bn_fire_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+                stats: Tensor, kind: str, tau: float, v_threshold: float, v_reset: Optional[float], surrogate: str,
+                alpha: float, detach_reset: bool, training: bool, repeat: int) -> tuple[Tensor, Tensor]:
+    """spikes and checkpoints; weight and bias are inputs only for their gradients (stats holds their effect)."""
+    spec = NeuronSpec(kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset)
+    spikes, checkpoints = _fire_impl(x, residual, stats, spec, repeat)
+    return spikes, _empty_f32(x) if checkpoints is None else checkpoints
+
+
+@_bn_fire_op.register_fake
+def _(x, weight, bias, residual, stats, kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset, training,
+      repeat):
+    x_seq = _repeated(x, repeat) if repeat else x
+    checkpoints = _checkpoints(x_seq)
+    return time_major_like(x_seq), _empty_f32(x) if checkpoints is None else checkpoints
+
+
+@torch.library.custom_op("fastsnn::bn_neuron_backward", mutates_args=())
+def _bn_neuron_backward_op(grad_spikes: Tensor, x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor],
+                           stats: Tensor, checkpoints: Tensor, kind: str, tau: float, v_threshold: float,
+                           v_reset: Optional[float], surrogate: str, alpha: float, detach_reset: bool,
+                           training: bool, repeat: int, needs: list[bool]) -> list[Tensor]:
+    spec = NeuronSpec(kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset)
+    grads = _backward_impl(grad_spikes, x, weight, residual, stats, checkpoints if checkpoints.numel() else None,
+                           spec, training, repeat, needs)
+    return [_empty_f32(x) if g is None else g for g in grads]
+
+
+@_bn_neuron_backward_op.register_fake
+def _(grad_spikes, x, weight, residual, stats, checkpoints, kind, tau, v_threshold, v_reset, surrogate, alpha,
+      detach_reset, training, repeat, needs):
+    x_seq = _repeated(x, repeat) if repeat else x
+    shapes = (time_major_like(x), torch.empty_like(stats[0]), torch.empty_like(stats[0]), time_major_like(x_seq))
+    return [g if need else _empty_f32(x) for g, need in zip(shapes, needs)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, stats, *params = inputs
+    ctx.params = params[:7]
+    ctx.training, ctx.repeat = params[7], params[8]
+    ctx.has = (weight is not None, bias is not None, residual is not None)
+    ctx.save_for_backward(x, weight, residual, stats, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_spikes, _checkpoints):
+    x, weight, residual, stats, checkpoints = ctx.saved_tensors
+    needs = [bool(n) and h for n, h in zip(ctx.needs_input_grad[:4], (True,) + ctx.has)]
+    grads = _bn_neuron_backward_op(grad_spikes, x, weight, residual, stats, checkpoints, *ctx.params, ctx.training,
+                                   ctx.repeat, needs)
+    grad_x, grad_weight, grad_bias, grad_residual = (g if need else None for g, need in zip(grads, needs))
+    return (grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual)) + (None,) * 10
+
+
+torch.library.register_autograd("fastsnn::bn_neuron_fire", _backward, setup_context=_setup_context)
+
+
+def _compiled(x, weight, bias, residual, running_mean, running_var, spec, training, momentum, eps, repeat):
+    """The op as custom ops for torch.compile: statistics (mutating the running ones), then fire."""
+    detached = [None if t is None else t.detach() for t in (x, weight, bias)]
+    stats = _bn_statistics_op(*detached, running_mean, running_var, training, momentum, eps, repeat)
+    spikes, _ = _bn_fire_op(x, weight, bias, residual, stats, *_spec_args(spec), training, repeat)
+    return spikes
+
+
+# ---- checks and the public functions ----
+
+def _check_channel_vector(op: str, name: str, t, C: int, device):
+    if t is None:
+        return
+    check_float_tensor(op, name, t)
+    if t.shape != (C,):
+        raise ValueError(f"{op}: {name} must have shape ({C},), one value per channel of x, got "
+                         f"{tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} must be on x's device ({device}), got {t.device}")
+
+
+def _check(op, x, weight, bias, running_mean, running_var, residual, training, momentum, eps, repeat):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor of shape [T, B, C, ...], got {type(x).__name__}")
+    if repeat is not None:
+        if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+            raise ValueError(f"{op}: repeat must be None or a number of timesteps >= 1, got {repeat!r}")
+        if x.dim() < 2:
+            raise ValueError(f"{op}: with repeat, x must be one timestep [B, C, ...] with at least 2 dims, got "
+                             f"shape {tuple(x.shape)}")
+        if residual is not None:
+            raise ValueError(f"{op}: residual cannot be combined with repeat (a time-broadcast input)")
+    elif x.dim() < 3:
+        raise ValueError(f"{op}: x must have shape [T, B, C, ...] with at least 3 dims (time, batch, channel), "
+                         f"got shape {tuple(x.shape)}")
+    check_float_tensor(op, "x", x)
+    shape = (repeat, *x.shape) if repeat else tuple(x.shape)
+    if 0 in shape:
+        raise ValueError(f"{op}: x must not be empty, got shape {shape} (time, batch, channel, ...)")
+    C = shape[2]
+    device = x.device
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        _check_channel_vector(op, name, t, C, device)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: running_mean and running_var must be given together (or both None)")
+    if not isinstance(training, bool):
+        raise TypeError(f"{op}: training must be True or False, got {training!r}")
+    if not training and running_mean is None:
+        raise ValueError(f"{op}: training=False normalises with running_mean and running_var, which are None")
+    momentum = check_number(op, "momentum", momentum, low=0.0, high=1.0, rule="a number in [0, 1]")
+    eps = check_number(op, "eps", eps, low=0.0, low_inclusive=False, rule="a finite number > 0")
+    if training and x.numel() // C <= 1:
+        raise ValueError(f"{op}: training needs more than 1 value per channel, got x of shape {shape}")
+    if residual is not None:
+        check_float_tensor(op, "residual", residual)
+        check_same_device(op, x=x, residual=residual)
+        if tuple(residual.shape) != shape:
+            raise ValueError(f"{op}: residual must have x's shape {shape}, got {tuple(residual.shape)}")
+    return momentum, eps
+
+
+def apply_bn_neuron(op: str, x: Tensor, weight, bias, running_mean, running_var, spec: NeuronSpec, *,
+                    training: bool, momentum: float = 0.1, eps: float = 1e-5, residual: Tensor | None = None,
+                    repeat: int | None = None, backend: str = "auto") -> Tensor:
+    """spikes [T, B, C, ...] of the neuron `spec` over BN(x) [+ residual] (see bn_lif); the spec is trusted."""
+    momentum, eps = _check(op, x, weight, bias, running_mean, running_var, residual, training, momentum, eps, repeat)
+    if resolve_backend(op, backend, x.device) == "reference":
+        return reference.bn_lif_multistep(x, weight, bias, running_mean, running_var, spec, training=training,
+                                          momentum=momentum, eps=eps, residual=residual, repeat=repeat)
+    if repeat:
+        x = x if is_dense_time_major(x.unsqueeze(0)) else x.contiguous()
+    elif not is_dense_time_major(x, allow_broadcast=True):
+        x = x.contiguous()
+    if torch.compiler.is_compiling():
+        return _compiled(x, weight, bias, residual, running_mean, running_var, spec, training, momentum, eps,
+                         repeat or 0)
+    return _BNNeuronFunction.apply(x, weight, bias, residual, running_mean, running_var, spec, training, momentum,
+                                   eps, repeat or 0)
+
+
+def bn_lif(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+           running_var: Tensor | None, *, training: bool, momentum: float = 0.1, eps: float = 1e-5,
+           residual: Tensor | None = None, tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
+           v_reset: float | None = 0.0, surrogate: str = "atan", alpha: float | None = None,
+           detach_reset: bool = False, repeat: int | None = None, backend: str = "auto") -> Tensor:
+    """BatchNorm, an optional residual add, and the multistep LIF neuron, fused:
+
+        y = (x − μ_c)/√(σ²_c + eps)·weight_c + bias_c [+ residual],   spikes = lif_multistep(y, ...)
+
+    x is [T, B, C, *spatial] (e.g. [T, B, C, H, W] after a convolution, [T, B, C] after a linear layer),
+    in any dense layout (NCHW and channels_last are read in place) and fp32, fp16 or bf16. With repeat = T,
+    x is one timestep [B, C, *spatial] normalised once and presented at all T steps (direct encoding).
+    In training mode μ and σ² are the mean and biased variance per channel over T·B·spatial, exactly what
+    nn.BatchNorm2d computes on the folded batch [T·B, C, H, W]; running_mean/running_var (when given) are
+    updated in place with `momentum` and the unbiased variance. In eval mode (training=False) they are the
+    running statistics. weight/bias may be None (no affine). The neuron arguments are lif_multistep's.
+
+    Memory: the backward keeps x (and residual, when given) and per-channel fp32 statistics, never the
+    normalised value or the neuron input. Returns spikes [T, B, C, *spatial] in x's dtype and layout.
+    The caller (e.g. the BNLIF module) increments num_batches_tracked, as nn.BatchNorm2d's forward does.
+    """
+    op = "bn_lif"
+    spec = neuron_spec(op, kind=kind_of(decay_input, op), tau=tau, v_threshold=v_threshold, v_reset=v_reset,
+                       surrogate=surrogate, alpha=alpha, detach_reset=detach_reset)
+    return apply_bn_neuron(op, x, weight, bias, running_mean, running_var, spec, training=training,
+                           momentum=momentum, eps=eps, residual=residual, repeat=repeat, backend=backend)
+
+
+def bn_if(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+          running_var: Tensor | None, *, training: bool, momentum: float = 0.1, eps: float = 1e-5,
+          residual: Tensor | None = None, v_threshold: float = 1.0, v_reset: float | None = 0.0,
+          surrogate: str = "atan", alpha: float | None = None, detach_reset: bool = False,
+          repeat: int | None = None, backend: str = "auto") -> Tensor:
+    """bn_lif with the integrate-and-fire neuron (charge h = v + y): same arguments without tau, decay_input."""
+    op = "bn_if"
+    spec = neuron_spec(op, kind="if", tau=None, v_threshold=v_threshold, v_reset=v_reset, surrogate=surrogate,
+                       alpha=alpha, detach_reset=detach_reset)
+    return apply_bn_neuron(op, x, weight, bias, running_mean, running_var, spec, training=training,
+                           momentum=momentum, eps=eps, residual=residual, repeat=repeat, backend=backend)
