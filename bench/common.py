@@ -105,10 +105,13 @@ def run_benchmark(benchmark, fn, *, bytes_moved: int | None, copy_gbs: float | N
 
 
 def saved_bytes(fn) -> int:
-    """Bytes saved for backward while fn runs, each storage counted once."""
+    """Activation bytes saved for backward while fn runs: each storage counted once, parameters (which
+    exist whether or not anything is saved) left out."""
     seen = {}
 
     def pack(t):
+        if isinstance(t, torch.nn.Parameter):
+            return t
         try:
             key = (t.untyped_storage().data_ptr(), t.device)
             seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())

@@ -127,7 +127,74 @@ def tser_loss_variants(aligned: bool):
             yield "_tser_loss_reduce_kernel", labels, None, forward
 
 
-VARIANT_SOURCES = [lif_variants, tser_loss_variants]
+def _bn_x(T, dtype, layout, aligned):
+    """x [T, 4, C, H, W]: NCHW with H·W = 256 (225 unaligned) or channels_last with C = 64 (63 unaligned)."""
+    if layout == "nchw":
+        return _tensor((T, 4, 16, 16, 16) if aligned else (T, 4, 16, 15, 15), dtype, aligned)
+    C = 64 if aligned else 63
+    return _tensor((T, 4, 6, 6, C), dtype, aligned).permute(0, 1, 4, 2, 3)
+
+
+def bn_lif_variants(aligned: bool):
+    """The fused BatchNorm + neuron: statistics, finalisations, fire and its backward, grad_x; NCHW and
+    channels_last; T = 4 and 16 (two chunks); with and without the residual; LIF (and IF, no-decay once)."""
+    from fastsnn.kernels import bn_lif as k
+    from fastsnn.ops.bn_lif import _geometry
+    from fastsnn.spec import NeuronSpec
+
+    layouts = ("nchw", "channels_last")
+    for dtype_name, layout in itertools.product(DTYPES, layouts):
+        def stats(dtype=DTYPES[dtype_name], layout=layout, training=True):
+            x = _bn_x(4, dtype, layout, aligned)
+            C = x.shape[2]
+            k.bn_statistics(x, _geometry(x), torch.ones(C), torch.zeros(C), torch.zeros(C), torch.ones(C),
+                            torch.empty(4, C), training=training, momentum=0.1, eps=1e-5)
+
+        def grad_input(dtype=DTYPES[dtype_name], layout=layout):
+            x = _bn_x(4, dtype, layout, aligned)
+            C = x.shape[2]
+            k.bn_fire_backward(x, None, torch.empty_like(x), torch.empty(4, C), None, torch.empty_like(x),
+                               torch.ones(C), torch.empty(C), torch.empty(C), torch.empty_like(x), _geometry(x),
+                               NeuronSpec(), training=True)
+        labels = dict(dtype=dtype_name, layout=layout)
+        yield "_bn_stats_kernel", labels, None, stats
+        yield "_bn_grad_input_kernel", labels, None, grad_input
+        if dtype_name == "fp32" and layout == "nchw":
+            yield "_bn_finalize_fwd_kernel", dict(labels, training=True), None, stats
+            yield "_bn_finalize_fwd_kernel", dict(labels, training=False), None, partial_call(stats, training=False)
+            yield "_bn_finalize_bwd_kernel", labels, None, grad_input
+    specs = [NeuronSpec("lif", 2.0, 1.0, 0.0, "atan", 2.0, True)]
+    specs += [NeuronSpec("if", 1.0, 1.0, None, "sigmoid", 4.0, False), NeuronSpec("lif_no_decay", 2.0, 1.0, 0.0)]
+    for dtype_name, layout, T, residual, spec in itertools.product(DTYPES, layouts, (4, 16), (True, False), specs):
+        if spec.kind != "lif" and (T != 4 or not residual):
+            continue
+
+        def buffers(T=T, dtype=DTYPES[dtype_name], layout=layout, residual=residual):
+            x = _bn_x(T, dtype, layout, aligned)
+            n = k.checkpoints_for(T)
+            checkpoints = torch.empty(n, *x.shape[1:]) if n else None
+            return x, torch.empty_like(x) if residual else None, torch.empty(4, x.shape[2]), checkpoints
+
+        def fire(buffers=buffers, spec=spec):
+            x, r, stats, checkpoints = buffers()
+            k.bn_fire(x, r, stats, torch.empty_like(x), checkpoints, _geometry(x), spec)
+
+        def backward(buffers=buffers, spec=spec):
+            x, r, stats, checkpoints = buffers()
+            C = x.shape[2]
+            k.bn_fire_backward(x, r, torch.empty_like(x), stats, checkpoints, torch.empty_like(x), torch.ones(C),
+                               torch.empty(C), torch.empty(C), None, _geometry(x), spec, training=True)
+        labels = dict(dtype=dtype_name, layout=layout, T=T, residual=residual, kind=spec.kind,
+                      hard_reset=spec.hard_reset, surrogate=spec.surrogate, detach_reset=spec.detach_reset)
+        yield "_bn_lif_fwd_kernel", labels, None, fire
+        yield "_bn_lif_bwd_kernel", labels, None, backward
+
+
+def partial_call(fn, **kw):
+    return lambda: fn(**kw)
+
+
+VARIANT_SOURCES = [lif_variants, tser_loss_variants, bn_lif_variants]
 
 
 def variants(aligned: bool):
@@ -145,6 +212,8 @@ def _representative(name: str, labels: dict) -> bool:
         return labels["surrogate"] == "atan"
     if name in ("_tser_loss_fwd_kernel", "_tser_loss_bwd_kernel"):
         return labels["C"] == 1000
+    if name.startswith("_bn_"):
+        return labels["dtype"] == "fp16"
     return True
 
 

@@ -28,13 +28,18 @@ bit for bit; the neuron arithmetic is fastsnn.kernels.lif's.
 import triton
 import triton.language as tl
 
-from .lif import (DIVIDE_FMA, DIVIDE_RN, MAX_CHUNK, NEURON_IF, NEURON_LIF, NUM_WARPS, SURROGATE_CODES, _charge,
-                  _fire_and_reset, _launch_constants, _surrogate_grad, chunk_for)
+from .lif import (DIVIDE_FMA, DIVIDE_RN, MAX_CHUNK, NEURON_IF, NEURON_LIF, NUM_WARPS, SURROGATE_CODES,
+                  UNALIGNED_ELEMENTS, _charge, _fire_and_reset, _launch_constants, _surrogate_grad, chunk_for)
 
 # rows of the per-channel fp32 table the forward writes and the backward reads: stats[k, c]
-MEAN, RSTD, SCALE, SHIFT = 0, 1, 2, 3
+MEAN: tl.constexpr = tl.constexpr(0)
+RSTD: tl.constexpr = tl.constexpr(1)
+SCALE: tl.constexpr = tl.constexpr(2)
+SHIFT: tl.constexpr = tl.constexpr(3)
 # rows of the backward's per-channel coefficients: coef[k, c]
-COEF_A, COEF_K1, COEF_K2 = 0, 1, 2
+COEF_A: tl.constexpr = tl.constexpr(0)
+COEF_K1: tl.constexpr = tl.constexpr(1)
+COEF_K2: tl.constexpr = tl.constexpr(2)
 
 
 @triton.jit
@@ -228,21 +233,23 @@ def _bn_lif_bwd_kernel(
             b_v = tl.zeros([BLOCK_O, BLOCK_C, BLOCK_I], tl.float32) + v_reset
         else:
             b_v = tl.load(p_ck + (i_c - 1) * N + offsets, mask=mask, other=0.0)
-        b_xs = ()  # every load of the chunk before any store
+        # every load of the chunk before any store, kept in the loaded dtype (two 16-bit values per register)
+        # until used: with the per-channel sums this keeps a chunk of 8 steps within the register file
+        b_xs = ()
         b_gss = ()
         b_rs = ()
         for j in tl.static_range(CHUNK):
             t = i_c * CHUNK + j
             m_t = mask & (t < T)
-            b_xs += (tl.load(p_x + t * stride_xt + offsets, mask=m_t, other=0.0).to(tl.float32),)
-            b_gss += (tl.load(p_gs + t * N + offsets, mask=m_t, other=0.0).to(tl.float32),)
+            b_xs += (tl.load(p_x + t * stride_xt + offsets, mask=m_t, other=0.0),)
+            b_gss += (tl.load(p_gs + t * N + offsets, mask=m_t, other=0.0),)
             if HAS_RESIDUAL:
-                b_rs += (tl.load(p_r + t * N + offsets, mask=m_t, other=0.0).to(tl.float32),)
+                b_rs += (tl.load(p_r + t * N + offsets, mask=m_t, other=0.0),)
         b_hs = ()  # the recomputed membrane before firing, CHUNK x fp32
         for j in tl.static_range(CHUNK):
-            b_y = _bn_affine(b_xs[j], mean, scale, shift)
+            b_y = _bn_affine(b_xs[j].to(tl.float32), mean, scale, shift)
             if HAS_RESIDUAL:
-                b_y += b_rs[j]
+                b_y += b_rs[j].to(tl.float32)
             b_h = _charge(b_v, b_y, tau, inv_tau, v_reset, NEURON, DIVIDE)
             b_hs += (b_h,)
             _, b_v = _fire_and_reset(b_h, v_threshold, v_reset, HARD_RESET)
@@ -260,11 +267,11 @@ def _bn_lif_bwd_kernel(
                     b_dv_dh = 1.0
                 else:
                     b_dv_dh = 1.0 - v_threshold * b_sg
-            b_gh = b_gss[j] * b_sg + b_gv * b_dv_dh
+            b_gh = b_gss[j].to(tl.float32) * b_sg + b_gv * b_dv_dh
             b_g = tl.where(t < T, b_gh * dh_dy, 0.0)
             b_sum_g += b_g
             if not SUM_OVER_TIME:
-                b_sum_gx += b_g * ((b_xs[j] - mean) * rstd)
+                b_sum_gx += b_g * ((b_xs[j].to(tl.float32) - mean) * rstd)
                 tl.store(p_g + t * N + offsets, b_g.to(p_g.dtype.element_ty), mask=mask & (t < T))
             b_gv = tl.where(t < T, b_gh * dh_dv, b_gv)  # steps past T (a partial last chunk) pass it through
     if SUM_OVER_TIME:  # x̂ is the same at every step: Σ_t g_t·x̂ = (Σ_t g_t)·x̂
@@ -348,18 +355,20 @@ class Geometry:
 
     __slots__ = ("T", "N", "outer", "C", "inner", "stride_xt", "block", "num_i_tiles", "grid", "programs")
 
-    def __init__(self, T: int, N: int, C: int, inner: int, stride_xt: int, element_size: int):
+    def __init__(self, T: int, N: int, C: int, inner: int, stride_xt: int, per_thread: int):
         self.T, self.N, self.C, self.inner, self.stride_xt = T, N, C, inner, stride_xt
         self.outer = N // (C * inner)
-        per_thread = 16 // element_size  # 16 bytes per thread: 4 fp32 or 8 fp16/bf16 values
         total = per_thread * 32 * NUM_WARPS
+        # the contiguous run first (H·W for NCHW, channels for channels_last), then outer rows, then (NCHW
+        # with few rows, e.g. batch 1) more channels, so that a program holds `total` elements when it can
         if inner > 1:
             block_i = min(_next_pow2(inner), total)
-            block_c = 1
+            block_o = min(_next_pow2(self.outer), total // block_i)
+            block_c = max(1, min(_next_pow2(C), total // (block_i * block_o), MAX_BLOCK_C))
         else:
             block_i = 1
-            block_c = min(_next_pow2(C), MAX_BLOCK_C)
-        block_o = max(1, min(total // (block_i * block_c), _next_pow2(self.outer)))
+            block_c = min(_next_pow2(C), MAX_BLOCK_C, total)
+            block_o = max(1, min(_next_pow2(self.outer), total // block_c))
         self.block = (block_o, block_c, block_i)
         self.num_i_tiles = -(-inner // block_i)
         self.programs = -(-self.outer // block_o) * self.num_i_tiles  # P: programs along (outer, inner)
@@ -380,6 +389,25 @@ class Geometry:
 
     def blocks(self) -> dict:
         return dict(BLOCK_O=self.block[0], BLOCK_C=self.block[1], BLOCK_I=self.block[2])
+
+
+def geometry(x, *tensors) -> Geometry:
+    """The Geometry of x [T, B, C, ...] (dense time-major, or time stride 0) for a call that also reads or
+    writes `tensors` (None allowed) in x's layout. Each thread owns 16 contiguous bytes (4 fp32 or 8 fp16/bf16
+    values, 128-bit accesses) when every pointer is 16-byte aligned and the contiguous run (H·W for NCHW, C
+    for channels_last), N and the time stride are multiples of that; else 2 values."""
+    T, C = x.shape[0], x.shape[2]
+    N = x[0].numel()
+    inner = x.stride(2) if C > 1 else N
+    stride_xt = x.stride(0) if T > 1 else N
+    per_thread = 16 // x.element_size()
+    addresses = x.data_ptr()
+    for t in tensors:
+        if t is not None:
+            addresses |= t.data_ptr()
+    run = inner if inner > 1 else C
+    aligned = run % per_thread == 0 and N % per_thread == 0 and stride_xt % per_thread == 0 and addresses % 16 == 0
+    return Geometry(T, N, C, inner, stride_xt, per_thread if aligned else UNALIGNED_ELEMENTS)
 
 
 def _divide_mode(x):
@@ -429,13 +457,16 @@ def bn_fire_backward(x, residual, grad_spikes, stats, checkpoints, grad_y, weigh
     scalars, codes = _launch_constants(spec)
     dummy = stats
     partials = stats.new_empty(2, g.programs, C)
+    # a chunk of 8 16-bit steps at 8 values per thread, with the per-channel constants of 8 channels per thread
+    # (channels_last), spills at 255 registers: 8 warps (4 values, 64-bit accesses per thread) for those
+    warps = 2 * NUM_WARPS if x.element_size() == 2 and chunk_for(g.T) > 4 else NUM_WARPS
     _bn_lif_bwd_kernel[g.grid](
         x, dummy if residual is None else residual, grad_spikes, stats,
         dummy if checkpoints is None else checkpoints, grad_y, partials,
         g.stride_xt, g.N, *g.view_args(), g.programs, *scalars, spec.alpha,
         T=g.T, CHUNK=chunk_for(g.T), SURROGATE=SURROGATE_CODES[spec.surrogate], DETACH_RESET=spec.detach_reset,
         DIVIDE=_divide_mode(x), SUM_OVER_TIME=g.stride_xt == 0 and g.T > 1, HAS_RESIDUAL=residual is not None,
-        num_warps=NUM_WARPS, **codes, **g.blocks(),
+        num_warps=warps, **codes, **g.blocks(),
     )
     coef = stats.new_empty(3, C)
     _bn_finalize_bwd_kernel[(-(-C // FINALIZE_BLOCK_C),)](
@@ -454,5 +485,5 @@ def checkpoints_for(T: int) -> int:
     return -(-T // MAX_CHUNK) - 1
 
 
-__all__ = ["Geometry", "bn_statistics", "bn_fire", "bn_fire_backward", "checkpoints_for", "MEAN", "RSTD", "SCALE",
+__all__ = ["Geometry", "geometry", "bn_statistics", "bn_fire", "bn_fire_backward", "checkpoints_for", "MEAN", "RSTD", "SCALE",
            "SHIFT"]

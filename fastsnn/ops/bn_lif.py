@@ -9,7 +9,6 @@ The reference backend is torch.nn.functional.batch_norm + fastsnn.reference.lif_
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -38,13 +37,10 @@ def _repeated(x: Tensor, repeat: int) -> Tensor:
     return x.unsqueeze(0).expand(repeat, *x.shape)
 
 
-def _geometry(x_seq: Tensor):
-    """The kernels' (outer, channel, inner) view of x_seq [T, B, C, ...] (dense time-major, or time stride 0)."""
-    C = x_seq.shape[2]
-    N = math.prod(x_seq.shape[1:])
-    inner = x_seq.stride(2) if C > 1 else N
-    return _kernels().Geometry(x_seq.shape[0], N, C, inner, x_seq.stride(0) if x_seq.shape[0] > 1 else N,
-                               x_seq.element_size())
+def _geometry(x_seq: Tensor, *tensors: Tensor | None):
+    """The kernels' (outer, channel, inner) view of x_seq [T, B, C, ...] and its tiling (see
+    fastsnn.kernels.bn_lif.geometry; `tensors` are the call's other inputs, for their alignment)."""
+    return _kernels().geometry(x_seq, *tensors)
 
 
 def _checkpoints(x_seq: Tensor) -> Tensor | None:
@@ -68,14 +64,16 @@ def _fire_impl(x, residual, stats, spec, repeat):
     spikes = time_major_like(x_seq)
     checkpoints = _checkpoints(x_seq)
     residual = None if residual is None else as_time_major_like(residual, x_seq)
-    _kernels().bn_fire(x_seq, residual, stats, spikes, checkpoints, _geometry(x_seq), spec)
+    _kernels().bn_fire(x_seq, residual, stats, spikes, checkpoints, _geometry(x_seq, residual), spec)
     return spikes, checkpoints
 
 
 def _backward_impl(grad_spikes, x, weight, residual, stats, checkpoints, spec, training, repeat, needs):
     """(grad_x, grad_weight, grad_bias, grad_residual), None where `needs` (4 bools) says not needed."""
     x_seq = _repeated(x, repeat) if repeat else x
-    geometry = _geometry(x_seq)
+    residual = None if residual is None else as_time_major_like(residual, x_seq)
+    grad_spikes = as_time_major_like(grad_spikes, x_seq)
+    geometry = _geometry(x_seq, residual, grad_spikes)
     broadcast = geometry.stride_xt == 0 and geometry.T > 1
     grad_y = time_major_like(x_seq[:1] if broadcast else x_seq)
     grad_weight = torch.empty_like(stats[0]) if needs[1] else None
@@ -83,8 +81,7 @@ def _backward_impl(grad_spikes, x, weight, residual, stats, checkpoints, spec, t
     grad_x = None
     if needs[0]:
         grad_x = time_major_like(grad_y) if needs[3] else grad_y  # in place over g when g is not returned
-    residual = None if residual is None else as_time_major_like(residual, x_seq)
-    _kernels().bn_fire_backward(x_seq, residual, as_time_major_like(grad_spikes, x_seq), stats, checkpoints,
+    _kernels().bn_fire_backward(x_seq, residual, grad_spikes, stats, checkpoints,
                                 grad_y, weight, grad_weight, grad_bias, grad_x, geometry, spec, training=training)
     if grad_x is not None and broadcast:
         grad_x = grad_x[0]

@@ -1,0 +1,335 @@
+"""Fused BatchNorm + residual + neuron (fastsnn.bn_lif / bn_if, BNLIF/BNIF, the zoo's fused blocks): the Triton
+kernels against torch.nn.functional.batch_norm + fastsnn.reference on every device of this process."""
+import pytest
+import torch
+
+import fastsnn
+from fastsnn import models, reference
+from fastsnn.ops.bn_lif import apply_bn_neuron
+from fastsnn.spec import NeuronSpec
+from helpers import assert_close, count_launches, product_cases
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # bf16 cases run on CUDA only (see conftest)
+SHAPES = {"3x7x7": (3, 7, 7), "64x5x5": (64, 5, 5), "5x4x6": (5, 4, 6), "bn1d-10": (10,)}
+NEURONS = {"lif": dict(), "lif-soft-sigmoid": dict(v_reset=None, surrogate="sigmoid"),
+           "lif-nodecay-pq": dict(decay_input=False, surrogate="piecewise_quadratic", detach_reset=True),
+           "if-erf": dict(kind="if", surrogate="erf"), "lif-tau3-vr": dict(tau=3.0, v_threshold=0.8, v_reset=-0.2)}
+
+
+def _spec(options):
+    options = dict(options)
+    kind = options.pop("kind", "lif" if options.pop("decay_input", True) else "lif_no_decay")
+    return NeuronSpec.create("test", kind=kind, **options)
+
+
+def _layout(x, channels_last):
+    """x [T, B, C, H, W] with each timestep's [B, C, H, W] in channels_last, values unchanged."""
+    if not channels_last or x.dim() != 5:
+        return x
+    return x.flatten(0, 1).to(memory_format=torch.channels_last).view(x.shape)
+
+
+def _case(T, B, per_sample, dtype, channels_last, residual, device):
+    C = per_sample[0]
+    x = _layout(torch.randn(T, B, *per_sample, device=device) * 1.7 + 0.6, channels_last).to(dtype)
+    weight = torch.rand(C, device=device) + 0.5
+    bias = torch.randn(C, device=device) * 0.4 + 0.6
+    r = _layout(torch.randn(T, B, *per_sample, device=device) * 0.5, channels_last).to(dtype) if residual else None
+    stats = (torch.randn(C, device=device) * 0.2, torch.rand(C, device=device) + 0.5)
+    return x, weight, bias, r, stats
+
+
+def _run(fn, x, weight, bias, r, running, grad_spikes, **kw):
+    """fn(...) -> (spikes, running_mean, running_var, grads of x, weight, bias[, residual]) on fresh leaves."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
+    r_leaf = None if r is None else r.detach().clone().requires_grad_()
+    running = [t.clone() for t in running]
+    spikes = fn(*leaves, *running, residual=r_leaf, **kw)
+    grads = torch.autograd.grad((spikes.float() * grad_spikes).sum(), leaves + ([r_leaf] if r is not None else []))
+    return spikes, running, grads
+
+
+def _reference(x, weight, bias, rm, rv, *, spec, training, residual=None, repeat=None, momentum=0.1, eps=1e-5):
+    """The oracle in fp32 (x and residual upcast), the result cast back to x's dtype."""
+    r = None if residual is None else residual.float()
+    return reference.bn_lif_multistep(x.float(), weight, bias, rm, rv, spec, training=training, momentum=momentum,
+                                      eps=eps, residual=r, repeat=repeat).to(x.dtype)
+
+
+def _compare(got, want, dtype):
+    spikes, running, grads = got
+    w_spikes, w_running, w_grads = want
+    assert spikes.dtype == dtype and spikes.shape == w_spikes.shape
+    assert torch.equal(spikes, w_spikes), f"{(spikes != w_spikes).sum().item()} spikes differ"
+    for a, b in zip(running, w_running):
+        assert_close(a, b, torch.float32)
+    for a, b in zip(grads, w_grads):
+        # BN's backward subtracts per-channel means of g: compare at the scale of the largest gradient
+        assert_close(a.float(), b.float(), dtype, scale=max(1.0, b.abs().max().item()))
+    assert w_grads[0].abs().sum() > 0 and w_grads[1].abs().sum() > 0  # a test that cannot fail is a defect
+
+
+@pytest.mark.parametrize("dtype,T,per_sample,neuron,channels_last,residual,training", product_cases(
+    dtype=DTYPES, T=[1, 2, 4, 7], shape=SHAPES, neuron=NEURONS, layout={"nchw": False, "channels_last": True},
+    residual={"residual": True, "": False}, mode={"train": True, "eval": False}))
+def test_bn_neuron_kernels_match_batch_norm_and_the_reference(device, dtype, T, per_sample, neuron, channels_last,
+                                                              residual, training):
+    x, weight, bias, r, running = _case(T, 3, per_sample, dtype, channels_last, residual, device)
+    spec = _spec(neuron)
+    grad_spikes = torch.randn(x.shape, device=device)
+    got = _run(lambda *a, **kw: apply_bn_neuron("test", *a, spec, training=training, backend="triton", **kw),
+               x, weight, bias, r, running, grad_spikes)
+    want = _run(lambda *a, **kw: _reference(*a, spec=spec, training=training, **kw), x, weight, bias, r, running,
+                grad_spikes)
+    _compare(got, want, dtype)
+    if channels_last:
+        assert got[0].stride() == x.stride()
+
+
+@pytest.mark.parametrize("T", [9, 17], ids=lambda T: f"T{T}")  # chunks restarted from membrane checkpoints
+def test_long_sequences(device, T):
+    x, weight, bias, r, running = _case(T, 2, (6, 3, 5), torch.float32, False, True, device)
+    spec = _spec(NEURONS["lif-tau3-vr"])
+    g = torch.randn(x.shape, device=device)
+    got = _run(lambda *a, **kw: fastsnn.bn_lif(*a, training=True, tau=3.0, v_threshold=0.8, v_reset=-0.2,
+                                               backend="triton", **kw), x, weight, bias, r, running, g)
+    _compare(got, _run(lambda *a, **kw: _reference(*a, spec=spec, training=True, **kw), x, weight, bias, r, running,
+                       g), torch.float32)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_repeat_normalises_one_timestep_and_sums_its_gradient(device, channels_last, training):
+    T, C = 5, 6
+    step = torch.randn(3, C, 4, 5, device=device) * 1.5 + 0.5
+    step = step.to(memory_format=torch.channels_last) if channels_last else step
+    weight, bias = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device) * 0.3 + 0.7
+    running = (torch.zeros(C, device=device), torch.ones(C, device=device))
+    g = torch.randn(T, *step.shape, device=device)
+    spec = _spec({})
+    got = _run(lambda *a, **kw: fastsnn.bn_lif(*a, training=training, repeat=T, backend="triton", **kw), step,
+               weight, bias, None, running, g)
+    want = _run(lambda *a, **kw: _reference(*a, spec=spec, training=training, repeat=T, **kw), step, weight, bias,
+                None, running, g)
+    _compare(got, want, torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        fastsnn.bn_lif(step.requires_grad_(), weight, bias, *running, training=training, repeat=T, backend="triton")
+    # one timestep of x, [mean, 1/std, scale, shift] per channel, and the weight (a parameter, for dL/dx)
+    assert sum(saved) == step.numel() * 4 + 4 * C * 4 + C * 4
+
+
+def test_if_and_functional_forms_agree(device):
+    x, weight, bias, r, running = _case(4, 2, (5, 3, 3), torch.float32, False, True, device)
+    got = fastsnn.bn_if(x, weight, bias, *[t.clone() for t in running], training=True, residual=r, v_threshold=0.7,
+                        backend="triton")
+    want = _reference(x, weight, bias, *[t.clone() for t in running], spec=_spec(dict(kind="if", v_threshold=0.7)),
+                      training=True, residual=r)
+    assert torch.equal(got, want)
+
+
+def test_no_affine_and_no_running_statistics(device):
+    x, _, _, _, _ = _case(3, 4, (5, 2, 3), torch.float32, False, False, device)
+    g = torch.randn(x.shape, device=device)
+    xa = x.clone().requires_grad_()
+    xb = x.clone().requires_grad_()
+    got = fastsnn.bn_lif(xa, None, None, None, None, training=True, backend="triton")
+    want = _reference(xb, None, None, None, None, spec=_spec({}), training=True)
+    assert torch.equal(got, want)
+    assert_close(torch.autograd.grad((got * g).sum(), xa)[0], torch.autograd.grad((want * g).sum(), xb)[0],
+                 scale=10.0)
+
+
+@pytest.mark.parametrize("layout", ["sliced", "transposed-residual", "expanded-residual"])
+def test_hostile_layouts(device, layout):
+    T, B, C = 3, 2, 4
+    base = torch.randn(T, B, C + 3, 5, 6, device=device) * 2
+    x = base[:, :, 1:C + 1] if layout == "sliced" else base[:, :, :C].contiguous()
+    r = torch.randn(T, B, C, 5, 6, device=device)
+    if layout == "transposed-residual":
+        r = torch.randn(T, B, C, 6, 5, device=device).transpose(3, 4)
+    elif layout == "expanded-residual":
+        r = torch.randn(1, B, C, 5, 6, device=device).expand(T, B, C, 5, 6)
+    weight, bias = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
+    running = (torch.zeros(C, device=device), torch.ones(C, device=device))
+    g = torch.randn(x.shape, device=device)
+    got = _run(lambda *a, **kw: fastsnn.bn_lif(*a, training=True, backend="triton", **kw), x, weight, bias, r,
+               running, g)
+    want = _run(lambda *a, **kw: _reference(*a, spec=_spec({}), training=True, **kw), x, weight, bias, r, running, g)
+    _compare(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.5, None], ids=["m0.1", "m0.5", "cumulative"])
+def test_running_statistics_after_three_steps_equal_batchnorm2d(device, momentum):
+    C = 6
+    fused = fastsnn.BNLIF(C, momentum=momentum, backend="triton").to(device)
+    bn = torch.nn.BatchNorm2d(C, momentum=momentum).to(device)
+    lif = fastsnn.LIF(backend="reference")
+    for step in range(3):
+        x = torch.randn(4, 3, C, 5, 5, device=device) * (step + 1) + step
+        got = fused(x)
+        want = lif(bn(x.flatten(0, 1)).unflatten(0, (4, 3)))
+        assert torch.equal(got, want)
+    for name in ("running_mean", "running_var"):
+        assert_close(getattr(fused, name), getattr(bn, name))
+    assert int(fused.num_batches_tracked) == int(bn.num_batches_tracked) == 3
+    fused.eval()
+    bn.eval()
+    x = torch.randn(4, 3, C, 5, 5, device=device)
+    assert torch.equal(fused(x), lif(bn(x.flatten(0, 1)).unflatten(0, (4, 3))))
+    assert list(fused.state_dict()) == list(bn.state_dict())
+    fused.load_state_dict(bn.state_dict())  # nn.BatchNorm2d checkpoints load unchanged
+
+
+def test_launches_per_call(device):
+    x, weight, bias, r, running = _case(4, 2, (8, 4, 4), torch.float32, False, True, device)
+    x.requires_grad_()
+    with count_launches() as fwd:
+        spikes = fastsnn.bn_lif(x, weight, bias, *running, training=True, residual=r, backend="triton")
+    with count_launches() as bwd:
+        spikes.sum().backward()
+    with count_launches() as ev:
+        fastsnn.bn_lif(x, weight, bias, *running, training=False, backend="triton")
+    # statistics, per-channel finalisation, fire | neuron backward, finalisation, grad_x | eval: one pass over x
+    assert (len(fwd["triton"]), len(bwd["triton"]), len(ev["triton"])) == (3, 3, 2)
+    assert [op for op in fwd["aten"] + ev["aten"] if "copy" in op or "batch_norm" in op] == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("T", [4, 12], ids=lambda T: f"T{T}")
+def test_saved_bytes_are_x_and_per_channel_statistics(device, dtype, T):
+    B, C, H, W = 2, 5, 3, 4
+    x = torch.randn(T, B, C, H, W, device=device).to(dtype).requires_grad_()
+    r = torch.randn(T, B, C, H, W, device=device).to(dtype)
+    weight, bias = torch.ones(C, device=device, requires_grad=True), torch.zeros(C, device=device, requires_grad=True)
+    for residual in (None, r):
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fastsnn.bn_lif(x, weight, bias, None, None, training=True, residual=residual, backend="triton")
+        checkpoints = 4 * B * C * H * W * (-(-T // 8) - 1)  # fp32 membrane every 8 steps when T > 8
+        extra = 0 if residual is None else r.numel() * r.element_size()  # the caller's tensor, kept by reference
+        assert sum(saved) == x.numel() * x.element_size() + weight.numel() * 4 + 4 * C * 4 + checkpoints + extra
+
+
+@pytest.mark.parametrize("kwargs,exc,words", [
+    (dict(x=torch.zeros(2, 3)), ValueError, ["x must have shape [T, B, C, ...]", "at least 3 dims"]),
+    (dict(x=torch.zeros(2, 3, 4, dtype=torch.int32)), TypeError, ["x must have a floating dtype", "int32"]),
+    (dict(x=torch.zeros(2, 3, 4, dtype=torch.float64)), TypeError, ["x must have a floating dtype", "float64"]),
+    (dict(weight=torch.ones(5)), ValueError, ["weight must have shape (4,)", "one value per channel"]),
+    (dict(running_mean=torch.zeros(3)), ValueError, ["running_mean must have shape (4,)"]),
+    (dict(running_var=None), ValueError, ["running_mean and running_var must be given together"]),
+    (dict(running_mean=torch.zeros(4, device="meta")), ValueError, ["running_mean must be on x's device"]),
+    (dict(eps=0.0), ValueError, ["eps must be a finite number > 0", "0.0"]),
+    (dict(eps=float("nan")), ValueError, ["eps must be a finite number > 0"]),
+    (dict(momentum=1.5), ValueError, ["momentum must be a number in [0, 1]", "1.5"]),
+    (dict(momentum=-0.1), ValueError, ["momentum must be a number in [0, 1]"]),
+    (dict(training="yes"), TypeError, ["training must be True or False"]),
+    (dict(training=False, running_mean=None, running_var=None), ValueError, ["training=False", "running_mean"]),
+    (dict(x=torch.zeros(1, 1, 4)), ValueError, ["more than 1 value per channel"]),
+    (dict(residual=torch.zeros(2, 3, 5)), ValueError, ["residual must have x's shape (2, 3, 4)"]),
+    (dict(repeat=2, x=torch.zeros(3, 4), residual=torch.zeros(2, 3, 4)), ValueError, ["residual", "repeat"]),
+    (dict(repeat=0, x=torch.zeros(3, 4)), ValueError, ["repeat must be None or a number of timesteps >= 1"]),
+    (dict(tau=0.5), ValueError, ["tau must be a finite number > 1"]),
+    (dict(surrogate="relu"), ValueError, ["surrogate"]),
+])
+def test_bad_input_names_the_argument(kwargs, exc, words):
+    args = dict(x=torch.randn(2, 3, 4), weight=torch.ones(4), bias=torch.zeros(4), running_mean=torch.zeros(4),
+                running_var=torch.ones(4), training=True)
+    args.update(kwargs)
+    x, weight, bias, rm, rv = (args.pop(k) for k in ("x", "weight", "bias", "running_mean", "running_var"))
+    with pytest.raises(exc) as info:
+        fastsnn.bn_lif(x, weight, bias, rm, rv, **args)
+    message = str(info.value)
+    assert message.startswith("bn_lif:") and all(w in message for w in words), message
+
+
+def test_module_arguments_are_validated():
+    with pytest.raises(ValueError, match="BNLIF: tau must be a finite number > 1"):
+        fastsnn.BNLIF(4, tau=1.0)
+    with pytest.raises(ValueError, match="BNIF: backend must be one of"):
+        fastsnn.BNIF(4, backend="cuda")
+    with pytest.raises(ValueError, match="stateless"):
+        fastsnn.LIF(stateful=True)(torch.zeros(2, 3, 4), bn=torch.nn.BatchNorm1d(4))
+    with pytest.raises(TypeError, match="bn must be a torch.nn BatchNorm module"):
+        fastsnn.LIF()(torch.zeros(2, 3, 4), bn=torch.nn.Identity())
+
+
+@pytest.mark.parametrize("repeat", [None, 3], ids=["sequence", "repeat3"])
+def test_torch_compile_fullgraph_matches_eager(device, repeat):
+    torch._dynamo.reset()
+    conv = torch.nn.Conv2d(2, 4, 3, padding=1).to(device)
+    bn_eager, bn_compiled = torch.nn.BatchNorm2d(4).to(device), torch.nn.BatchNorm2d(4).to(device)
+    lif = fastsnn.LIF(backend="triton")
+
+    def net(x, bn):
+        if repeat:
+            return lif(conv(x), repeat=repeat, bn=bn)
+        return lif(conv(x.flatten(0, 1)).unflatten(0, x.shape[:2]), bn=bn)
+
+    x = torch.randn(*(() if repeat else (3,)), 2, 2, 5, 5, device=device, requires_grad=True)
+    eager = net(x, bn_eager)
+    g_eager = torch.autograd.grad(eager.sum(), [x, conv.weight])
+    compiled = torch.compile(net, fullgraph=True)(x, bn_compiled)
+    g_compiled = torch.autograd.grad(compiled.sum(), [x, conv.weight])
+    assert torch.equal(compiled, eager)
+    for a, b in zip(g_compiled, g_eager):
+        assert_close(a, b, scale=10.0)
+    assert_close(bn_compiled.running_var, bn_eager.running_var)
+
+
+def test_ops_pass_opcheck(device):
+    args = ("lif", 2.0, 1.0, 0.0, "atan", 2.0, False)
+    x = torch.randn(3, 2, 4, 5, device=device, requires_grad=True)
+    w, b = torch.rand(4, device=device, requires_grad=True), torch.randn(4, device=device, requires_grad=True)
+    stats = torch.ops.fastsnn.bn_statistics(x.detach(), w.detach(), b.detach(), None, None, True, 0.1, 1e-5, 0)
+    torch.library.opcheck(torch.ops.fastsnn.bn_neuron_fire.default, (x, w, b, None, stats, *args, True, 0))
+    torch.library.opcheck(torch.ops.fastsnn.bn_statistics.default,
+                          (x.detach(), w.detach(), b.detach(), torch.zeros(4, device=device),
+                           torch.ones(4, device=device), True, 0.1, 1e-5, 0))
+
+
+# ---- the zoo: fused and unfused models agree ----
+
+def _tiny(name, fuse_bn, **kw):
+    from functools import partial
+
+    from fastsnn.models.zoo import VGG, DigitsNet, ResNet
+
+    neuron = partial(fastsnn.MultistepNeuron.from_spec, NeuronSpec.create("test", detach_reset=True),
+                     backend="triton")
+    if name == "resnet":
+        return ResNet([1, 1], [4, 8], 5, T=2, neuron=neuron, fuse_bn=fuse_bn, stem_width=4, **kw)
+    if name == "sew":
+        return ResNet([1, 1], [4, 8], 5, T=2, neuron=neuron, block="sew", fuse_bn=fuse_bn, stem="imagenet", **kw)
+    if name == "vgg":
+        return VGG([4, "M", 8], 5, T=2, neuron=neuron, fuse_bn=fuse_bn)
+    return DigitsNet(5, T=2, neuron=neuron, in_channels=3, width=4, fuse_bn=fuse_bn)
+
+
+@pytest.mark.parametrize("name", ["resnet", "sew", "vgg", "digits"])
+@pytest.mark.parametrize("time_major", [False, True], ids=["images", "time-major"])
+def test_fused_model_equals_unfused(name, time_major):
+    fused, plain = _tiny(name, True), _tiny(name, False)
+    plain.load_state_dict(fused.state_dict())
+    x = torch.rand(2, 2, 3, 12, 12) if time_major else torch.rand(2, 3, 12, 12)
+    out_f, out_p = fused(x), plain(x)
+    assert torch.equal(out_f, out_p)
+    params_f, params_p = list(fused.parameters()), list(plain.parameters())
+    for a, b in zip(torch.autograd.grad(out_f.square().sum(), params_f),
+                    torch.autograd.grad(out_p.square().sum(), params_p)):
+        assert_close(a, b, scale=max(1.0, b.abs().max().item()))
+    for (key, a), b in zip(fused.state_dict().items(), plain.state_dict().values()):
+        assert_close(a.float(), b.float()) if a.is_floating_point() else torch.equal(a, b), key
+
+
+def test_models_create_takes_fuse_bn():
+    model = models.create("digits_snn", 10, T=2, fuse_bn=False)
+    assert model.fuse_bn is False and models.create("digits_snn", 10, T=2).fuse_bn is True
+    with pytest.raises(TypeError, match="fuse_bn must be True or False"):
+        models.create("digits_snn", 10, T=2, fuse_bn="no")
