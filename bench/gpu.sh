@@ -9,7 +9,7 @@
 # its two missing requirements (loguru, SciencePlots) from wheels gathered beforehand into the git-ignored
 # .whl/ folder (see bench/README.md). Steps, slowest last, each cut off when the budget runs out:
 #   1. versions, the GPU, the device-to-device copy bandwidth (measured once, passed to every step)
-#   2. correctness on the device: the kernel test bodies (tests/test_lif.py, test_tser_loss.py,
+#   2. correctness on the device: the kernel test bodies (tests/test_lif.py, test_bn_lif.py, test_tser_loss.py,
 #      test_properties.py) compiled vs the reference in fp32/fp16/bf16, one training step of every student,
 #      and `python -m fastsnn.train` for one epoch of digits (tests/test_cuda.py)
 #   3. the headline rows: LIF fwd+bwd T=4 64×65,536 (fp16/bf16/fp32) vs SpikingJelly Triton, eager and
@@ -103,12 +103,12 @@ COPY=$(sed -n 's/^copy_GB\/s //p' "$ENV")
 if [ $DRY -eq 1 ]; then
     export FASTSNN_BENCH_DRY_RUN=1
     CORRECTNESS=(env -u FASTSNN_COMPILED $PY -m pytest -q -p no:cacheprovider --quick -x -k "cpu or test_cuda"
-                 test_lif.py test_tser_loss.py test_properties.py test_cuda.py)
+                 test_lif.py test_bn_lif.py test_tser_loss.py test_properties.py test_cuda.py)
 else
     XDIST=()
     $PY -c "import xdist" 2> /dev/null && XDIST=(-n 8)
     CORRECTNESS=(env FASTSNN_COMPILED=1 $PY -m pytest -q -p no:cacheprovider "${XDIST[@]}" --full --maxfail=50 -k cuda
-                 test_lif.py test_tser_loss.py test_properties.py test_cuda.py)
+                 test_lif.py test_bn_lif.py test_tser_loss.py test_properties.py test_cuda.py)
 fi
 
 # 2. correctness on the device

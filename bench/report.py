@@ -130,11 +130,17 @@ def markdown(env: dict, rows: list[dict]) -> str:
         lines += [f"| {r['name']} | {r['host_us']} | {r['bare_function_us']} | {r['ratio']} |" for r in host] + [""]
     saved = [r for r in rows if r["op"] == "saved_bytes"]
     if saved:
-        lines += ["## Bytes saved for backward in one training step (T = 4, fp32)", "",
-                  "| network | batch | image | fastsnn MB | SpikingJelly neurons MB | ratio |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['arch']} | {r['batch']} | {r['image']} | {r['fastsnn_bytes'] / 2**20:.1f} | "
-                  f"{r['spikingjelly_bytes'] / 2**20:.1f} | {r['ratio']} |" for r in saved] + [""]
+        lines += ["## Activation bytes saved for backward in one training step (fp32, parameters left out)", "",
+                  "| network | T | batch | image | fastsnn (fused BN) MB | fastsnn unfused MB | SpikingJelly neurons MB "
+                  "| ratio fused | ratio unfused |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['arch']} | {r.get('T', 4)} | {r['batch']} | {r['image']} | {r['fastsnn_bytes'] / 2**20:.1f} | "
+                  f"{_mb(r.get('fastsnn_unfused_bytes'))} | {r['spikingjelly_bytes'] / 2**20:.1f} | {r['ratio']} | "
+                  f"{_fmt(r.get('ratio_unfused'))} |" for r in saved] + [""]
     return "\n".join(lines)
+
+
+def _mb(nbytes) -> str:
+    return "—" if nbytes is None else f"{nbytes / 2**20:.1f}"
 
 
 def summary(env: dict, rows: list[dict]) -> str:

@@ -25,6 +25,21 @@ class _Bare(torch.autograd.Function):
         return (torch.empty_like(x),) + (None,) * len(grads)
 
 
+class _BareBN(torch.autograd.Function):
+    """The floor for bn_lif: spikes and [4, C] statistics in the forward; grad x, weight, bias in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        torch.empty(4, weight.shape[0], device=x.device)
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
 def _per_call_us(fn, repeats=300):
     for _ in range(20):
         fn()
@@ -38,7 +53,13 @@ def _cases():
     x = torch.randn(4, 8, 64, device=DEVICE, requires_grad=True)
     z = torch.randn(4, 8, 10, device=DEVICE, requires_grad=True)
     u, y = torch.randn(8, 10, device=DEVICE), torch.randint(0, 10, (8,), device=DEVICE)
+    xb = torch.randn(4, 8, 16, 4, 4, device=DEVICE, requires_grad=True)
+    w, b = torch.ones(16, device=DEVICE, requires_grad=True), torch.zeros(16, device=DEVICE, requires_grad=True)
+    running = (torch.zeros(16, device=DEVICE), torch.ones(16, device=DEVICE))
     return {
+        "bn_lif": (lambda: torch.autograd.grad(fastsnn.bn_lif(xb, w, b, *running, training=True,
+                                                              backend="triton").sum(), (xb, w, b)),
+                   lambda: torch.autograd.grad(_BareBN.apply(xb, w, b).sum(), (xb, w, b))),
         "lif_multistep": (lambda: torch.autograd.grad(fastsnn.lif_multistep(x, backend="triton").sum(), x),
                           lambda: torch.autograd.grad(_Bare.apply(x, x)[0].sum(), x)),
         "tser_loss": (lambda: torch.autograd.grad(fastsnn.tser_loss(z, u, y, backend="triton"), z),
@@ -46,7 +67,7 @@ def _cases():
     }
 
 
-@pytest.mark.parametrize("op", ["lif_multistep", "tser_loss"])
+@pytest.mark.parametrize("op", ["lif_multistep", "bn_lif", "tser_loss"])
 def test_host_time_per_call(benchmark, op, monkeypatch):
     # no kernel runs: what is timed is the Python/dispatcher path around the launches
     monkeypatch.setattr(KernelInterface, "__getitem__", lambda kernel, grid: (lambda *a, **k: None))

@@ -296,7 +296,7 @@ def test_ops_pass_opcheck(device):
 
 # ---- the zoo: fused and unfused models agree ----
 
-def _tiny(name, fuse_bn, **kw):
+def _tiny(name, fuse_bn, device, **kw):
     from functools import partial
 
     from fastsnn.models.zoo import VGG, DigitsNet, ResNet
@@ -304,20 +304,22 @@ def _tiny(name, fuse_bn, **kw):
     neuron = partial(fastsnn.MultistepNeuron.from_spec, NeuronSpec.create("test", detach_reset=True),
                      backend="triton")
     if name == "resnet":
-        return ResNet([1, 1], [4, 8], 5, T=2, neuron=neuron, fuse_bn=fuse_bn, stem_width=4, **kw)
-    if name == "sew":
-        return ResNet([1, 1], [4, 8], 5, T=2, neuron=neuron, block="sew", fuse_bn=fuse_bn, stem="imagenet", **kw)
-    if name == "vgg":
-        return VGG([4, "M", 8], 5, T=2, neuron=neuron, fuse_bn=fuse_bn)
-    return DigitsNet(5, T=2, neuron=neuron, in_channels=3, width=4, fuse_bn=fuse_bn)
+        model = ResNet([1, 1], [4, 8], 5, T=2, neuron=neuron, fuse_bn=fuse_bn, stem_width=4, **kw)
+    elif name == "sew":
+        model = ResNet([1, 1], [4, 8], 5, T=2, neuron=neuron, block="sew", fuse_bn=fuse_bn, stem="imagenet", **kw)
+    elif name == "vgg":
+        model = VGG([4, "M", 8], 5, T=2, neuron=neuron, fuse_bn=fuse_bn)
+    else:
+        model = DigitsNet(5, T=2, neuron=neuron, in_channels=3, width=4, fuse_bn=fuse_bn)
+    return model.to(device)
 
 
 @pytest.mark.parametrize("name", ["resnet", "sew", "vgg", "digits"])
 @pytest.mark.parametrize("time_major", [False, True], ids=["images", "time-major"])
-def test_fused_model_equals_unfused(name, time_major):
-    fused, plain = _tiny(name, True), _tiny(name, False)
+def test_fused_model_equals_unfused(device, name, time_major):
+    fused, plain = _tiny(name, True, device), _tiny(name, False, device)
     plain.load_state_dict(fused.state_dict())
-    x = torch.rand(2, 2, 3, 12, 12) if time_major else torch.rand(2, 3, 12, 12)
+    x = torch.rand(2, 2, 3, 12, 12, device=device) if time_major else torch.rand(2, 3, 12, 12, device=device)
     out_f, out_p = fused(x), plain(x)
     assert torch.equal(out_f, out_p)
     params_f, params_p = list(fused.parameters()), list(plain.parameters())

@@ -1,7 +1,7 @@
-"""Compiled Triton on a GPU. The kernel tests (test_lif.py, test_tser_loss.py, test_properties.py) take a
-`device` parameter: this file's launcher re-runs them in a process with FASTSNN_COMPILED=1, where their
-device is "cuda" and the kernels run compiled (bf16 included); the checks below need a whole model or the
-training program. Everything here is skipped without CUDA."""
+"""Compiled Triton on a GPU. The kernel tests (test_lif.py, test_bn_lif.py, test_tser_loss.py,
+test_properties.py) take a `device` parameter: this file's launcher re-runs them in a process with
+FASTSNN_COMPILED=1, where their device is "cuda" and the kernels run compiled (bf16 included); the checks
+below need a whole model or the training program. Everything here is skipped without CUDA."""
 import os
 import subprocess
 import sys
@@ -16,7 +16,7 @@ from fastsnn.backend import INTERPRET
 HERE = os.path.dirname(os.path.abspath(__file__))
 HAS_CUDA = torch.cuda.is_available()
 compiled_only = pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs CUDA and compiled Triton")
-DEVICE_TEST_FILES = ["test_lif.py", "test_tser_loss.py", "test_properties.py", "test_cuda.py"]
+DEVICE_TEST_FILES = ["test_lif.py", "test_bn_lif.py", "test_tser_loss.py", "test_properties.py", "test_cuda.py"]
 
 
 @pytest.mark.skipif(not HAS_CUDA or not INTERPRET, reason="needs CUDA; launches the compiled run")

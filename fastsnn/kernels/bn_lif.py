@@ -8,16 +8,18 @@ here walks one [BLOCK_O, BLOCK_C, BLOCK_I] tile of that (outer, channel, inner) 
 so a tile's per-channel constants are loaded once and its per-channel sums are formed in registers (no
 atomics, no channel gather).
 
-Passes (bytes per element of x and one timestep, e = x's element size; r: the residual):
-  forward (training)  stats: read x (e)                     per-program count/mean/M2 per channel (Chan)
-                      finalize: per channel (tiny)          mean, 1/std, running stats, scale
-                      fire: read x, r; write spikes (3e)    y = (x − μ)·scale + shift [+ r], neuron
-                      = 4e (+ e with r): the floor is two reads of x and the spikes' write.
-  forward (eval)      finalize from the running statistics, then fire: 3e.
-  backward            neuron: read x, r, dL/ds; write g (4e)    g = dL/dy; Σg and Σg·x̂ per channel
-                      finalize: per channel (tiny)              dL/dweight, dL/dbias, grad_x's coefficients
-                      grad_x: read g, x; write dL/dx (3e)       dL/dx = a·(g − Σg/n − x̂·Σg·x̂/n)
-                      = 7e, against 9e unfused (neuron 3e, BatchNorm's backward ≥ 5e, plus the add's).
+Passes (bytes moved per element of x per timestep, e = x's element size, +e where a residual r is read):
+  forward, training   stats: read x (e)                       per-program count/mean/M2 per channel (Chan)
+                      finalize: per channel (negligible)      mean, 1/std, running statistics, scale, shift
+                      fire: read x [, r], write spikes (2e)   y = (x − μ)·scale + shift [+ r], the neuron
+                      = 3e (+e): the floor (two reads of x, one write). Unfused (BatchNorm, add, neuron):
+                      5e (+3e: the add reads y and r and writes their sum, which the neuron reads again).
+  forward, eval       finalize from the running statistics, then fire: 2e (+e), a single pass.
+  backward            neuron: read x, dL/ds [, r], write g (3e)   g = dL/dy; Σg and Σg·x̂ per channel
+                      finalize: per channel (negligible)          dL/dweight, dL/dbias, grad_x's coefficients
+                      grad_x: read g, x, write dL/dx (3e)         dL/dx = a·(g − Σg/n − x̂·Σg·x̂/n)
+                      = 6e (+e), against 8e unfused (the neuron's 3e, then BatchNorm's reduction pass over
+                      g and x and its elementwise pass, 5e).
 Saved for the backward: x (as given: one timestep when broadcast), r when given (the caller's tensor; in
 a ResNet block it is the block input, which the block's first convolution saves anyway), the fp32 per-
 channel [mean, 1/std, scale, shift] and, for T > 8, the fp32 membrane every 8 steps (as fastsnn.kernels.lif).
