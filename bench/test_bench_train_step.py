@@ -14,11 +14,12 @@ CASES = {"sew_resnet34": dict(image=224, batch=32, classes=1000, tiny=(32, 1)),
 
 
 def build(arch, provider, device, dtype=torch.float32, T=4):
-    """(model, loss_fn, path): fastsnn's (fused BatchNorm + neuron; "fastsnn-unfused": the same modules run one
-    after the other), or the same network (same weights) with SpikingJelly neurons."""
+    """(model, loss_fn, path): fastsnn's (fused BatchNorm + neuron, spikes saved as bits; "fastsnn-unfused":
+    BatchNorm then neuron, nn.Conv2d/nn.MaxPool2d), or that network (same weights) with SpikingJelly neurons."""
     torch.manual_seed(0)
+    fastsnn_own = provider == "fastsnn"  # the others: nn.Conv2d, nn.MaxPool2d, BatchNorm then neuron
     model = models.create(arch, CASES[arch]["classes"], T=T, surrogate="atan", detach_reset=True,
-                          fuse_bn=provider == "fastsnn")
+                          fuse_bn=fastsnn_own, pack_spikes=fastsnn_own)
     if provider in ("fastsnn", "fastsnn-unfused"):
         return model.to(device), fastsnn.tser_loss, fastsnn_path(device)
     sj_neuron = pytest.importorskip("spikingjelly.activation_based.neuron")
@@ -80,7 +81,8 @@ SAVED_CASES = [("sew_resnet34", 4), ("spiking_resnet19", 2), ("spiking_resnet19"
 @pytest.mark.parametrize("arch,T", SAVED_CASES, ids=[f"{a}-T{T}" for a, T in SAVED_CASES])
 def test_saved_activation_bytes(benchmark, arch, T):
     """Activation bytes saved for backward by one training step's forward and loss (parameters left out):
-    fastsnn (fused BatchNorm + neuron), fastsnn unfused, and the same network with SpikingJelly neurons (fp32;
+    fastsnn (fused BatchNorm + neuron, spikes as bits), fastsnn unfused with dense convolutions, and the same
+    network with SpikingJelly neurons (fp32;
     on the CPU fastsnn's kernels run interpreted, at batch 1). Recorded in extra_info; report.py tabulates."""
     case = CASES[arch]
     image, batch = case["image"], (case["batch"] if DEVICE == "cuda" else 1)

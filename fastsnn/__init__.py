@@ -4,6 +4,7 @@ from .neuron import BNIF, BNLIF, IF, LIF, BNNeuron, MultistepNeuron
 from .loss import TSERLoss
 from .ops.bn_lif import bn_if, bn_lif
 from .ops.lif import if_multistep, lif_multistep
+from .ops.spike_storage import SpikeConv2d, SpikeMaxPool2d
 from .ops.tser_loss import tser_loss
 from .spec import NeuronSpec
 
@@ -20,5 +21,5 @@ def __getattr__(name):
 
 
 __all__ = ["lif_multistep", "if_multistep", "LIF", "IF", "MultistepNeuron", "bn_lif", "bn_if", "BNLIF", "BNIF",
-           "BNNeuron", "NeuronSpec", "tser_loss", "TSERLoss",
+           "BNNeuron", "SpikeConv2d", "SpikeMaxPool2d", "NeuronSpec", "tser_loss", "TSERLoss",
            "convert_spikingjelly", "neuron_from_spikingjelly"]

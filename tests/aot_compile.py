@@ -190,11 +190,27 @@ def bn_lif_variants(aligned: bool):
         yield "_bn_lif_bwd_kernel", labels, None, backward
 
 
+def spike_pack_variants(aligned: bool):
+    """Spikes to bits (checked and unchecked) and back, for each dtype."""
+    from fastsnn.kernels import spike_pack as k
+
+    numel = 1 << 16 if aligned else (1 << 16) - 3
+    for dtype_name, check in itertools.product(DTYPES, (False, True)):
+        def pack(dtype=DTYPES[dtype_name], check=check):
+            k.pack_bits(_tensor((numel,), dtype, aligned), torch.empty(k.packed_bytes(numel), dtype=torch.uint8),
+                        torch.zeros(1, dtype=torch.int32) if check else None)
+        yield "_pack_bits_kernel", dict(dtype=dtype_name, check=check), None, pack
+        if not check:
+            def unpack(dtype=DTYPES[dtype_name]):
+                k.unpack_bits(torch.empty(k.packed_bytes(numel), dtype=torch.uint8), _tensor((numel,), dtype, aligned))
+            yield "_unpack_bits_kernel", dict(dtype=dtype_name), None, unpack
+
+
 def partial_call(fn, **kw):
     return lambda: fn(**kw)
 
 
-VARIANT_SOURCES = [lif_variants, tser_loss_variants, bn_lif_variants]
+VARIANT_SOURCES = [lif_variants, tser_loss_variants, bn_lif_variants, spike_pack_variants]
 
 
 def variants(aligned: bool):

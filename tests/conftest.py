@@ -5,6 +5,8 @@ import os
 # (test_cuda.py runs itself that way, with FASTSNN_COMPILED=1, where CUDA exists).
 if os.environ.get("FASTSNN_COMPILED") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# spikes stored as bits are checked to be 0/1 (one host sync per call; see fastsnn.ops.spike_storage)
+os.environ.setdefault("FASTSNN_CHECK_SPIKES", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

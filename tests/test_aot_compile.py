@@ -13,7 +13,7 @@ import aot_compile  # noqa: E402
 
 KERNELS = ["_lif_fwd_kernel", "_lif_bwd_kernel", "_tser_loss_fwd_kernel", "_tser_loss_reduce_kernel",
            "_bn_stats_kernel", "_bn_finalize_fwd_kernel", "_bn_lif_fwd_kernel", "_bn_lif_bwd_kernel",
-           "_bn_finalize_bwd_kernel", "_bn_grad_input_kernel",
+           "_bn_finalize_bwd_kernel", "_bn_grad_input_kernel", "_pack_bits_kernel", "_unpack_bits_kernel",
            "_tser_loss_bwd_kernel"]
 
 

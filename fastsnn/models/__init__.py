@@ -89,7 +89,8 @@ def model_spec(name: str) -> ModelSpec:
 def create(name: str, num_classes: int, *, T: int | None = None, neuron: str = "lif", tau: float = 2.0,
            v_threshold: float = 1.0, surrogate: str = "atan", alpha: float | None = None, detach_reset: bool = True,
            v_reset: float | None = 0.0, connect: str = "ADD", imagenet: bool | None = None,
-           in_channels: int | None = None, backend: str = "auto", fuse_bn: bool = True) -> nn.Module:
+           in_channels: int | None = None, backend: str = "auto", fuse_bn: bool = True,
+           pack_spikes: bool = True) -> nn.Module:
     """Builds a registered model.
 
     Students ("spiking_resnet18/19/34", "spiking_vgg11/16", "sew_resnet18/34", "digits_snn") need T >= 1
@@ -102,6 +103,9 @@ def create(name: str, num_classes: int, *, T: int | None = None, neuron: str = "
     fuse_bn: every conv → BatchNorm → [+ shortcut] → neuron of a student runs as the fused op fastsnn.bn_lif
     (the BN output and the neuron input are never stored); False runs the modules one after the other, for
     comparison. Parameters, state_dict keys and results are the same either way.
+    pack_spikes: a student's convolutions and max-pools whose input is spikes save it for backward as bits
+    (SEW ADD block inputs, small integer sums, as bytes): fastsnn.SpikeConv2d / SpikeMaxPool2d, with
+    nn.Conv2d's keys and identical results; False keeps nn.Conv2d / nn.MaxPool2d.
     """
     spec = model_spec(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -127,10 +131,11 @@ def create(name: str, num_classes: int, *, T: int | None = None, neuron: str = "
         if connect not in SEW_CONNECTS:
             raise ValueError(f"models.create: connect must be one of {SEW_CONNECTS}, got {connect!r}")
         kw["connect"] = connect
-    if not isinstance(fuse_bn, bool):
-        raise TypeError(f"models.create: fuse_bn must be True or False, got {fuse_bn!r}")
+    for flag, value in (("fuse_bn", fuse_bn), ("pack_spikes", pack_spikes)):
+        if not isinstance(value, bool):
+            raise TypeError(f"models.create: {flag} must be True or False, got {value!r}")
     model = spec.build(num_classes, T=T, neuron=factory, in_channels=in_channels or spec.in_channels,
-                       fuse_bn=fuse_bn, **kw)
+                       fuse_bn=fuse_bn, pack_spikes=pack_spikes, **kw)
     model.arch = name
     return model
 

@@ -6,12 +6,14 @@ is the same network with ReLU in place of the neuron and T = 1.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
 from torch import nn
 
 from ..neuron import MultistepNeuron
+from ..ops.spike_storage import SpikeConv2d
 
 SEW_CONNECTS = ("ADD", "AND", "IAND")
 NeuronFactory = Callable[[], nn.Module]  # a new neuron module (spiking) or nn.ReLU (teacher) per call
@@ -47,21 +49,35 @@ def bn_fire(bn: nn.Module, neuron: nn.Module, x: torch.Tensor, *, residual: torc
     return fire(neuron, y, repeat)
 
 
-class _TwoConvBlock(nn.Module):
-    """conv1-bn1-sn1-conv2-bn2-sn2 and a conv1x1-BN downsample where the shape changes; torchvision's names."""
+ConvFactory = Callable[..., nn.Module]  # nn.Conv2d's signature: nn.Conv2d, or SpikeConv2d for spike inputs
 
-    def __init__(self, inplanes: int, planes: int, stride: int, neuron: NeuronFactory, fuse_bn: bool = True):
+
+def spike_convs(pack: bool, sew_add: bool = False) -> tuple[ConvFactory, ConvFactory]:
+    """(conv for a block's input, conv for a neuron's output): in a student (pack) both see spikes and save
+    them as bits, except a SEW ADD block's input (integer sums: one byte each); else nn.Conv2d."""
+    if not pack:
+        return nn.Conv2d, nn.Conv2d
+    bits = partial(SpikeConv2d, storage="bits")
+    return (partial(SpikeConv2d, storage="uint8") if sew_add else bits), bits
+
+
+class _TwoConvBlock(nn.Module):
+    """conv1-bn1-sn1-conv2-bn2-sn2 and a conv1x1-BN downsample where the shape changes; torchvision's names.
+    conv_in builds the convolutions of the block input (conv1, downsample), conv_mid conv2 (see spike_convs)."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int, neuron: NeuronFactory, fuse_bn: bool = True,
+                 conv_in: ConvFactory = nn.Conv2d, conv_mid: ConvFactory = nn.Conv2d):
         super().__init__()
         self.fuse_bn = fuse_bn
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.conv1 = conv_in(inplanes, planes, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.sn1 = neuron()
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.conv2 = conv_mid(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.sn2 = neuron()
         self.downsample = None
         if stride != 1 or inplanes != planes:
-            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+            self.downsample = nn.Sequential(conv_in(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
 
 class BasicBlock(_TwoConvBlock):
@@ -79,8 +95,8 @@ class SEWBlock(_TwoConvBlock):
     result = connect(shortcut, out) with ADD: s + o, AND: s·o, IAND: s·(1 − o)."""
 
     def __init__(self, inplanes: int, planes: int, stride: int, neuron: NeuronFactory, connect: str,
-                 fuse_bn: bool = True):
-        super().__init__(inplanes, planes, stride, neuron, fuse_bn)
+                 fuse_bn: bool = True, conv_in: ConvFactory = nn.Conv2d, conv_mid: ConvFactory = nn.Conv2d):
+        super().__init__(inplanes, planes, stride, neuron, fuse_bn, conv_in, conv_mid)
         self.connect = connect
         if self.downsample is not None:
             self.downsample_sn = neuron()

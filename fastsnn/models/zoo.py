@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import BasicBlock, NeuronFactory, SEWBlock, bn_fire, folded
+from ..ops.spike_storage import SpikeMaxPool2d
+from .layers import BasicBlock, NeuronFactory, SEWBlock, bn_fire, folded, spike_convs
 
 
 class TimeMajorNet(nn.Module):
@@ -12,11 +13,13 @@ class TimeMajorNet(nn.Module):
     presented at all T steps, the first neuron reading it in place) or time-major [T, B, C, H, W].
     Students (T given) return [T, B, classes]; teachers (T None, ReLU) return [B, classes]."""
 
-    def __init__(self, T: int | None, fuse_bn: bool = True):
+    def __init__(self, T: int | None, fuse_bn: bool = True, pack_spikes: bool = True):
         super().__init__()
         self.T = T
         self.spiking = T is not None
         self.fuse_bn = fuse_bn  # conv → BN → [+ shortcut] → neuron as the fused op (fastsnn.bn_lif)
+        # convolutions and max-pools over spikes save them as bits (SpikeConv2d, SpikeMaxPool2d)
+        self.pack_spikes = self.spiking and pack_spikes
 
     def stem(self, x):  # the stem's convolution (its BN and neuron run in body, fused)
         raise NotImplementedError
@@ -42,8 +45,8 @@ class ResNet(TimeMajorNet):
     state_dicts load."""
 
     def __init__(self, blocks, widths, num_classes, *, T, neuron: NeuronFactory, block="basic", connect="ADD",
-                 stem="cifar", in_channels=3, stem_width=None, fuse_bn=True):
-        super().__init__(T, fuse_bn)
+                 stem="cifar", in_channels=3, stem_width=None, fuse_bn=True, pack_spikes=True):
+        super().__init__(T, fuse_bn, pack_spikes)
         stem_width = stem_width or widths[0]
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_channels, stem_width, 7, 2, 3, bias=False)
@@ -51,16 +54,18 @@ class ResNet(TimeMajorNet):
             self.conv1 = nn.Conv2d(in_channels, stem_width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem_width)
         self.sn1 = neuron()
-        self.maxpool = nn.MaxPool2d(3, 2, 1) if stem == "imagenet" else nn.Identity()
+        pool = SpikeMaxPool2d if self.pack_spikes else nn.MaxPool2d  # over spikes: saves bits, no indices
+        self.maxpool = pool(3, 2, 1) if stem == "imagenet" else nn.Identity()
+        convs = spike_convs(self.pack_spikes, sew_add=block == "sew" and connect == "ADD")
         inplanes = stem_width
         for i, (count, width) in enumerate(zip(blocks, widths)):
             stride = 1 if i == 0 else 2
             layers = []
             for j in range(count):
                 if block == "sew":
-                    layers.append(SEWBlock(inplanes, width, stride if j == 0 else 1, neuron, connect, fuse_bn))
+                    layers.append(SEWBlock(inplanes, width, stride if j == 0 else 1, neuron, connect, fuse_bn, *convs))
                 else:
-                    layers.append(BasicBlock(inplanes, width, stride if j == 0 else 1, neuron, fuse_bn))
+                    layers.append(BasicBlock(inplanes, width, stride if j == 0 else 1, neuron, fuse_bn, *convs))
                 inplanes = width
             setattr(self, f"layer{i + 1}", nn.Sequential(*layers))
         self.num_stages = len(blocks)
@@ -90,19 +95,21 @@ VGG_CONFIGS = {
 class VGG(TimeMajorNet):
     """CIFAR VGG with BN: [conv3×3-BN-neuron]×n with 2×2 max-pools, global average pool, one FC."""
 
-    def __init__(self, config, num_classes, *, T, neuron: NeuronFactory, in_channels=3, fuse_bn=True):
-        super().__init__(T, fuse_bn)
+    def __init__(self, config, num_classes, *, T, neuron: NeuronFactory, in_channels=3, fuse_bn=True,
+                 pack_spikes=True):
+        super().__init__(T, fuse_bn, pack_spikes)
         widths = [c for c in config if c != "M"]
         self.conv0 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn0 = nn.BatchNorm2d(widths[0])
         self.features = nn.ModuleList()  # each: (conv, bn, neuron) or a pool
         self.sn0 = neuron()
+        pool, (_, conv) = SpikeMaxPool2d if self.pack_spikes else nn.MaxPool2d, spike_convs(self.pack_spikes)
         inplanes = widths[0]
         for c in config[1:]:
             if c == "M":
-                self.features.append(nn.MaxPool2d(2))
+                self.features.append(pool(2))
             else:
-                self.features.append(nn.ModuleDict({"conv": nn.Conv2d(inplanes, c, 3, 1, 1, bias=False),
+                self.features.append(nn.ModuleDict({"conv": conv(inplanes, c, 3, 1, 1, bias=False),
                                                     "bn": nn.BatchNorm2d(c), "sn": neuron()}))
                 inplanes = c
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -125,12 +132,13 @@ class DigitsNet(TimeMajorNet):
     """The small pair for scikit-learn's 8×8 digits: conv(16)-BN-neuron, conv(32, stride 2)-BN-neuron,
     average pool, FC."""
 
-    def __init__(self, num_classes, *, T, neuron: NeuronFactory, in_channels=1, width=16, fuse_bn=True):
-        super().__init__(T, fuse_bn)
+    def __init__(self, num_classes, *, T, neuron: NeuronFactory, in_channels=1, width=16, fuse_bn=True,
+                 pack_spikes=True):
+        super().__init__(T, fuse_bn, pack_spikes)
         self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.sn1 = neuron()
-        self.conv2 = nn.Conv2d(width, 2 * width, 3, 2, 1, bias=False)
+        self.conv2 = spike_convs(self.pack_spikes)[1](width, 2 * width, 3, 2, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(2 * width)
         self.sn2 = neuron()
         self.avgpool = nn.AdaptiveAvgPool2d(2)

@@ -47,3 +47,18 @@ def same_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if t.stride() == like.stride():
         return t
     return torch.empty_like(like, dtype=t.dtype).copy_(t)
+
+
+def kernels_loader(name: str):
+    """A function returning fastsnn.kernels.<name>, imported on its first call (importing fastsnn does not
+    import Triton) and then kept: an import statement on every call would cost host time."""
+    module = None
+
+    def load():
+        nonlocal module
+        if module is None:
+            import importlib
+
+            module = importlib.import_module(f"fastsnn.kernels.{name}")
+        return module
+    return load

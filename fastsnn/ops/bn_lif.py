@@ -17,20 +17,10 @@ from torch import Tensor
 from .. import reference
 from ..backend import check_float_tensor, check_number, check_same_device, resolve_backend
 from ..spec import NeuronSpec, kind_of, neuron_spec
-from ._layout import as_time_major_like, is_dense_time_major, time_major_like
+from ._layout import as_time_major_like, is_dense_time_major, kernels_loader, time_major_like
 
 
-def _kernels():
-    """fastsnn.kernels.bn_lif, imported on first use and then kept."""
-    global _KERNELS
-    if _KERNELS is None:
-        from ..kernels import bn_lif as module
-
-        _KERNELS = module
-    return _KERNELS
-
-
-_KERNELS = None
+_kernels = kernels_loader("bn_lif")
 
 
 def _repeated(x: Tensor, repeat: int) -> Tensor:
