@@ -140,6 +140,15 @@ else
     bench extra-rows 100 "(test_lif and -4- and 64x128x28x28 and fp16) or (test_lif and -4- and 64x65536 and not fwdbwd) or (test_tser_loss and not -4-256-1000-)"
 fi
 
+# the memory report: bytes saved per step and peak memory against SpikingJelly neurons (bench/memory.py)
+if [ $DRY -eq 1 ]; then
+    step memory $(( BUDGET * 5 / 100 )) "$OUTDIR/memory.log" $PY bench/memory.py --T 4 --arch spiking_resnet19 \
+        --out "$OUTDIR/memory"
+else
+    step memory $(( BUDGET * 5 / 100 )) "$OUTDIR/memory.log" $PY bench/memory.py --device cuda --T 2 4 \
+        --out "$OUTDIR/memory"
+fi
+
 # 6. results and the summary, last on stdout
 RUNS=()
 for f in "$RAW"/*.json; do [ -s "$f" ] && RUNS+=("$f"); done

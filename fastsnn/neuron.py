@@ -51,7 +51,7 @@ class MultistepNeuron(nn.Module):
         return self.spec.kind != "lif_no_decay"
 
     def forward(self, x: torch.Tensor, repeat: int | None = None, bn: nn.Module | None = None,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
+                residual: torch.Tensor | None = None, residual_storage: str | None = None) -> torch.Tensor:
         """spikes of x[T, ...]; with bn (an nn.BatchNorm1d/2d/3d module), of bn(x) [+ residual] computed by the
         fused op (fastsnn.bn_lif): the BatchNorm's parameters and running statistics are used and updated as
         its own forward would, but the normalised tensor is never stored."""
@@ -63,7 +63,8 @@ class MultistepNeuron(nn.Module):
             if self.stateful:
                 raise ValueError(f"{op}: bn= (the fused BatchNorm + neuron) needs a stateless neuron; this one "
                                  f"is stateful=True")
-            return batch_norm_fire(op, bn, self.spec, x, residual=residual, repeat=repeat, backend=self.backend)
+            return batch_norm_fire(op, bn, self.spec, x, residual=residual, residual_storage=residual_storage,
+                                   repeat=repeat, backend=self.backend)
         if residual is not None:
             raise ValueError(f"{op}: residual is only taken with bn= (add it to x instead)")
         if self.stateful:
@@ -105,8 +106,8 @@ class IF(MultistepNeuron):
         super().__init__(spec, backend=backend, stateful=stateful)
 
 
-def batch_norm_fire(op: str, bn: nn.Module, spec: NeuronSpec, x: torch.Tensor, *, residual=None, repeat=None,
-                    backend: str = "auto") -> torch.Tensor:
+def batch_norm_fire(op: str, bn: nn.Module, spec: NeuronSpec, x: torch.Tensor, *, residual=None,
+                    residual_storage=None, repeat=None, backend: str = "auto") -> torch.Tensor:
     """spec's neuron over bn(x) [+ residual], fused, with nn.BatchNorm's bookkeeping: num_batches_tracked,
     momentum=None (cumulative average), track_running_stats=False (batch statistics in eval mode too)."""
     if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
@@ -119,7 +120,8 @@ def batch_norm_fire(op: str, bn: nn.Module, spec: NeuronSpec, x: torch.Tensor, *
     use_running = not bn.training or bn.track_running_stats
     return apply_bn_neuron(op, x, bn.weight, bn.bias, bn.running_mean if use_running else None,
                            bn.running_var if use_running else None, spec, training=training, momentum=factor,
-                           eps=bn.eps, residual=residual, repeat=repeat, backend=backend)
+                           eps=bn.eps, residual=residual, residual_storage=residual_storage, repeat=repeat,
+                           backend=backend)
 
 
 class BNNeuron(nn.modules.batchnorm._BatchNorm):

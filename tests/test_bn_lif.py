@@ -335,3 +335,35 @@ def test_models_create_takes_fuse_bn():
     assert model.fuse_bn is False and models.create("digits_snn", 10, T=2).fuse_bn is True
     with pytest.raises(TypeError, match="fuse_bn must be True or False"):
         models.create("digits_snn", 10, T=2, fuse_bn="no")
+
+
+@pytest.mark.parametrize("storage", ["bits", "uint8"])
+def test_residual_kept_packed_gives_the_same_result_and_saves_its_bytes(device, storage):
+    T, B, C = 4, 2, 6
+    x = torch.randn(T, B, C, 5, 3, device=device) * 1.5
+    r = (torch.rand(T, B, C, 5, 3, device=device) < 0.4).float()
+    if storage == "uint8":
+        r = r * torch.randint(0, 3, r.shape, device=device)
+    weight, bias = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
+    g = torch.randn(x.shape, device=device)
+    results, saved_bytes = [], []
+    for residual_storage in (None, storage):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias, r)]
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            spikes = fastsnn.bn_lif(*leaves[:3], None, None, training=True, residual=leaves[3],
+                                    residual_storage=residual_storage, backend="triton")
+        results.append((spikes, torch.autograd.grad((spikes * g).sum(), leaves)))
+        saved_bytes.append(sum(saved))
+    assert torch.equal(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        assert torch.equal(a, b)
+    packed = r.numel() // 8 if storage == "bits" else r.numel()
+    assert saved_bytes[0] - saved_bytes[1] == r.numel() * 4 - packed
+
+
+def test_bad_residual_storage_is_refused():
+    with pytest.raises(ValueError, match=r"bn_lif: residual_storage must be None or one of \('bits', 'uint8'\)"):
+        fastsnn.bn_lif(torch.randn(2, 3, 4), None, None, None, None, training=True, residual=torch.zeros(2, 3, 4),
+                       residual_storage="int4")

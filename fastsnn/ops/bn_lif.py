@@ -17,6 +17,7 @@ from torch import Tensor
 from .. import reference
 from ..backend import check_float_tensor, check_number, check_same_device, resolve_backend
 from ..spec import NeuronSpec, kind_of, neuron_spec
+from . import spike_storage
 from ._layout import as_time_major_like, is_dense_time_major, kernels_loader, time_major_like
 
 
@@ -83,23 +84,33 @@ def _cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
 
 
 class _BNNeuronFunction(torch.autograd.Function):
+    """With residual_storage ("bits" / "uint8") the residual is saved packed (see fastsnn.ops.spike_storage)
+    and unpacked for the backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, running_mean, running_var, spec, training, momentum, eps, repeat):
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, spec, training, momentum, eps, repeat,
+                residual_storage, check):
         stats = _statistics_impl(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat)
         spikes, checkpoints = _fire_impl(x, residual, stats, spec, repeat)
-        ctx.save_for_backward(x, weight, residual, stats, checkpoints)
+        saved_residual = residual
+        ctx.residual_storage = residual_storage if residual is not None else None
+        if ctx.residual_storage:
+            residual = as_time_major_like(residual, x)
+            saved_residual = spike_storage.pack("bn_lif", residual, residual_storage, check)
+            ctx.residual_meta = spike_storage.meta(residual)
+        ctx.save_for_backward(x, weight, saved_residual, stats, checkpoints)
         ctx.spec, ctx.training, ctx.repeat = spec, training, repeat
-        ctx.has_bias = bias is not None
         return spikes
 
     @staticmethod
     def backward(ctx, grad_spikes):
         x, weight, residual, stats, checkpoints = ctx.saved_tensors
+        if ctx.residual_storage:
+            residual = spike_storage.unpack("bn_lif", residual, ctx.residual_storage, ctx.residual_meta)
         needs = ctx.needs_input_grad[:4]
         grad_x, grad_weight, grad_bias, grad_residual = _backward_impl(
             grad_spikes, x, weight, residual, stats, checkpoints, ctx.spec, ctx.training, ctx.repeat, needs)
-        return (grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual)) + (None,) * 7
+        return (grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual)) + (None,) * 9
 
 
 # ---- the same launchers as custom ops, for torch.compile ----
@@ -246,9 +257,12 @@ def _check(op, x, weight, bias, running_mean, running_var, residual, training, m
 
 def apply_bn_neuron(op: str, x: Tensor, weight, bias, running_mean, running_var, spec: NeuronSpec, *,
                     training: bool, momentum: float = 0.1, eps: float = 1e-5, residual: Tensor | None = None,
-                    repeat: int | None = None, backend: str = "auto") -> Tensor:
+                    residual_storage: str | None = None, repeat: int | None = None, backend: str = "auto") -> Tensor:
     """spikes [T, B, C, ...] of the neuron `spec` over BN(x) [+ residual] (see bn_lif); the spec is trusted."""
     momentum, eps = _check(op, x, weight, bias, running_mean, running_var, residual, training, momentum, eps, repeat)
+    if residual_storage is not None and residual_storage not in spike_storage.STORAGES:
+        raise ValueError(f"{op}: residual_storage must be None or one of {spike_storage.STORAGES}, got "
+                         f"{residual_storage!r}")
     if resolve_backend(op, backend, x.device) == "reference":
         return reference.bn_lif_multistep(x, weight, bias, running_mean, running_var, spec, training=training,
                                           momentum=momentum, eps=eps, residual=residual, repeat=repeat)
@@ -260,12 +274,13 @@ def apply_bn_neuron(op: str, x: Tensor, weight, bias, running_mean, running_var,
         return _compiled(x, weight, bias, residual, running_mean, running_var, spec, training, momentum, eps,
                          repeat or 0)
     return _BNNeuronFunction.apply(x, weight, bias, residual, running_mean, running_var, spec, training, momentum,
-                                   eps, repeat or 0)
+                                   eps, repeat or 0, residual_storage, spike_storage.CHECK_DEFAULT)
 
 
 def bn_lif(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
            running_var: Tensor | None, *, training: bool, momentum: float = 0.1, eps: float = 1e-5,
-           residual: Tensor | None = None, tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
+           residual: Tensor | None = None, residual_storage: str | None = None, tau: float = 2.0,
+           decay_input: bool = True, v_threshold: float = 1.0,
            v_reset: float | None = 0.0, surrogate: str = "atan", alpha: float | None = None,
            detach_reset: bool = False, repeat: int | None = None, backend: str = "auto") -> Tensor:
     """BatchNorm, an optional residual add, and the multistep LIF neuron, fused:
@@ -280,7 +295,10 @@ def bn_lif(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: 
     updated in place with `momentum` and the unbiased variance. In eval mode (training=False) they are the
     running statistics. weight/bias may be None (no affine). The neuron arguments are lif_multistep's.
 
-    Memory: the backward keeps x (and residual, when given) and per-channel fp32 statistics, never the
+    residual_storage: None keeps the residual tensor for the backward as it is; "bits" (spikes, 0/1) or "uint8"
+    (integers 0..255) keeps it packed, 1 bit or 1 byte per value (eager mode; see fastsnn.SpikeConv2d for the
+    contract and the checked mode). Memory: the backward keeps x (and the residual) and per-channel fp32
+    statistics, never the
     normalised value or the neuron input. Returns spikes [T, B, C, *spatial] in x's dtype and layout.
     The caller (e.g. the BNLIF module) increments num_batches_tracked, as nn.BatchNorm2d's forward does.
     """
@@ -288,12 +306,14 @@ def bn_lif(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: 
     spec = neuron_spec(op, kind=kind_of(decay_input, op), tau=tau, v_threshold=v_threshold, v_reset=v_reset,
                        surrogate=surrogate, alpha=alpha, detach_reset=detach_reset)
     return apply_bn_neuron(op, x, weight, bias, running_mean, running_var, spec, training=training,
-                           momentum=momentum, eps=eps, residual=residual, repeat=repeat, backend=backend)
+                           momentum=momentum, eps=eps, residual=residual, residual_storage=residual_storage,
+                           repeat=repeat, backend=backend)
 
 
 def bn_if(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
           running_var: Tensor | None, *, training: bool, momentum: float = 0.1, eps: float = 1e-5,
-          residual: Tensor | None = None, v_threshold: float = 1.0, v_reset: float | None = 0.0,
+          residual: Tensor | None = None, residual_storage: str | None = None, v_threshold: float = 1.0,
+          v_reset: float | None = 0.0,
           surrogate: str = "atan", alpha: float | None = None, detach_reset: bool = False,
           repeat: int | None = None, backend: str = "auto") -> Tensor:
     """bn_lif with the integrate-and-fire neuron (charge h = v + y): same arguments without tau, decay_input."""
@@ -301,4 +321,5 @@ def bn_if(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: T
     spec = neuron_spec(op, kind="if", tau=None, v_threshold=v_threshold, v_reset=v_reset, surrogate=surrogate,
                        alpha=alpha, detach_reset=detach_reset)
     return apply_bn_neuron(op, x, weight, bias, running_mean, running_var, spec, training=training,
-                           momentum=momentum, eps=eps, residual=residual, repeat=repeat, backend=backend)
+                           momentum=momentum, eps=eps, residual=residual, residual_storage=residual_storage,
+                           repeat=repeat, backend=backend)

@@ -32,10 +32,14 @@ _kernels = kernels_loader("spike_pack")
 
 
 def _dense(x: Tensor) -> Tensor:
-    """x itself when its elements fill one block of memory (contiguous or channels_last), else a copy."""
-    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
-        return x
-    return x.contiguous()
+    """x itself when its elements fill one block of memory in some dim order (contiguous, channels_last, a
+    time-major view of either), else a contiguous copy."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz != 1):
+        if stride != expected:
+            return x.contiguous()
+        expected *= size
+    return x
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -84,7 +88,7 @@ def unpack(op: str, packed: Tensor, storage: str, like: Tensor) -> Tensor:
     return out
 
 
-def _meta(x: Tensor) -> Tensor:
+def meta(x: Tensor) -> Tensor:
     """A storage-free stand-in for x's shape, strides and dtype (kept on ctx instead of x)."""
     x = _dense(x)
     return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
@@ -97,7 +101,7 @@ class _SpikeConv2dFunction(torch.autograd.Function):
         out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
         packed = pack("SpikeConv2d", x, storage, check) if ctx.needs_input_grad[1] else None
         ctx.save_for_backward(weight, packed)
-        ctx.x_meta, ctx.storage = _meta(x), storage
+        ctx.x_meta, ctx.storage = meta(x), storage
         ctx.conv = (stride, padding, dilation, groups)
         ctx.bias_sizes = None if bias is None else list(bias.shape)
         return out
@@ -167,7 +171,7 @@ class _SpikeMaxPool2dFunction(torch.autograd.Function):
     def forward(ctx, x, kernel_size, stride, padding, dilation, ceil_mode, check):
         out = F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
         ctx.save_for_backward(pack("SpikeMaxPool2d", x, "bits", check))
-        ctx.x_meta = _meta(x)
+        ctx.x_meta = meta(x)
         ctx.pool = (kernel_size, stride, padding, dilation, ceil_mode)
         return out
 
