@@ -103,12 +103,12 @@ COPY=$(sed -n 's/^copy_GB\/s //p' "$ENV")
 if [ $DRY -eq 1 ]; then
     export FASTSNN_BENCH_DRY_RUN=1
     CORRECTNESS=(env -u FASTSNN_COMPILED $PY -m pytest -q -p no:cacheprovider --quick -x -k "cpu or test_cuda"
-                 test_lif.py test_bn_lif.py test_tser_loss.py test_properties.py test_cuda.py)
+                 test_lif.py test_bn_lif.py test_spike_storage.py test_tser_loss.py test_properties.py test_cuda.py)
 else
     XDIST=()
     $PY -c "import xdist" 2> /dev/null && XDIST=(-n 8)
     CORRECTNESS=(env FASTSNN_COMPILED=1 $PY -m pytest -q -p no:cacheprovider "${XDIST[@]}" --full --maxfail=50 -k cuda
-                 test_lif.py test_bn_lif.py test_tser_loss.py test_properties.py test_cuda.py)
+                 test_lif.py test_bn_lif.py test_spike_storage.py test_tser_loss.py test_properties.py test_cuda.py)
 fi
 
 # 2. correctness on the device
@@ -140,12 +140,14 @@ else
     bench extra-rows 100 "(test_lif and -4- and 64x128x28x28 and fp16) or (test_lif and -4- and 64x65536 and not fwdbwd) or (test_tser_loss and not -4-256-1000-)"
 fi
 
-# the memory report: bytes saved per step and peak memory against SpikingJelly neurons (bench/memory.py)
+# the memory report: bytes saved per step and peak memory against SpikingJelly neurons (bench/memory.py), its
+# files and log in one folder (the machine sends back few top-level names)
+mkdir -p "$OUTDIR/memory"
 if [ $DRY -eq 1 ]; then
-    step memory $(( BUDGET * 5 / 100 )) "$OUTDIR/memory.log" $PY bench/memory.py --T 4 --arch spiking_resnet19 \
-        --out "$OUTDIR/memory"
+    step memory $(( BUDGET * 5 / 100 )) "$OUTDIR/memory/memory.log" $PY bench/memory.py --T 4 \
+        --arch spiking_resnet19 --out "$OUTDIR/memory"
 else
-    step memory $(( BUDGET * 5 / 100 )) "$OUTDIR/memory.log" $PY bench/memory.py --device cuda --T 2 4 \
+    step memory $(( BUDGET * 5 / 100 )) "$OUTDIR/memory/memory.log" $PY bench/memory.py --device cuda --T 2 4 \
         --out "$OUTDIR/memory"
 fi
 

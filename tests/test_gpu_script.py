@@ -16,7 +16,9 @@ def test_dry_run_writes_every_result_file(tmp_path):
                           capture_output=True, text=True, env=env, timeout=3000)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     names = set(os.listdir(tmp_path))
-    assert names == {"env.txt", "correctness.log", "bench.log", "cpu-dry-run.json", "cpu-dry-run.md", "summary.txt"}
+    assert names == {"env.txt", "correctness.log", "bench.log", "cpu-dry-run.json", "cpu-dry-run.md", "summary.txt",
+                     "memory"}
+    assert "| spiking_resnet19 (32 px) | 4 |" in (tmp_path / "memory" / "memory.md").read_text()
     assert len(names) <= 8  # what the GPU machine can send back
     result = json.load(open(tmp_path / "cpu-dry-run.json"))
     ops = {r["op"] for r in result["rows"]}
