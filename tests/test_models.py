@@ -86,8 +86,10 @@ def test_firing_rates_match_a_direct_computation():
 
 def test_layer_macs_of_a_linear_model():
     model = models.create("digits_snn", 10, T=2)
-    rows = models.layer_macs(model, torch.randn(4, 1, 8, 8))
+    images = torch.randn(4, 1, 8, 8) - 0.5  # a negative mean: not a rate
+    rows = models.layer_macs(model, images)
     assert rows[0]["layer"] == "conv1" and rows[0]["encoding"]
+    assert rows[0]["input_rate"] is None and rows[0]["input_mean"] == pytest.approx(float(images.mean()), abs=1e-6)
     assert rows[0]["macs"] == 16 * 8 * 8 * 1 * 9  # the stem runs once per sample
     conv2 = next(r for r in rows if r["layer"] == "conv2")
     assert conv2["macs"] == 2 * 32 * 4 * 4 * 16 * 9 and 0 <= conv2["input_rate"] <= 1

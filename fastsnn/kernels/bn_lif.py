@@ -487,5 +487,5 @@ def checkpoints_for(T: int) -> int:
     return -(-T // MAX_CHUNK) - 1
 
 
-__all__ = ["Geometry", "geometry", "bn_statistics", "bn_fire", "bn_fire_backward", "checkpoints_for", "MEAN", "RSTD", "SCALE",
-           "SHIFT"]
+__all__ = ["Geometry", "geometry", "bn_statistics", "bn_fire", "bn_fire_backward", "checkpoints_for", "MEAN", "RSTD",
+           "SCALE", "SHIFT"]

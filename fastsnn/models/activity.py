@@ -91,11 +91,16 @@ class LayerActivity:
             h.remove()
 
     def per_layer(self, samples: int) -> list[dict]:
-        """[{layer, macs (per sample, all timesteps), input_rate, encoding}] in forward order. The encoding
-        layer's input is the analog image, so its input_rate is its mean value (not a rate)."""
-        return [{"layer": r["layer"], "macs": r["macs"] / samples,
-                 "input_rate": r["input_sum"] / max(1, r["input_count"]), "encoding": r["encoding"]}
-                for r in self.rows.values()]
+        """[{layer, macs (per sample, all timesteps), input_rate, input_mean, encoding}] in forward order.
+        input_mean is the mean of the layer's input; input_rate is the same for the layers whose input is spikes
+        (a firing rate; a mean spike count after a SEW ADD block) and None for the encoding layer, whose input
+        is the analog image (its mean may be negative and is not a rate)."""
+        rows = []
+        for r in self.rows.values():
+            mean = r["input_sum"] / max(1, r["input_count"])
+            rows.append({"layer": r["layer"], "macs": r["macs"] / samples,
+                         "input_rate": None if r["encoding"] else mean, "input_mean": mean, "encoding": r["encoding"]})
+        return rows
 
     def energy(self, samples: int) -> dict:
         layers = self.per_layer(samples)

@@ -115,7 +115,8 @@ class _SpikeConv2dFunction(torch.autograd.Function):
             x = unpack("SpikeConv2d", packed, ctx.storage, meta)
         else:  # only the shape is needed for the input gradient
             x = grad_out.new_empty(1, dtype=meta.dtype).expand(meta.shape)
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.bias_sizes is not None and ctx.needs_input_grad[2]]
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                ctx.bias_sizes is not None and ctx.needs_input_grad[2]]
         grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad_out, x, weight, ctx.bias_sizes, stride, padding, dilation, False, [0, 0], groups, mask)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
