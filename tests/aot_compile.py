@@ -246,7 +246,7 @@ def jobs(scope: str = "full", kernels=(), dtypes=(), archs=(), unaligned_archs=(
         for index, (name, labels, *_) in enumerate(variants(aligned)):
             if (kernels and name not in kernels) or (dtypes and labels["dtype"] not in dtypes):
                 continue
-            if scope == "quick" and labels["dtype"] != "fp16":
+            if scope == "quick" and labels["dtype"] != "fp16" and "finalize" not in name:  # finalisations: fp32 only
                 continue
             if not aligned:
                 wanted = unaligned_archs or (90,)

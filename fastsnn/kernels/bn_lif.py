@@ -30,8 +30,8 @@ bit for bit; the neuron arithmetic is fastsnn.kernels.lif's.
 import triton
 import triton.language as tl
 
-from .lif import (DIVIDE_FMA, DIVIDE_RN, MAX_CHUNK, NEURON_IF, NEURON_LIF, NUM_WARPS, SURROGATE_CODES,
-                  UNALIGNED_ELEMENTS, _charge, _fire_and_reset, _launch_constants, _surrogate_grad, chunk_for)
+from .lif import (DIVIDE_FMA, DIVIDE_RN, NEURON_IF, NEURON_LIF, NUM_WARPS, SURROGATE_CODES, UNALIGNED_ELEMENTS,
+                  _charge, _fire_and_reset, _launch_constants, _membrane_grad, checkpoints_for, chunk_for)
 
 # rows of the per-channel fp32 table the forward writes and the backward reads: stats[k, c]
 MEAN: tl.constexpr = tl.constexpr(0)
@@ -257,19 +257,8 @@ def _bn_lif_bwd_kernel(
             _, b_v = _fire_and_reset(b_h, v_threshold, v_reset, HARD_RESET)
         for j in tl.static_range(CHUNK - 1, -1, -1):
             t = i_c * CHUNK + j
-            b_h = b_hs[j]
-            b_u = b_h - v_threshold
-            b_sg = _surrogate_grad(b_u, alpha, SURROGATE)
-            if HARD_RESET:
-                b_dv_dh = tl.where(b_u >= 0, 0.0, 1.0)
-                if not DETACH_RESET:
-                    b_dv_dh += (v_reset - b_h) * b_sg
-            else:
-                if DETACH_RESET:
-                    b_dv_dh = 1.0
-                else:
-                    b_dv_dh = 1.0 - v_threshold * b_sg
-            b_gh = b_gss[j].to(tl.float32) * b_sg + b_gv * b_dv_dh
+            b_gh = _membrane_grad(b_hs[j], b_gss[j].to(tl.float32), b_gv, v_threshold, v_reset, alpha, SURROGATE,
+                                  HARD_RESET, DETACH_RESET)
             b_g = tl.where(t < T, b_gh * dh_dy, 0.0)
             b_sum_g += b_g
             if not SUM_OVER_TIME:
@@ -481,10 +470,6 @@ def bn_fire_backward(x, residual, grad_spikes, stats, checkpoints, grad_y, weigh
         steps = 1 if g.stride_xt == 0 else g.T
         _bn_grad_input_kernel[g.grid](grad_y, x, stats, coef, grad_x, steps, g.stride_xt, g.N, *g.view_args(),
                                       num_warps=NUM_WARPS, **g.blocks())
-
-
-def checkpoints_for(T: int) -> int:
-    return -(-T // MAX_CHUNK) - 1
 
 
 __all__ = ["Geometry", "geometry", "bn_statistics", "bn_fire", "bn_fire_backward", "checkpoints_for", "MEAN", "RSTD",

@@ -93,6 +93,25 @@ def _surrogate_grad(b_u, alpha, SURROGATE: tl.constexpr):
 
 
 @triton.jit
+def _membrane_grad(b_h, b_gs, b_gv, v_threshold, v_reset, alpha, SURROGATE: tl.constexpr, HARD_RESET: tl.constexpr,
+                   DETACH_RESET: tl.constexpr):
+    """dL/dh at one step: the spike's surrogate term plus the gradient of the membrane carried to the next step
+    (b_gs: dL/ds_t, b_gv: dL/dv_t) through the reset."""
+    b_u = b_h - v_threshold
+    b_sg = _surrogate_grad(b_u, alpha, SURROGATE)
+    if HARD_RESET:
+        b_dv_dh = tl.where(b_u >= 0, 0.0, 1.0)
+        if not DETACH_RESET:
+            b_dv_dh += (v_reset - b_h) * b_sg
+    else:
+        if DETACH_RESET:
+            b_dv_dh = 1.0
+        else:
+            b_dv_dh = 1.0 - v_threshold * b_sg
+    return b_gs * b_sg + b_gv * b_dv_dh
+
+
+@triton.jit
 def _lif_fwd_kernel(
     p_x, p_s, p_v0, p_vT, p_ck,
     N, stride_xt, tau, inv_tau, v_threshold, v_reset, has_v_init, store_v,
@@ -164,19 +183,8 @@ def _lif_bwd_kernel(
             _, b_v = _fire_and_reset(b_h, v_threshold, v_reset, HARD_RESET)
         for j in tl.static_range(CHUNK - 1, -1, -1):
             t = i_c * CHUNK + j
-            b_h = b_hs[j]
-            b_u = b_h - v_threshold
-            b_sg = _surrogate_grad(b_u, alpha, SURROGATE)
-            if HARD_RESET:
-                b_dv_dh = tl.where(b_u >= 0, 0.0, 1.0)
-                if not DETACH_RESET:
-                    b_dv_dh += (v_reset - b_h) * b_sg
-            else:
-                if DETACH_RESET:
-                    b_dv_dh = 1.0
-                else:
-                    b_dv_dh = 1.0 - v_threshold * b_sg
-            b_gh = b_gss[j] * b_sg + b_gv * b_dv_dh
+            b_gh = _membrane_grad(b_hs[j], b_gss[j], b_gv, v_threshold, v_reset, alpha, SURROGATE, HARD_RESET,
+                                  DETACH_RESET)
             b_gx = b_gh * dh_dx
             if SUM_OVER_TIME:
                 b_gx_sum += tl.where(t < T, b_gx, 0.0)
