@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 FORMAT = "fastsnn-checkpoint"
-VERSION = 2
+VERSION = 3  # 3: "config" (a TrainConfig dict) replaces "args"; running sums of a mid-epoch save
 ROLES = ("teacher", "student")
 
 
@@ -112,7 +112,7 @@ def check_training_checkpoint(obj, path: str, *, what: str, role: str | None = N
     if obj.get("version") != VERSION:
         raise CheckpointError(f"{what} {path}: checkpoint format version {obj.get('version')!r}; this fastsnn "
                               f"reads version {VERSION}")
-    missing = [k for k in ("model", "args", "arch", "role", "num_classes", "in_channels") if k not in obj]
+    missing = [k for k in ("model", "config", "arch", "role", "num_classes", "in_channels") if k not in obj]
     if missing:
         raise CheckpointError(f"{what} {path}: incomplete checkpoint, missing {', '.join(missing)}")
     _check_header(obj, path, what=what, role=role, arch=arch)

@@ -18,7 +18,9 @@ import torch
 from . import checkpoint as ckpt
 from . import data as datasets
 from . import models
-from .train import _autocast, evaluate
+from .training import TrainConfig, evaluate
+from .training.report import strict_json, write_text
+from .training.setup import autocast, build_model, device_for
 
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m fastsnn.evaluate", description=__doc__,
@@ -34,59 +36,75 @@ def build_parser():
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+class _Refused(Exception):
+    pass
+
+
+def _checked(args) -> tuple[dict, TrainConfig, str]:
+    """(checkpoint, its training configuration, report path), or _Refused with one line."""
     try:
         state = ckpt.check_training_checkpoint(ckpt.load(args.checkpoint, what="--checkpoint"), args.checkpoint,
                                                what="--checkpoint")
     except ckpt.CheckpointError as e:
-        print(f"fastsnn.evaluate: error: {e}", file=sys.stderr)
-        return 2
+        raise _Refused(str(e)) from None
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
     report_path = os.path.join(out, f"eval-{os.path.splitext(os.path.basename(args.checkpoint))[0]}.json")
     if os.path.exists(report_path) and not args.overwrite:
-        print(f"fastsnn.evaluate: error: {report_path} exists; pass --overwrite to replace it or --out for "
-              f"another folder", file=sys.stderr)
-        return 2
-    train_args = argparse.Namespace(**state["args"])
-    dataset = args.dataset or train_args.dataset
-    data_dir = args.data_dir or train_args.data_dir
-    problem = datasets.check_data_dir(dataset, data_dir, False)
+        raise _Refused(f"{report_path} exists; pass --overwrite to replace it or --out for another folder")
+    known = set(TrainConfig.__dataclass_fields__)
+    cfg = TrainConfig(**{k: v for k, v in state["config"].items() if k in known})
+    cfg.dataset = args.dataset or cfg.dataset
+    cfg.data_dir = args.data_dir or cfg.data_dir
+    problem = datasets.check_data_dir(cfg.dataset, cfg.data_dir, False)
     if problem:
-        print(f"fastsnn.evaluate: error: {problem}", file=sys.stderr)
-        return 2
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    spec = datasets.load(dataset, data_dir)
-    from .train import _build_student
+        raise _Refused(problem)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise _Refused("--device cuda was asked for, but CUDA is not available")
+    if args.batch_size < 1:
+        raise _Refused(f"--batch-size must be >= 1, got {args.batch_size}")
+    cfg.channels_last = False
+    return state, cfg, report_path
 
-    model = _build_student(train_args, state["num_classes"], state["in_channels"])
-    model.load_state_dict(state["model"])
-    model.to(device).eval()
-    spiking = not train_args.ann
-    loader = torch.utils.data.DataLoader(spec.test, batch_size=args.batch_size, shuffle=False)
-    train_args.channels_last = False
-    result = evaluate(model, loader, device, train_args, 1, spiking=spiking)
+
+def measure(model, loader, device, cfg: TrainConfig, num_images: int) -> dict:
+    """Accuracy, per-timestep accuracy, firing rates (mean and per layer) and the energy estimate."""
+    result = evaluate(model, loader, device, cfg)
     per_layer = {}
     meter = models.LayerActivity(model)
-    with torch.no_grad(), (models.record_firing_rates(model) if spiking else nullcontext()) as rates:
+    with torch.no_grad(), (models.record_firing_rates(model) if cfg.spiking else nullcontext()) as rates:
         for images, _ in loader:
-            with _autocast(train_args, device):
+            with autocast(cfg, device):
                 model(images.to(device))
-        if spiking:
+        if cfg.spiking:
             per_layer = rates.per_layer()
     meter.remove()
-    energy = meter.energy(len(spec.test))
-    report = {"student_acc": result["acc"], "student_acc5": result["acc5"],
-              "per_timestep_acc": result["per_timestep_acc"],
-              "firing_rate": result["firing_rate"], "per_layer_firing_rate": per_layer, "energy": energy,
-              "arch": train_args.arch, "dataset": dataset, "T": None if not spiking else train_args.T,
-              "checkpoint": os.path.abspath(args.checkpoint), "epoch": state.get("epoch")}
-    os.makedirs(out, exist_ok=True)
-    with open(report_path, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"{train_args.arch} on {dataset}: accuracy {result['acc']:.2f}% (top-5 {result['acc5']:.2f}%), per-timestep "
-          f"{' '.join(f'{a:.1f}' for a in result['per_timestep_acc'])}, firing rate {result['firing_rate']:.4f}, "
-          f"energy {energy['energy_mJ']:.4g} mJ per image ({energy['acs']:.3g} ACs, "
+    return {"student_acc": result["acc"], "student_acc5": result["acc5"],
+            "per_timestep_acc": result["per_timestep_acc"], "firing_rate": result["firing_rate"],
+            "per_layer_firing_rate": per_layer, "energy": meter.energy(num_images)}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        state, cfg, report_path = _checked(args)
+    except _Refused as e:
+        print(f"fastsnn.evaluate: error: {e}", file=sys.stderr)
+        return 2
+    device = device_for(TrainConfig(device=args.device))
+    spec = datasets.load(cfg.dataset, cfg.data_dir)
+    model = build_model(cfg, state["num_classes"], state["in_channels"])
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    loader = torch.utils.data.DataLoader(spec.test, batch_size=args.batch_size, shuffle=False)
+    report = measure(model, loader, device, cfg, len(spec.test))
+    report.update(arch=cfg.arch, dataset=cfg.dataset, T=cfg.T if cfg.spiking else None,
+                  checkpoint=os.path.abspath(args.checkpoint), epoch=state.get("epoch"))
+    os.makedirs(os.path.dirname(report_path), exist_ok=True)
+    write_text(report_path, json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n")
+    energy = report["energy"]
+    print(f"{cfg.arch} on {cfg.dataset}: accuracy {report['student_acc']:.2f}% (top-5 {report['student_acc5']:.2f}%), "
+          f"per-timestep {' '.join(f'{a:.1f}' for a in report['per_timestep_acc'])}, firing rate "
+          f"{report['firing_rate']:.4f}, energy {energy['energy_mJ']:.4g} mJ per image ({energy['acs']:.3g} ACs, "
           f"{energy['encoding_macs']:.3g} encoding MACs); report {report_path}")
     return 0
 

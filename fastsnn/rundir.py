@@ -16,7 +16,7 @@ try:
 except ImportError:  # pragma: no cover - not POSIX
     fcntl = None
 
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "metrics.json")
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "metrics.json", "metrics.csv", "config.yaml")
 LOCK_NAME = ".lock"
 
 
@@ -81,3 +81,14 @@ class RunLock:
             os.close(self.fd)  # closing releases the lock; the file stays (unlinking would race a waiter)
             self.fd = None
         return False
+
+
+def remove_partial_writes(out: str) -> list[str]:
+    """Deletes the temporary files a killed run left mid-write (``.tmp-*``: never a checkpoint, which is
+    only ever renamed into place whole); call it while holding the folder's lock."""
+    removed = []
+    for name in os.listdir(out):
+        if name.startswith(".tmp-"):
+            os.unlink(os.path.join(out, name))
+            removed.append(name)
+    return removed

@@ -25,7 +25,7 @@ def assert_close(actual, expected, dtype=None, scale=1.0):
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, check_dtype=False)
 
 
-def run_python(code: str, *, interpret: bool, timeout: float = 600, env_extra=None):
+def run_python(code: str, *, interpret: bool, timeout: float = 600, env_extra=None, cwd=None):
     """Runs `code` in a fresh interpreter with TRITON_INTERPRET set or unset; returns the CompletedProcess."""
     import subprocess
     import sys
@@ -35,7 +35,8 @@ def run_python(code: str, *, interpret: bool, timeout: float = 600, env_extra=No
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=cwd)
 
 
 def _label(name, value):

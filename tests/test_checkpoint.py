@@ -25,7 +25,7 @@ class _RunsCode:
 
 def _student_checkpoint(arch="digits_snn", role="student", **extra):
     model = models.create(arch, 10, T=4) if role == "student" else models.create(arch, 10)
-    return {**ckpt.describe(role=role, arch=arch), "model": model.state_dict(), "args": {"arch": arch},
+    return {**ckpt.describe(role=role, arch=arch), "model": model.state_dict(), "config": {"arch": arch},
             "num_classes": 10, "in_channels": 1, **extra}
 
 

@@ -3,6 +3,7 @@ CIFAR/ImageFolder loaders, DDP through torchrun, non-finite losses and bad input
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from fastsnn import checkpoint as ckpt
 from fastsnn import models, train
@@ -115,10 +117,10 @@ def test_checkpoints_are_checked_for_role_and_architecture(tmp_path):
 
 def test_flags_given_on_resume_are_found_by_argparse(tmp_path):
     assert _cli(tmp_path, "--epochs", "2", "--stop-after-epochs", "1", "--out", "run").returncode == 0
-    assert ckpt.load(tmp_path / "run" / "last.pt")["args"]["ts_ce"] is True
+    assert ckpt.load(tmp_path / "run" / "last.pt")["config"]["ts_ce"] is True
     proc = _cli(tmp_path, "--resume", "run/last.pt", "--no-ts-ce", "--epo=2")  # negated and abbreviated flags
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert ckpt.load(tmp_path / "run" / "last.pt")["args"]["ts_ce"] is False
+    assert ckpt.load(tmp_path / "run" / "last.pt")["config"]["ts_ce"] is False
 
 
 def test_ann_checkpoint_is_a_teacher_for_tser(tmp_path):
@@ -138,7 +140,7 @@ def test_ann_checkpoint_is_a_teacher_for_tser(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "student" / "metrics.json").read_text())
     assert summary["teacher_acc"] > 50 and summary["teacher"] == "digits_ann"
-    assert ckpt.load(tmp_path / "student" / "last.pt")["args"]["ts_kl"] is False
+    assert ckpt.load(tmp_path / "student" / "last.pt")["config"]["ts_kl"] is False
 
 
 @pytest.mark.parametrize("method", ["ts", "skd", "ce"])
@@ -250,14 +252,15 @@ def test_ddp_on_cpu_keeps_ranks_identical(tmp_path):
 
 _NAN_DRIVER = """
 import sys, warnings, torch
-import fastsnn.train as t
-real = t.compute_loss
+import fastsnn.training as t
+import fastsnn.training.loop as loop
+real = loop.compute_loss
 calls = {{"n": 0}}
 def patched(*a, **k):
     loss, terms = real(*a, **k)
     calls["n"] += 1
     return (loss * float("nan"), terms) if {condition} else (loss, terms)
-t.compute_loss = patched
+loop.compute_loss = patched
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     code = t.main({argv!r})
@@ -388,3 +391,128 @@ def test_a_crafted_cifar_batch_is_refused_and_runs_nothing(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().count("\n") == 0 and "data_batch_3: refused" in proc.stderr
     assert not marker.exists() and not (tmp_path / "never").exists()
+
+
+# ------------------------------------------------------------------------------------ the resume matrix
+
+_INTERRUPT_DRIVER = """
+import os, signal, sys
+import torch
+import fastsnn.training as t
+import fastsnn.training.loop as loop
+mode, at = {mode!r}, {at}
+count = {{"n": 0}}
+if mode == "kill-between-steps":  # SIGKILL before step `at` + 1 of the student (over the whole invocation)
+    real_step = loop.train_step
+    def step(session, *a, **k):
+        count["n"] += not session.cfg.ann  # a digits teacher trained on the way does not count
+        if count["n"] > at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_step(session, *a, **k)
+    loop.train_step = step
+else:  # "kill-in-write": SIGKILL halfway through the `at`-th checkpoint file written
+    real_save = torch.save
+    def save(obj, f, *a, **k):
+        count["n"] += 1
+        if count["n"] == at:
+            real_save(obj, f, *a, **k)
+            f.flush()
+            f.truncate(f.tell() // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_save(obj, f, *a, **k)
+    torch.save = save
+sys.exit(t.main({argv!r}))
+"""
+_TIMING = ("images_per_s", "epoch_time_s")
+
+
+def _rows(folder):
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in _TIMING} for row in rows]
+
+
+# (how, at): 32-image batches make 45 steps per epoch, --save-every 10 saves at steps 10, 20, 30, 40
+_POINTS = {"mid-epoch": ("kill-between-steps", 15),     # last.pt: epoch 1, step 10
+           "end-of-epoch": ("kill-between-steps", 45),  # last.pt: the end of epoch 1
+           "in-checkpoint-write": ("kill-in-write", 3)}  # killed writing step 30's: last.pt is step 20's
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("matrix")
+    args = ["--epochs", "2", "--batch-size", "32", "--save-every", "10", "--quiet"]
+    proc = subprocess.run([sys.executable, "-m", "fastsnn.train", *args, "--out", str(root / "full")],
+                          capture_output=True, text=True, env=_env(root), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, args
+
+
+@pytest.mark.parametrize("point", list(_POINTS))
+def test_resume_matrix(uninterrupted, point):
+    """Interrupted at each point, resumed with the same flags and with compatible changed ones: the same
+    weights (last.pt and best.pt) and the same metrics rows (timings aside) as the uninterrupted run."""
+    root, args = uninterrupted
+    how, at = _POINTS[point]
+    killed = root / point
+    argv = args + ["--out", str(killed)]
+    proc = run_python(_INTERRUPT_DRIVER.format(mode=how, at=at, argv=argv), interpret=False,
+                      env_extra={"FASTSNN_CACHE": str(root / "cache")})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    state = ckpt.load(killed / "last.pt")  # a whole checkpoint, whatever the moment of the kill
+    expected = {"mid-epoch": (0, 10), "end-of-epoch": (1, 0), "in-checkpoint-write": (0, 20)}[point]
+    assert (state["epoch"], state["step_in_epoch"]) == expected
+    if point == "in-checkpoint-write":
+        assert any(p.name.startswith(".tmp-") for p in killed.iterdir())  # the torn file is only ever a temp
+    for flags in ([], ["--save-every", "7", "--no-tensorboard", "--max-bad-steps", "4", "--workers", "0"]):
+        copy = root / f"{point}-{len(flags)}"
+        shutil.copytree(killed, copy)
+        proc = subprocess.run([sys.executable, "-m", "fastsnn.train", "--resume", str(copy / "last.pt"), *flags],
+                              capture_output=True, text=True, env=_env(root), timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if flags:
+            changed = proc.stdout.split("; changed: ")[1].splitlines()[0].split(", ")
+            assert sorted(changed) == ["max_bad_steps 10 -> 4", "save_every 10 -> 7", "tensorboard True -> False"]
+        for name in ("last.pt", "best.pt"):
+            assert _same_weights(_weights(root / "full" / name), _weights(copy / name)), (point, flags, name)
+        assert _rows(copy) == _rows(root / "full"), (point, flags)
+        assert not any(p.name.startswith(".tmp-") for p in copy.iterdir())
+        assert (copy / "metrics.csv").read_text().count("\n") == 3
+
+
+def test_incompatible_changes_on_resume_are_refused(tmp_path):
+    args = ["--epochs", "3", "--batch-size", "32", "--save-every", "10", "--quiet"]
+    proc = run_python(_INTERRUPT_DRIVER.format(mode="kill-between-steps", at=12, argv=args + ["--out", "run"]),
+                      interpret=False, env_extra={"FASTSNN_CACHE": str(tmp_path / "cache")}, cwd=tmp_path)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    for flags, words in [(["--seed", "3"], "--seed cannot change on resume"),
+                         (["--arch", "spiking_vgg11"], "holds the architecture 'digits_snn'"),
+                         (["--batch-size", "64"], "--batch-size cannot change from 32 to 64 when resuming mid-epoch"),
+                         (["--T", "2"], "--T cannot change on resume"),
+                         (["--out", "elsewhere", "--seed", "1"], "--seed cannot change")]:
+        proc = _cli(tmp_path, "--resume", "run/last.pt", *flags)
+        assert proc.returncode == 2 and words in proc.stderr, (flags, proc.stderr[-2000:])
+        assert proc.stderr.strip().count("\n") == 0
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before and not (tmp_path / "elsewhere").exists()
+    proc = _cli(tmp_path, "--resume", "run/last.pt", "--epochs", "1", "--stop-after-epochs", "1")
+    assert proc.returncode == 0 and "changed: epochs 3 -> 1" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_config_file_and_run_folder(tmp_path):
+    (tmp_path / "exp.yaml").write_text("method: ce\nepochs: 5\nT: 2\n")
+    proc = _cli(tmp_path, "--config", "exp.yaml", "--epochs", "2", "--out", "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    assert (written["method"], written["epochs"], written["T"]) == ("ce", 2, 2) and "resume" not in written
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[:2] == ["epoch", "train_loss"] and "per_timestep_acc_2" in header
+    assert len((run / "metrics.csv").read_text().splitlines()) == 3
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["best_epoch"] in (1, 2) and summary["final_acc"] is not None
+    events = list((run / "tensorboard").iterdir())
+    assert events and events[0].name.startswith("events.out.tfevents")
+    # the run's own config.yaml starts the same run again
+    proc = _cli(tmp_path, "--config", "run/config.yaml", "--out", "again")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _same_weights(_weights(run / "last.pt"), _weights(tmp_path / "again" / "last.pt"))

@@ -1,0 +1,182 @@
+"""What a run shows and leaves in its folder, refreshed every epoch.
+
+``config.yaml`` (the resolved configuration; ``--config`` takes it back), ``metrics.jsonl`` (one strict-JSON
+row per epoch: non-finite values are null), ``metrics.csv`` (the same rows), ``metrics.json`` (the summary,
+``best_epoch`` included), ``curves.png`` and ``per_timestep_acc.png``, and TensorBoard event files under
+``tensorboard/`` when the tensorboard package is installed. The per-epoch files are rewritten from the
+checkpoint's history at the start of a run, so they always hold exactly the checkpoint's epochs, even after
+a kill between two writes. Every file is written beside its target and renamed over it.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.csv", "metrics.json", "curves.png", "per_timestep_acc.png")
+
+
+def strict_json(obj):
+    """obj with every non-finite float replaced by None, so that json.dumps(allow_nan=False) writes valid JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def json_line(row: dict) -> str:
+    return json.dumps(strict_json(row), allow_nan=False) + "\n"
+
+
+def write_text(path: str, text: str) -> None:
+    """``path`` holds ``text`` or its previous content, never a torn mix."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def csv_text(history: list[dict]) -> str:
+    """The rows as CSV; a list (per-timestep accuracy) becomes one column per entry."""
+    flat = []
+    for row in history:
+        out = {}
+        for key, value in strict_json(row).items():
+            if isinstance(value, list):
+                out.update({f"{key}_{i + 1}": v for i, v in enumerate(value)})
+            else:
+                out[key] = value
+        flat.append(out)
+    columns = list(dict.fromkeys(k for row in flat for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(flat)
+    return buf.getvalue()
+
+
+def epoch_line(role: str, spiking: bool, epochs: int, row: dict) -> str:
+    """One line per epoch; the teacher stage (--ann) has no KL, entropy or firing rate to report."""
+    head = f"{role} epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.4f}"
+    if spiking:
+        head += f" (ce {row['train_ce']:.4f} kl {row['train_kl']:.4f} entropy {row['train_entropy']:.4f})"
+    head += f" train {row['train_acc']:.2f}% test {row['test_acc']:.2f}%"
+    if spiking:
+        head += (f" per-timestep {' '.join(f'{a:.1f}' for a in row['per_timestep_acc'])}"
+                 f" firing {row['firing_rate']:.4f}")
+    return head + f" lr {row['lr']:.4g} {row['images_per_s']:.0f} img/s"
+
+
+class Reporter:
+    """The run folder's files and TensorBoard for the main rank; every method is a no-op elsewhere."""
+
+    def __init__(self, out: str, *, enabled: bool, tensorboard: bool, log):
+        self.out, self.enabled, self.log = out, enabled, log
+        self.writer = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log("note: tensorboard is not installed; no event files (pip install tensorboard)")
+            else:
+                self.writer = SummaryWriter(os.path.join(out, "tensorboard"))
+
+    def start(self, config_yaml: str, history: list[dict]) -> None:
+        if not self.enabled:
+            return
+        write_text(os.path.join(self.out, "config.yaml"), config_yaml)
+        write_text(os.path.join(self.out, "metrics.jsonl"), "".join(json_line(r) for r in history))
+        write_text(os.path.join(self.out, "metrics.csv"), csv_text(history) if history else "")
+
+    def epoch(self, row: dict, history: list[dict], summary: dict) -> None:
+        if not self.enabled:
+            return
+        with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
+            f.write(json_line(row))
+        write_text(os.path.join(self.out, "metrics.csv"), csv_text(history))
+        self.summary(summary)
+        write_plots(self.out, history, summary)
+        if self.writer is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and value is not None and key != "epoch":
+                    self.writer.add_scalar(key, value, row["epoch"])
+            for t, acc in enumerate(row.get("per_timestep_acc") or []):
+                self.writer.add_scalar(f"per_timestep_acc/t{t + 1}", acc, row["epoch"])
+            self.writer.flush()
+
+    def summary(self, summary: dict) -> None:
+        if self.enabled:
+            write_text(os.path.join(self.out, "metrics.json"),
+                       json.dumps(strict_json(summary), indent=2, allow_nan=False) + "\n")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def progress(total: int, initial: int, desc: str, enabled: bool):
+    """A tqdm bar over the epoch's steps (ETA, rate; lr and running loss as postfix) on stderr; on a
+    terminal it redraws in place, elsewhere it prints a line at most every 30 s."""
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, unit="step", leave=True,
+                dynamic_ncols=True, mininterval=0.1 if tty else 30.0, file=sys.stderr)
+
+
+def write_plots(out: str, history: list[dict], summary: dict) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [h["train_loss"] for h in history], label="train loss")
+    for key in ("train_ce", "train_kl", "train_entropy"):
+        ax1.plot(epochs, [h[key] for h in history], label=key.replace("train_", ""), alpha=0.7)
+    ax1.set_xlabel("epoch"), ax1.legend(), ax1.set_title("training loss and terms")
+    ax2.plot(epochs, [h["test_acc"] for h in history], label="test accuracy (time-mean)")
+    ax2.plot(epochs, [h["train_acc"] for h in history], label="train accuracy")
+    ax2.set_xlabel("epoch"), ax2.set_ylabel("%"), ax2.legend(), ax2.set_title("accuracy")
+    _save(fig, out, "curves.png")
+    per_t = summary.get("per_timestep_acc") or []
+    if per_t and summary.get("student_acc") is not None:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        ax.bar([str(t + 1) for t in range(len(per_t))], per_t, color="tab:blue", label="timestep t alone")
+        ax.axhline(summary["student_acc"], color="tab:red", label="time-mean logits")
+        low = min(per_t + [summary["student_acc"]])
+        ax.set_ylim(max(0.0, low - 5), 100)
+        ax.set_xlabel("timestep"), ax.set_ylabel("test accuracy (%)"), ax.legend(loc="lower right")
+        ax.set_title("per-timestep accuracy (paper Fig. 2)")
+        _save(fig, out, "per_timestep_acc.png")
+
+
+def _save(fig, out, name):
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=out)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, os.path.join(out, name))
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)

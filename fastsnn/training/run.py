@@ -1,0 +1,225 @@
+"""One training run from a configuration, and the command-line entry point ``python -m fastsnn.train``."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from contextlib import ExitStack
+
+import torch
+import torch.distributed as dist
+
+from .. import checkpoint as ckpt
+from .. import data as datasets
+from .. import rundir
+from . import config as config_mod
+from . import setup
+from . import state as state_mod
+from .config import TrainConfig, UsageError
+from .loop import Session, TooManyBadSteps, epoch_row, save, train_epoch, evaluate  # noqa: F401
+from .report import Reporter, epoch_line
+from .teacher import load_teacher
+
+PROG = "fastsnn.train"
+
+
+def prepare(argv=None, world: int = 1) -> tuple[TrainConfig, list[str]]:
+    """The validated configuration the command line asks for and, on --resume, the changes it makes to
+    the saved one. Raises UsageError / CheckpointError / RunFolderError; writes nothing."""
+    cfg, given = config_mod.parse(argv)
+    changes = []
+    if cfg.resume:
+        changes = _merge_resume(cfg, given)
+    config_mod.resolve(cfg)
+    config_mod.validate(cfg, world)
+    check_out(cfg, given)
+    return cfg, changes
+
+
+def _merge_resume(cfg: TrainConfig, given: set[str]) -> list[str]:
+    if not os.path.isfile(cfg.resume):
+        raise UsageError(f"--resume {cfg.resume}: no such file")
+    requested_role = cfg.role if "ann" in given else None
+    requested_arch = cfg.arch if "arch" in given else None
+    obj = state_mod.read(cfg.resume, role=requested_role, arch=requested_arch)
+    if "out" not in given:
+        cfg.out = os.path.dirname(cfg.resume) or "."
+    given = given - {"out"}
+    saved = {k: v for k, v in obj["config"].items() if k != "out"}
+    return config_mod.merge_resumed(cfg, saved, given, mid_epoch=bool(obj["step_in_epoch"]))
+
+
+def check_out(cfg: TrainConfig, given: set[str] = frozenset()) -> None:
+    """Resolve the default run folder and refuse one that cannot take this run, before anything is written."""
+    if not cfg.out:
+        cfg.out = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # rank 0 owns the folder
+    resuming = bool(cfg.resume) and os.path.isdir(cfg.out) and os.path.samefile(
+        os.path.dirname(os.path.abspath(cfg.resume)), cfg.out)
+    problem = rundir.check(cfg.out, resuming=resuming, overwrite=cfg.overwrite)
+    if problem:
+        raise UsageError(problem)
+
+
+def build_session(cfg: TrainConfig, rank: int, world: int, local_rank: int, hold) -> Session:
+    device = setup.device_for(cfg, local_rank)
+    setup.set_threads(cfg, device)
+    log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
+    torch.manual_seed(cfg.seed + rank)
+    if device.type == "cpu" and world == 1:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    spec = datasets.load(cfg.dataset, cfg.data_dir, download=cfg.download and rank == 0,
+                         autoaugment=cfg.autoaugment, cutout=cfg.cutout)
+    model = setup.build_model(cfg, spec.num_classes, spec.in_channels)
+    teacher = None
+    if cfg.uses_teacher:
+        teacher = load_teacher(cfg, spec.num_classes, spec.in_channels, device, log, train_nested)
+    if rank == 0:  # every input is checked: the folder is taken now
+        os.makedirs(cfg.out, exist_ok=True)
+        hold(rundir.RunLock(cfg.out))
+        for name in rundir.remove_partial_writes(cfg.out):
+            log(f"removed {name}, a partial write of an interrupted run")
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    per_rank_batch = cfg.batch_size // world
+    sampler = datasets.EpochSampler(len(spec.train), seed=cfg.seed, epoch=0, rank=rank, world=world,
+                                    global_batch=cfg.batch_size, drop_last=world > 1)
+    steps_per_epoch = math.ceil(len(sampler) / per_rank_batch)
+    optimizer, scheduler, scaler = setup.optimizer_for(cfg, model, device, steps_per_epoch)
+    train_model = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    reporter = hold(_Closing(Reporter(cfg.out, enabled=rank == 0, tensorboard=cfg.tensorboard, log=log)))
+    return Session(cfg=cfg, rank=rank, world=world, device=device, model=model, train_model=train_model,
+                   teacher=teacher, optimizer=optimizer, scheduler=scheduler, scaler=scaler, sampler=sampler,
+                   loader=setup.loader_for(spec.train, sampler, per_rank_batch, cfg, device),
+                   test_loader=setup.test_loader(spec, cfg, device, rank, world), per_rank_batch=per_rank_batch,
+                   num_classes=spec.num_classes, in_channels=spec.in_channels, out=cfg.out, reporter=reporter,
+                   log=log)
+
+
+class _Closing:
+    def __init__(self, reporter):
+        self.reporter = reporter
+
+    def __enter__(self):
+        return self.reporter
+
+    def __exit__(self, *exc):
+        self.reporter.close()
+        return False
+
+
+def restore(s: Session, changes: list[str]) -> state_mod.TrainState:
+    """The state to start from: fresh, or the --resume checkpoint's (RNG restored last)."""
+    cfg = s.cfg
+    if not cfg.resume:
+        return state_mod.TrainState(sums=state_mod.zero_sums(s.device))
+    obj = state_mod.read(cfg.resume, role=cfg.role, arch=cfg.arch)
+    state = state_mod.restore(obj, rank=s.rank, world=s.world, model=s.model, optimizer=s.optimizer,
+                              scheduler=s.scheduler, scaler=s.scaler, device=s.device)
+    if any(c.split()[0] in ("epochs", "batch_size") for c in changes):
+        setup.align_schedule(s.scheduler, state.epoch * len(s.loader) + state.step_in_epoch)
+    ckpt.set_rng_state(state.rng)
+    s.log(f"resumed from {cfg.resume}: epoch {state.epoch + 1}, step {state.step_in_epoch}"
+          + (f"; changed: {', '.join(changes)}" if changes else ""))
+    return state
+
+
+def run(cfg: TrainConfig, rank: int = 0, world: int = 1, local_rank: int = 0, hold=None,
+        changes: list[str] = ()) -> dict:
+    """One training run of a validated configuration (see :func:`prepare`); returns the summary.
+    ``hold(context_manager)`` keeps the run folder's lock for the caller's lifetime; without it the lock is
+    released when run returns."""
+    if hold is None:
+        with ExitStack() as held:
+            return run(cfg, rank, world, local_rank, held.enter_context, changes)
+    s = build_session(cfg, rank, world, local_rank, hold)
+    state = restore(s, list(changes))
+    teacher_acc = None
+    if s.teacher is not None:
+        teacher_acc = evaluate(s.teacher, s.test_loader, s.device, dataclasses.replace(cfg, ann=True),
+                               world)["acc"]
+        s.log(f"teacher {cfg.teacher}: test accuracy {teacher_acc:.2f}%")
+    s.reporter.start(config_mod.to_yaml(cfg), state.history)
+    last = cfg.epochs if not cfg.stop_after_epochs else min(cfg.epochs, state.epoch + cfg.stop_after_epochs)
+    summary = _summary(s, state, teacher_acc)
+    for epoch in range(state.epoch, last):
+        row = train_epoch(s, state, epoch)
+        best = state.record_epoch(row, row["test_acc"])
+        save(s, state, best=best)
+        summary = _summary(s, state, teacher_acc)
+        s.reporter.epoch(row, state.history, summary)
+        s.log(epoch_line(cfg.role, cfg.spiking, cfg.epochs, row))
+    summary = _summary(s, state, teacher_acc, final=True)
+    s.reporter.summary(summary)
+    if state.history:
+        s.log(f"done: {cfg.role} {summary['final_acc']:.2f}% after epoch {len(state.history)}, best "
+              f"{state.best_acc:.2f}% at epoch {state.best_epoch} (best.pt)"
+              + (f"; teacher {teacher_acc:.2f}%" if teacher_acc is not None else "") + f"; run directory {s.out}")
+    return summary
+
+
+def _summary(s: Session, state, teacher_acc, final: bool = False) -> dict:
+    cfg = s.cfg
+    last = state.history[-1] if state.history else {}
+    best = state.history[state.best_epoch - 1] if state.best_epoch else {}
+    summary = {"student_acc": best.get("test_acc"), "final_acc": last.get("test_acc"), "teacher_acc": teacher_acc,
+               "per_timestep_acc": best.get("per_timestep_acc"), "firing_rate": best.get("firing_rate"),
+               "epochs": len(state.history), "method": "ann" if cfg.ann else cfg.method, "best_acc": best.get(
+                   "test_acc"), "best_epoch": state.best_epoch, "arch": cfg.arch,
+               "teacher": cfg.teacher if s.teacher is not None else None, "dataset": cfg.dataset,
+               "T": cfg.T if cfg.spiking else None, "world_size": s.world, "device": str(s.device)}
+    if final and s.world > 1:
+        checksum = float(sum(float(p.double().sum()) for p in s.model.parameters()))
+        gathered = [None] * s.world
+        dist.all_gather_object(gathered, checksum)
+        summary["rank_param_checksums"] = gathered
+    return summary
+
+
+def train_nested(cfg: TrainConfig) -> int:
+    """Trains ``cfg`` in this process (the cached digits teacher); 0 on success."""
+    config_mod.resolve(cfg)
+    config_mod.validate(cfg)
+    check_out(cfg)
+    run(cfg)
+    return 0
+
+
+def main(argv=None) -> int:
+    cfg = None
+    interrupted = False
+    try:
+        cfg, changes = prepare(argv, setup.world_size())
+        rank, world, local_rank = setup.distributed(cfg)
+        with ExitStack() as held:  # the run folder's lock, taken once the inputs have all been checked
+            run(cfg, rank, world, local_rank, held.enter_context, changes)
+    except (UsageError, ckpt.CheckpointError, rundir.RunFolderError, datasets.DataError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except TooManyBadSteps as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        interrupted = True
+        last = os.path.join(cfg.out, "last.pt") if cfg is not None and cfg.out else ""
+        hint = (f"resume with: python -m fastsnn.train --resume {last}" if last and os.path.isfile(last)
+                else "no checkpoint had been written yet")
+        print(f"\n{PROG}: interrupted; {hint}", file=sys.stderr)
+        return 130
+    finally:
+        if dist.is_initialized():
+            try:
+                if not interrupted:  # every rank leaves together: no rank tears the group down under another
+                    dist.barrier()
+            finally:
+                dist.destroy_process_group()
+    return 0

@@ -1,0 +1,162 @@
+"""fastsnn.training in-process: the typed configuration (CLI, --config YAML, defaults, validation, resume
+merging), the checkpoint's keys (TrainState), the run folder's files and the schedule after a resume."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from fastsnn import checkpoint as ckpt
+from fastsnn.training import config as C
+from fastsnn.training import report, setup, state as S
+
+
+def _parse(*argv):
+    cfg, given = C.parse(list(argv))
+    C.resolve(cfg)
+    C.validate(cfg)
+    return cfg, given
+
+
+def test_every_flag_is_a_typed_field():
+    dests = {a.dest for a in C.build_parser()._actions} - {"help"}
+    assert dests == {f.name for f in dataclasses.fields(C.TrainConfig)}
+    cfg, _ = _parse()
+    assert (cfg.arch, cfg.teacher, cfg.epochs, cfg.batch_size, cfg.ts_ce, cfg.ts_kl) == (
+        "digits_snn", "digits_ann", 15, 64, True, True)
+    cfg, _ = _parse("--method", "skd", "--dataset", "digits")
+    assert (cfg.ts_ce, cfg.ts_kl, cfg.lam) == (False, False, 0.0)
+
+
+def test_help_shows_choices_architectures_and_defaults():
+    text = C.build_parser().format_help()
+    for words in ("{digits,cifar10,cifar100,imagenet}", "{tser,ts,skd,ce}", "sew_resnet34", "spiking_vgg16",
+                  "resnet34", "imagenet: lr=0.2", "--config YAML"):
+        assert words in text
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--neuron", "alif"], "--neuron must be one of lif, if, got 'alif'"),
+    (["--dataset", "mnist"], "--dataset must be one of digits, cifar10, cifar100, imagenet, got 'mnist'"),
+    (["--epochs", "ten"], "--epochs: invalid int value: 'ten'"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--lif-tau", "1"], "--lif-tau must be > 1, got 1.0"),
+    (["--lam", "-0.1"], "--lam must be >= 0"),
+    (["--config", "missing.yaml"], "--config missing.yaml: cannot be read"),
+])
+def test_bad_flags_are_one_usage_line(argv, words, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(C.UsageError) as e:
+        _parse(*argv)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_config_file_sets_values_and_the_command_line_wins(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("method: ce\nepochs: 3\nbatch-size: 32\nlif_tau: 3.0\nts-ce: false\nseed: 7\n")
+    cfg, given = _parse("--config", str(path), "--epochs", "5")
+    assert (cfg.method, cfg.epochs, cfg.batch_size, cfg.lif_tau, cfg.ts_ce, cfg.seed) == ("ce", 5, 32, 3.0, False, 7)
+    assert {"method", "epochs", "batch_size", "lif_tau", "ts_ce", "seed"} <= given
+
+
+@pytest.mark.parametrize("text,words", [
+    ("epoch: 3\n", "unknown setting 'epoch'; allowed:"),
+    ("epochs: ten\n", "epochs must be a int, got 'ten'"),
+    ("epochs: 1.5\n", "epochs must be a int, got 1.5"),
+    ("ann: yes please\n", "ann must be true or false"),
+    ("dataset: mnist\n", "dataset must be one of digits, cifar10, cifar100, imagenet, got 'mnist'"),
+    ("tau: true\n", "tau must be a float, got True"),
+    ("- 1\n- 2\n", "must hold a mapping of settings, got a list"),
+    ("a: [\n", "not valid YAML"),
+])
+def test_a_bad_config_file_is_one_line(tmp_path, text, words):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(C.UsageError) as e:
+        _parse("--config", str(path))
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_written_config_reproduces_the_run(tmp_path):
+    cfg, _ = _parse("--method", "ts", "--T", "2", "--no-detach-reset", "--epochs", "4", "--lr", "0.01")
+    (tmp_path / "config.yaml").write_text(C.to_yaml(cfg))
+    again, _ = _parse("--config", str(tmp_path / "config.yaml"))
+    assert again.saved() == cfg.saved()
+    assert "resume" not in C.to_yaml(cfg) and "overwrite" not in C.to_yaml(cfg)
+
+
+def test_resume_applies_compatible_changes_and_refuses_the_rest():
+    saved, _ = _parse("--epochs", "4")
+    saved = saved.saved()
+    cfg, given = C.parse(["--epochs", "6", "--save-every", "3", "--no-ts-ce"])
+    changes = C.merge_resumed(cfg, saved, given, mid_epoch=True)
+    assert sorted(changes) == ["epochs 4 -> 6", "save_every 0 -> 3", "ts_ce True -> False"]
+    assert cfg.lr == saved["lr"] and cfg.seed == saved["seed"]
+    for argv, words in [(["--seed", "1"], "--seed cannot change on resume (the run was started with 0"),
+                        (["--arch", "spiking_vgg11"], "--arch cannot change on resume"),
+                        (["--lr", "0.5"], "--lr cannot change on resume"),
+                        (["--batch-size", "32"], "--batch-size cannot change from 64 to 32 when resuming mid-epoch")]:
+        cfg, given = C.parse(argv)
+        with pytest.raises(C.UsageError, match=words.replace("(", r"\(")):
+            C.merge_resumed(cfg, saved, given, mid_epoch=True)
+    cfg, given = C.parse(["--batch-size", "32"])
+    assert C.merge_resumed(cfg, saved, given, mid_epoch=False) == ["batch_size 64 -> 32"]
+    cfg, given = C.parse(["--seed", "0"])  # given but unchanged: nothing to refuse
+    assert C.merge_resumed(cfg, saved, given, mid_epoch=True) == []
+
+
+def test_the_checkpoint_round_trips_the_state_through_weights_only(tmp_path):
+    cfg, _ = _parse("--method", "ce")
+    model = torch.nn.Linear(3, 2)
+    optimizer, scheduler, scaler = setup.optimizer_for(cfg, model, torch.device("cpu"), steps_per_epoch=5)
+    state = S.TrainState(epoch=1, step_in_epoch=3, best_acc=50.0, best_epoch=1,
+                         history=[{"epoch": 1, "test_acc": 50.0, "firing_rate": float("nan")}],
+                         sums=torch.tensor([1.5, 0.25, 0.0, 0.0, 7.0, 9.0], dtype=torch.float64), images_seen=9,
+                         elapsed=0.5)
+    obj = S.to_checkpoint(state, cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                          ranks=[state.rank_part()], num_classes=2, in_channels=3)
+    ckpt.save_atomic(obj, str(tmp_path / "last.pt"))
+    loaded = S.read(str(tmp_path / "last.pt"), role="student", arch="digits_snn")
+    other = torch.nn.Linear(3, 2)
+    o2, s2, sc2 = setup.optimizer_for(cfg, other, torch.device("cpu"), steps_per_epoch=5)
+    back = S.restore(loaded, rank=0, world=1, model=other, optimizer=o2, scheduler=s2, scaler=sc2, device="cpu")
+    assert torch.equal(other.weight, model.weight) and torch.equal(back.sums, state.sums)
+    assert (back.epoch, back.step_in_epoch, back.images_seen, back.elapsed, back.best_epoch) == (1, 3, 9, 0.5, 1)
+    with pytest.raises(ckpt.CheckpointError, match="written mid-epoch by 1 ranks and cannot continue on 2"):
+        S.restore(loaded, rank=0, world=2, model=other, optimizer=o2, scheduler=s2, scaler=sc2, device="cpu")
+    del loaded["ranks"]
+    ckpt.save_atomic(loaded, str(tmp_path / "partial.pt"))
+    with pytest.raises(ckpt.CheckpointError, match="incomplete checkpoint, missing ranks"):
+        S.read(str(tmp_path / "partial.pt"))
+
+
+def test_the_schedule_is_realigned_only_in_value():
+    cfg, _ = _parse("--epochs", "3", "--warmup-epochs", "1")
+    model = torch.nn.Linear(2, 2)
+    optimizer, scheduler, _ = setup.optimizer_for(cfg, model, torch.device("cpu"), steps_per_epoch=4)
+    for _ in range(6):
+        optimizer.step()
+        scheduler.step()
+    before = [g["lr"] for g in optimizer.param_groups]
+    setup.align_schedule(scheduler, 6)  # unchanged schedule: identical learning rates
+    assert [g["lr"] for g in optimizer.param_groups] == before
+    longer = dataclasses.replace(cfg, epochs=6)
+    scheduler.lr_lambdas = [setup.lr_factor(longer, 4)] * len(optimizer.param_groups)
+    setup.align_schedule(scheduler, 6)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(cfg.lr * setup.lr_factor(longer, 4)(6))
+    assert optimizer.param_groups[0]["lr"] > before[0]
+
+
+def test_reports_are_strict_and_flat(tmp_path):
+    rows = [{"epoch": 1, "test_acc": 50.0, "firing_rate": float("nan"), "per_timestep_acc": [40.0, 60.0]},
+            {"epoch": 2, "test_acc": float("inf"), "firing_rate": 0.1, "per_timestep_acc": [45.0, 65.0]}]
+    lines = [json.loads(report.json_line(r), parse_constant=pytest.fail) for r in rows]
+    assert lines[0]["firing_rate"] is None and lines[1]["test_acc"] is None
+    text = report.csv_text(rows)
+    assert text.splitlines() == ["epoch,test_acc,firing_rate,per_timestep_acc_1,per_timestep_acc_2",
+                                 "1,50.0,,40.0,60.0", "2,,0.1,45.0,65.0"]
+    path = tmp_path / "x.json"
+    report.write_text(str(path), "first")
+    report.write_text(str(path), "second")
+    assert path.read_text() == "second" and [p.name for p in tmp_path.iterdir()] == ["x.json"]
