@@ -26,7 +26,7 @@ def build_parser():
     p = argparse.ArgumentParser(prog="python -m fastsnn.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by fastsnn.train (last.pt, best.pt)")
-    p.add_argument("--dataset", help="default: the checkpoint's")
+    p.add_argument("--dataset", choices=datasets.DATASETS, help="default: the checkpoint's")
     p.add_argument("--data-dir", help="default: the checkpoint's")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

@@ -79,8 +79,9 @@ def test_a_bad_config_file_is_one_line(tmp_path, text, words):
 
 
 def test_the_written_config_reproduces_the_run(tmp_path):
-    cfg, _ = _parse("--method", "ts", "--T", "2", "--no-detach-reset", "--epochs", "4", "--lr", "0.01")
-    (tmp_path / "config.yaml").write_text(C.to_yaml(cfg))
+    cfg, _ = _parse("--method", "ts", "--T", "2", "--no-detach-reset", "--epochs", "4", "--lr", "1e-5",
+                    "--lam", "1e20", "--weight-decay", "0", "--cache-dir", 'a "quoted": dir\\')
+    (tmp_path / "config.yaml").write_text(C.to_yaml(cfg))  # written without PyYAML, read back with it
     again, _ = _parse("--config", str(tmp_path / "config.yaml"))
     assert again.saved() == cfg.saved()
     assert "resume" not in C.to_yaml(cfg) and "overwrite" not in C.to_yaml(cfg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import re
@@ -250,8 +251,10 @@ def given_flags(argv) -> set[str]:
 
 def read_yaml(path: str, parser: argparse.ArgumentParser) -> dict:
     """The settings in a YAML file as {dest: value}; unknown keys and wrong types are one-line errors."""
-    import yaml
-
+    try:
+        import yaml
+    except ImportError:
+        raise UsageError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml)") from None
     try:
         with open(path) as f:
             loaded = yaml.safe_load(f)
@@ -430,6 +433,24 @@ def merge_resumed(cfg: TrainConfig, saved: dict, given: set[str], *, mid_epoch: 
 
 
 def to_yaml(cfg: TrainConfig) -> str:
-    import yaml
+    """The run-defining settings as YAML, one ``key: value`` line each (written without PyYAML, which a bare
+    machine may lack; :func:`read_yaml` reads it back exactly)."""
+    return "".join(f"{key}: {_yaml_scalar(value)}\n" for key, value in cfg.saved().items())
 
-    return yaml.safe_dump(cfg.saved(), sort_keys=False)
+
+def _yaml_scalar(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        text = repr(value)
+        if not math.isfinite(value):
+            return {"inf": ".inf", "-inf": "-.inf"}.get(text, ".nan")
+        mantissa, e, exponent = text.partition("e")
+        if "." not in mantissa:  # YAML 1.1 (PyYAML) reads 1e-05 as a string, 1.0e-05 as a float
+            mantissa += ".0"
+        return mantissa + (e + ("+" if exponent[0].isdigit() else "") + exponent if e else "")
+    return json.dumps(str(value))  # a double-quoted YAML scalar
