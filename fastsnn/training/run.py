@@ -71,8 +71,8 @@ def build_session(cfg: TrainConfig, rank: int, world: int, local_rank: int, hold
     torch.manual_seed(cfg.seed + rank)
     if device.type == "cpu" and world == 1:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    spec = datasets.load(cfg.dataset, cfg.data_dir, download=cfg.download and rank == 0,
-                         autoaugment=cfg.autoaugment, cutout=cfg.cutout)
+    spec = datasets.split_validation(datasets.load(cfg.dataset, cfg.data_dir, download=cfg.download and rank == 0,
+                                                   autoaugment=cfg.autoaugment, cutout=cfg.cutout), cfg.val_fraction)
     model = setup.build_model(cfg, spec.num_classes, spec.in_channels)
     teacher = None
     if cfg.uses_teacher:
@@ -100,7 +100,8 @@ def build_session(cfg: TrainConfig, rank: int, world: int, local_rank: int, hold
     return Session(cfg=cfg, rank=rank, world=world, device=device, model=model, train_model=train_model,
                    teacher=teacher, optimizer=optimizer, scheduler=scheduler, scaler=scaler, sampler=sampler,
                    loader=setup.loader_for(spec.train, sampler, per_rank_batch, cfg, device),
-                   test_loader=setup.test_loader(spec, cfg, device, rank, world), per_rank_batch=per_rank_batch,
+                   test_loader=setup.eval_loader(spec.test, cfg, device, rank, world),
+                   val_loader=setup.eval_loader(spec.val, cfg, device, rank, world), per_rank_batch=per_rank_batch,
                    num_classes=spec.num_classes, in_channels=spec.in_channels, out=cfg.out, reporter=reporter,
                    log=log)
 
@@ -153,7 +154,7 @@ def run(cfg: TrainConfig, rank: int = 0, world: int = 1, local_rank: int = 0, ho
     summary = _summary(s, state, teacher_acc)
     for epoch in range(state.epoch, last):
         row = train_epoch(s, state, epoch)
-        best = state.record_epoch(row, row["test_acc"])
+        best = state.record_epoch(row, row["val_acc"] if s.val_loader is not None else row["test_acc"])
         save(s, state, best=best)
         summary = _summary(s, state, teacher_acc)
         s.reporter.epoch(row, state.history, summary)
@@ -161,8 +162,9 @@ def run(cfg: TrainConfig, rank: int = 0, world: int = 1, local_rank: int = 0, ho
     summary = _summary(s, state, teacher_acc, final=True)
     s.reporter.summary(summary)
     if state.history:
-        s.log(f"done: {cfg.role} {summary['final_acc']:.2f}% after epoch {len(state.history)}, best "
-              f"{state.best_acc:.2f}% at epoch {state.best_epoch} (best.pt)"
+        s.log(f"done: {cfg.role} test accuracy {summary['student_acc']:.2f}% at epoch {state.best_epoch}, the best "
+              f"on the {summary['selected_on']} set (best.pt); {summary['final_acc']:.2f}% after the last epoch "
+              f"{len(state.history)}"
               + (f"; teacher {teacher_acc:.2f}%" if teacher_acc is not None else "") + f"; run directory {s.out}")
     return summary
 
@@ -176,7 +178,9 @@ def _summary(s: Session, state, teacher_acc, final: bool = False) -> dict:
                "epochs": len(state.history), "method": "ann" if cfg.ann else cfg.method, "best_acc": best.get(
                    "test_acc"), "best_epoch": state.best_epoch, "arch": cfg.arch,
                "teacher": cfg.teacher if s.teacher is not None else None, "dataset": cfg.dataset,
-               "T": cfg.T if cfg.spiking else None, "world_size": s.world, "device": str(s.device)}
+               "T": cfg.T if cfg.spiking else None, "world_size": s.world, "device": str(s.device),
+               "selected_on": "validation" if s.val_loader is not None else "test",
+               "val_acc": best.get("val_acc"), "val_fraction": cfg.val_fraction}
     if final and s.world > 1:
         checksum = float(sum(float(p.double().sum()) for p in s.model.parameters()))
         gathered = [None] * s.world
@@ -186,7 +190,7 @@ def _summary(s: Session, state, teacher_acc, final: bool = False) -> dict:
 
 
 def train_nested(cfg: TrainConfig) -> int:
-    """Trains ``cfg`` in this process (the cached digits teacher); 0 on success."""
+    """Trains ``cfg`` in this process (a bundled data set's cached teacher); 0 on success."""
     config_mod.resolve(cfg)
     config_mod.validate(cfg)
     check_out(cfg)

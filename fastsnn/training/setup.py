@@ -38,12 +38,12 @@ def device_for(cfg: TrainConfig, local_rank: int = 0) -> torch.device:
 
 
 def set_threads(cfg: TrainConfig, device: torch.device) -> None:
-    """--threads N wins; on the CPU the small digits models get one intra-op thread unless OMP_NUM_THREADS
+    """--threads N wins; on the CPU the small models of the bundled data sets get one intra-op thread unless OMP_NUM_THREADS
     says otherwise (measured on 2 cores: three parallel default runs 73-99 s each with PyTorch's default,
-    24 s each with one thread; `pytest bench/test_bench_train_step.py -k digits_run` times one)."""
+    24 s each with one thread; `pytest bench/test_bench_program.py --benchmark-only` times them)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    elif device.type == "cpu" and cfg.dataset == "digits" and "OMP_NUM_THREADS" not in os.environ:
+    elif device.type == "cpu" and cfg.dataset in datasets.BUNDLED and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
 
 
@@ -106,9 +106,12 @@ def loader_for(dataset, sampler, batch: int, cfg: TrainConfig, device: torch.dev
         persistent_workers=cfg.workers > 0 and device.type == "cuda", drop_last=False)
 
 
-def test_loader(spec: datasets.DataSpec, cfg: TrainConfig, device, rank: int, world: int):
-    sampler = datasets.EpochSampler(len(spec.test), seed=0, epoch=0, rank=rank, world=world, shuffle=False)
-    return loader_for(spec.test, sampler, cfg.batch_size // world, cfg, device)
+def eval_loader(dataset, cfg: TrainConfig, device, rank: int, world: int):
+    """This rank's share of an evaluation set (validation or test), in order."""
+    if dataset is None:
+        return None
+    sampler = datasets.EpochSampler(len(dataset), seed=0, epoch=0, rank=rank, world=world, shuffle=False)
+    return loader_for(dataset, sampler, cfg.batch_size // world, cfg, device)
 
 
 def autocast(cfg: TrainConfig, device: torch.device):

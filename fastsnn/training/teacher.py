@@ -1,5 +1,6 @@
 """The frozen teacher: loaded from --teacher-weights (checked for role, architecture and class count before
-any training), or on digits trained once per seed into a cache shared by concurrent runs."""
+any training), or on a bundled data set (digits, mnist5k) trained once per seed and validation split into a
+cache shared by concurrent runs (its best epoch picked on the validation split)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +12,7 @@ import torch.distributed as dist
 from .. import checkpoint as ckpt
 from .. import models
 from .. import rundir
-from .config import DIGITS_TEACHER_EPOCHS, TrainConfig, UsageError
+from .config import BUNDLED_TEACHER_EPOCHS, DEFAULTS, TrainConfig, UsageError
 
 
 def load_teacher(cfg: TrainConfig, num_classes: int, in_channels: int, device, log, train_fn) -> torch.nn.Module:
@@ -19,7 +20,7 @@ def load_teacher(cfg: TrainConfig, num_classes: int, in_channels: int, device, l
     path = cfg.teacher_weights
     if path is None:
         if not dist.is_initialized() or dist.get_rank() == 0:
-            path = cached_digits_teacher(cfg, log, train_fn)
+            path = cached_teacher(cfg, log, train_fn)
         if dist.is_initialized():
             dist.barrier()
             path = cached_teacher_path(cfg)
@@ -46,30 +47,35 @@ def load_teacher(cfg: TrainConfig, num_classes: int, in_channels: int, device, l
     return teacher
 
 
+def _cache_name(cfg: TrainConfig) -> str:
+    return f"{DEFAULTS[cfg.dataset]['teacher']}-seed{cfg.seed}-val{cfg.val_fraction:g}"
+
+
 def cached_teacher_path(cfg: TrainConfig) -> str:
-    return os.path.join(cfg.cache_dir, f"digits_ann-seed{cfg.seed}.pt")
+    return os.path.join(cfg.cache_dir, _cache_name(cfg) + ".pt")
 
 
 def teacher_config(cfg: TrainConfig) -> TrainConfig:
-    """The configuration that trains the cached digits teacher for ``cfg``'s seed."""
+    """The configuration that trains the cached teacher of ``cfg``'s bundled data set, seed and split."""
     return dataclasses.replace(
-        TrainConfig(), ann=True, dataset="digits", arch="digits_ann", epochs=DIGITS_TEACHER_EPOCHS, seed=cfg.seed,
-        device="cpu", out=os.path.join(cfg.cache_dir, f"digits_ann-seed{cfg.seed}"), overwrite=True, quiet=True,
-        cache_dir=cfg.cache_dir, threads=cfg.threads, tensorboard=False)
+        TrainConfig(), ann=True, dataset=cfg.dataset, arch=DEFAULTS[cfg.dataset]["teacher"],
+        epochs=BUNDLED_TEACHER_EPOCHS, seed=cfg.seed, val_fraction=cfg.val_fraction, device="cpu",
+        out=os.path.join(cfg.cache_dir, _cache_name(cfg)), overwrite=True, quiet=True, cache_dir=cfg.cache_dir,
+        threads=cfg.threads, tensorboard=False)
 
 
-def cached_digits_teacher(cfg: TrainConfig, log, train_fn) -> str:
-    """The digits teacher for this seed, trained once into the cache; concurrent runs (the ablation, a
-    user's parallel experiments) wait on one lock instead of training it side by side."""
+def cached_teacher(cfg: TrainConfig, log, train_fn) -> str:
+    """The teacher for this data set, seed and split, trained once into the cache; concurrent runs (the
+    ablation, a user's parallel experiments) wait on one lock instead of training it side by side."""
     path = cached_teacher_path(cfg)
     os.makedirs(cfg.cache_dir, exist_ok=True)
     with rundir.RunLock(cfg.cache_dir, name=f".{os.path.basename(path)}.lock", wait=True):
         if os.path.isfile(path):
-            log(f"teacher: reusing the cached digits teacher {path}")
+            log(f"teacher: reusing the cached {cfg.dataset} teacher {path}")
             return path
-        log(f"teacher: training a digits teacher ({DIGITS_TEACHER_EPOCHS} epochs), cached at {path}")
+        log(f"teacher: training a {cfg.dataset} teacher ({BUNDLED_TEACHER_EPOCHS} epochs), cached at {path}")
         sub = teacher_config(cfg)
         if train_fn(sub) != 0:
-            raise RuntimeError("training the digits teacher failed")
-        ckpt.save_atomic(ckpt.load(os.path.join(sub.out, "best.pt"), what="digits teacher"), path)
+            raise RuntimeError(f"training the {cfg.dataset} teacher failed")
+        ckpt.save_atomic(ckpt.load(os.path.join(sub.out, "best.pt"), what=f"{cfg.dataset} teacher"), path)
     return path
