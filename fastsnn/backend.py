@@ -21,12 +21,25 @@ def triton_available() -> bool:
     return True
 
 
+_RESOLVED: dict = {}  # (backend, device type) -> the answer, once it has been given without an error
+
+
 def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     """Returns "triton" or "reference" for tensors on `device`.
 
     auto: compiled Triton on CUDA; on the CPU the Triton interpreter when TRITON_INTERPRET=1 was set
     before fastsnn was imported, else the PyTorch reference.
     """
+    if not isinstance(backend, str):
+        return _resolve(op, backend, device)  # raises the one-line error
+    key = (backend, device.type)
+    answer = _RESOLVED.get(key)
+    if answer is None:
+        answer = _RESOLVED[key] = _resolve(op, backend, device)
+    return answer
+
+
+def _resolve(op: str, backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":

@@ -33,6 +33,15 @@ class NeuronSpec:
     alpha: float = 2.0
     detach_reset: bool = False
 
+    def __hash__(self) -> int:
+        # computed once: the launchers key their per-spec constants on it on every call
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.kind, self.tau, self.v_threshold, self.v_reset, self.surrogate, self.alpha,
+                           self.detach_reset))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
     @property
     def hard_reset(self) -> bool:
         return self.v_reset is not None

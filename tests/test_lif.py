@@ -199,3 +199,14 @@ def test_ops_are_registered_with_fake_kernels(device):
     for x, repeat in ((torch.randn(3, 2, 5, device=device, requires_grad=True), 0),
                       (torch.randn(2, 5, device=device, requires_grad=True), 12)):
         torch.library.opcheck(torch.ops.fastsnn.lif_forward.default, (x, None, *args, True, repeat))
+
+
+def test_host_path_constants_match_the_kernels():
+    """ops.lif decides "no membrane checkpoints" without calling into the kernels module; the two agree."""
+    from fastsnn.kernels import lif as kernels
+    from fastsnn.ops import lif as ops
+
+    assert ops._MAX_CHUNK == kernels.MAX_CHUNK
+    for T in (1, 7, 8, 9, 17):
+        x = torch.zeros(T, 3)
+        assert (ops._checkpoints(x) is None) == (kernels.checkpoints_for(T) == 0)

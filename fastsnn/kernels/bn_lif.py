@@ -27,6 +27,9 @@ channel [mean, 1/std, scale, shift] and, for T > 8, the fp32 membrane every 8 st
 The forward and the backward form y with the same tl.fma, so the recomputed membrane equals the forward's
 bit for bit; the neuron arithmetic is fastsnn.kernels.lif's.
 """
+import functools
+import math
+
 import triton
 import triton.language as tl
 
@@ -344,7 +347,8 @@ def _next_pow2(n: int) -> int:
 class Geometry:
     """The (outer, channel, inner) view of one timestep and the tiling of it that every kernel here shares."""
 
-    __slots__ = ("T", "N", "outer", "C", "inner", "stride_xt", "block", "num_i_tiles", "grid", "programs")
+    __slots__ = ("T", "N", "outer", "C", "inner", "stride_xt", "block", "num_i_tiles", "grid", "programs",
+                 "_blocks")
 
     def __init__(self, T: int, N: int, C: int, inner: int, stride_xt: int, per_thread: int):
         self.T, self.N, self.C, self.inner, self.stride_xt = T, N, C, inner, stride_xt
@@ -364,6 +368,7 @@ class Geometry:
         self.num_i_tiles = -(-inner // block_i)
         self.programs = -(-self.outer // block_o) * self.num_i_tiles  # P: programs along (outer, inner)
         self.grid = (self.programs, -(-C // block_c))
+        self._blocks = dict(BLOCK_O=block_o, BLOCK_C=block_c, BLOCK_I=block_i)
 
     @property
     def count(self) -> int:
@@ -379,7 +384,7 @@ class Geometry:
         return (self.outer, self.C, self.inner, self.num_i_tiles)
 
     def blocks(self) -> dict:
-        return dict(BLOCK_O=self.block[0], BLOCK_C=self.block[1], BLOCK_I=self.block[2])
+        return self._blocks  # shared: callers unpack it, never change it
 
 
 def geometry(x, *tensors) -> Geometry:
@@ -387,8 +392,9 @@ def geometry(x, *tensors) -> Geometry:
     writes `tensors` (None allowed) in x's layout. Each thread owns 16 contiguous bytes (4 fp32 or 8 fp16/bf16
     values, 128-bit accesses) when every pointer is 16-byte aligned and the contiguous run (H·W for NCHW, C
     for channels_last), N and the time stride are multiples of that; else 2 values."""
-    T, C = x.shape[0], x.shape[2]
-    N = x[0].numel()
+    shape = x.shape
+    T, C = shape[0], shape[2]
+    N = math.prod(shape[1:])
     inner = x.stride(2) if C > 1 else N
     stride_xt = x.stride(0) if T > 1 else N
     per_thread = 16 // x.element_size()
@@ -398,7 +404,11 @@ def geometry(x, *tensors) -> Geometry:
             addresses |= t.data_ptr()
     run = inner if inner > 1 else C
     aligned = run % per_thread == 0 and N % per_thread == 0 and stride_xt % per_thread == 0 and addresses % 16 == 0
-    return Geometry(T, N, C, inner, stride_xt, per_thread if aligned else UNALIGNED_ELEMENTS)
+    return _geometry(T, N, C, inner, stride_xt, per_thread if aligned else UNALIGNED_ELEMENTS)
+
+
+# one Geometry object per distinct view: built once (it is read-only), looked up on every call
+_geometry = functools.lru_cache(maxsize=1024)(Geometry)
 
 
 def _divide_mode(x):

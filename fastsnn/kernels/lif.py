@@ -218,19 +218,6 @@ def checkpoints_for(T: int) -> int:
 UNALIGNED_ELEMENTS = 2  # per thread when 16-byte vectors are impossible (each element then needs its own address)
 
 
-def block_for(x: torch.Tensor, N: int, *tensors: torch.Tensor | None) -> int:
-    """BLOCK for NUM_WARPS warps: 16 bytes per thread (4 fp32 or 8 fp16/bf16 values) when every pointer is
-    16-byte aligned and N and the time stride are multiples of that (what lets Triton's JIT prove 128-bit
-    accesses), else UNALIGNED_ELEMENTS values per thread."""
-    per_thread = 16 // x.element_size()
-    addresses = x.data_ptr()
-    for t in tensors:
-        if t is not None:
-            addresses |= t.data_ptr()
-    aligned = N % per_thread == 0 and x.stride(0) % per_thread == 0 and addresses % 16 == 0
-    return (per_thread if aligned else UNALIGNED_ELEMENTS) * 32 * NUM_WARPS
-
-
 @functools.lru_cache(maxsize=256)
 def _launch_constants(spec) -> tuple[tuple, dict]:
     """(tau, inv_tau, v_threshold, v_reset) as the kernels take them, and the spec's constexprs. inv_tau is
@@ -240,37 +227,60 @@ def _launch_constants(spec) -> tuple[tuple, dict]:
     return scalars, dict(NEURON=NEURON_CODES[spec.kind], HARD_RESET=spec.hard_reset)
 
 
-def _divide_mode(x):
-    """CPU tensors reach a kernel only under the interpreter, whose fma is not fused: div_rn there."""
-    return DIVIDE_FMA.value if x.is_cuda else DIVIDE_RN.value
+@functools.lru_cache(maxsize=1024)
+def _plan(backward: bool, T: int, N: int, x_time_stride: int, itemsize: int, cuda: bool, spec, sum_over_time=False):
+    """Everything a launch needs besides the pointers, decided once per (direction, shape, layout, dtype,
+    device type, spec): the scalar arguments, and the grid and keyword arguments for the two blocks. BLOCK
+    (for NUM_WARPS warps) gives 16 bytes per thread (4 fp32 or 8 fp16/bf16 values) when every pointer is
+    16-byte aligned and N and the time stride are multiples of that (what lets Triton's JIT prove 128-bit
+    accesses), else UNALIGNED_ELEMENTS values per thread; per call only the pointers' alignment is read.
+    DIVIDE: the FMA division on CUDA; CPU tensors reach a kernel only under the interpreter, whose fma is
+    not fused: div_rn there."""
+    per_thread = 16 // itemsize
+    scalars, codes = _launch_constants(spec)
+    kw = dict(T=T, CHUNK=chunk_for(T), DIVIDE=DIVIDE_FMA.value if cuda else DIVIDE_RN.value, num_warps=NUM_WARPS,
+              **codes)
+    if backward:
+        scalars = (*scalars, spec.alpha)
+        kw.update(SURROGATE=SURROGATE_CODES[spec.surrogate], DETACH_RESET=spec.detach_reset,
+                  SUM_OVER_TIME=sum_over_time)
+    variants = []
+    for aligned in (False, True):
+        block = (per_thread if aligned else UNALIGNED_ELEMENTS) * 32 * NUM_WARPS
+        variants.append(((-(-N // block),), {**kw, "BLOCK": block}))
+    shape_aligned = N % per_thread == 0 and x_time_stride % per_thread == 0
+    return scalars, variants[0], variants[1] if shape_aligned else variants[0]
+
+
+def _ptr(t) -> int:
+    return 0 if t is None else t.data_ptr()
 
 
 def lif_forward(x, spikes, v_init, v_final, checkpoints, spec):
     """x, spikes: [T, ...] sharing one dense time-major layout (x may have time stride 0); v_init/v_final:
     fp32 [...] or None; checkpoints: fp32 [checkpoints_for(T), ...] or None when T <= MAX_CHUNK."""
-    T, N = x.shape[0], spikes.stride(0)  # spikes is dense time-major: its time stride is N
-    block = block_for(x, N, spikes, v_init, v_final, checkpoints)
-    scalars, codes = _launch_constants(spec)
+    N, x_stride = spikes.stride(0), x.stride(0)  # spikes is dense time-major: its time stride is N
+    scalars, unaligned, aligned = _plan(False, x.shape[0], N, x_stride, x.element_size(), x.is_cuda, spec)
+    addresses = x.data_ptr() | spikes.data_ptr() | _ptr(v_init) | _ptr(v_final) | _ptr(checkpoints)
+    grid, kw = unaligned if addresses % 16 else aligned
     none = _fp32_placeholder(x.device)
-    _lif_fwd_kernel[(-(-N // block),)](
+    _lif_fwd_kernel[grid](
         x, spikes, none if v_init is None else v_init, none if v_final is None else v_final,
         none if checkpoints is None else checkpoints,
-        N, x.stride(0), *scalars, int(v_init is not None), int(v_final is not None),
-        T=T, CHUNK=chunk_for(T), DIVIDE=_divide_mode(x), BLOCK=block, num_warps=NUM_WARPS, **codes,
-    )
+        N, x_stride, *scalars, int(v_init is not None), int(v_final is not None), **kw)
 
 
 def lif_backward(x, grad_spikes, v_init, checkpoints, grad_v_final, grad_x, grad_v_init, spec, sum_over_time=False):
     """Writes grad_x (x's layout; with sum_over_time, for an x broadcast over time, one timestep holding
     Σ_t dL/dx_t) and grad_v_init (fp32, when v_init is given)."""
-    T, N = x.shape[0], grad_spikes.stride(0)  # grad_spikes is dense time-major: its time stride is N
-    block = block_for(x, N, grad_spikes, v_init, checkpoints, grad_v_final, grad_x, grad_v_init)
-    scalars, codes = _launch_constants(spec)
+    N, x_stride = grad_spikes.stride(0), x.stride(0)  # grad_spikes is dense time-major: its time stride is N
+    scalars, unaligned, aligned = _plan(True, x.shape[0], N, x_stride, x.element_size(), x.is_cuda, spec,
+                                        sum_over_time)
+    addresses = (x.data_ptr() | grad_spikes.data_ptr() | grad_x.data_ptr() | _ptr(v_init) | _ptr(checkpoints)
+                 | _ptr(grad_v_final) | _ptr(grad_v_init))
+    grid, kw = unaligned if addresses % 16 else aligned
     none = _fp32_placeholder(x.device)
-    _lif_bwd_kernel[(-(-N // block),)](
+    _lif_bwd_kernel[grid](
         x, grad_spikes, none if v_init is None else v_init, none if checkpoints is None else checkpoints,
         none if grad_v_final is None else grad_v_final, grad_x, none if grad_v_init is None else grad_v_init,
-        N, x.stride(0), *scalars, spec.alpha, int(v_init is not None), int(grad_v_final is not None),
-        T=T, CHUNK=chunk_for(T), SURROGATE=SURROGATE_CODES[spec.surrogate], DETACH_RESET=spec.detach_reset,
-        DIVIDE=_divide_mode(x), SUM_OVER_TIME=sum_over_time, BLOCK=block, num_warps=NUM_WARPS, **codes,
-    )
+        N, x_stride, *scalars, int(v_init is not None), int(grad_v_final is not None), **kw)

@@ -290,20 +290,36 @@ def tile_for(T: int, C: int, ts_ce: bool, ts_kl: bool) -> tuple[int, int, int]:
     return t_tile, block_c, 8 if tile >= 2048 else 4 if tile >= 512 else 2 if tile >= 128 else 1
 
 
-def _common_args(z, u, y, ignore_index, tau, tau_h):
-    T, B, C = z.shape
-    return (T, B, C, z.stride(0), z.stride(1), u.stride(0), y.stride(0), ignore_index, 1.0 / T, 1.0 / tau,
-            1.0 / tau_h)
-
-
-def _vec(z, u) -> int:
+def _vec(C: int, *strides: int) -> int:
     """The largest power of two up to 16 dividing C and every row stride: a row block can then be read in
     vectors of that many elements (Triton's own specialisation only knows divisibility by 16)."""
     vec = 16
-    for value in (z.shape[2], z.stride(0), z.stride(1), u.stride(0)):
+    for value in (C, *strides):
         while value % vec:
             vec //= 2
     return vec
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(shape: tuple, z_strides: tuple, u_stride: int, y_stride: int, alpha, tau, tau_h, lam, ts_ce, ts_kl,
+          with_entropy, ignore_index):
+    """Everything the launches need besides the pointers, decided once per (shape, strides, arguments):
+    (forward grid, forward args after the pointers, forward kwargs, reduce args, backward grid, backward
+    args after the pointers, backward kwargs)."""
+    T, B, C = shape
+    t_tile, block_c, warps = tile_for(T, C, ts_ce, ts_kl)
+    n_tt = -(-T // t_tile)
+    common = (T, B, C, z_strides[0], z_strides[1], u_stride, y_stride, ignore_index, 1.0 / T, 1.0 / tau, 1.0 / tau_h)
+    vec = _vec(C, z_strides[0], z_strides[1], u_stride)
+    fwd_kw = dict(T_TILE=t_tile, BLOCK_C=block_c, TS_CE=ts_ce, TS_KL=ts_kl, HAS_ENT=with_entropy or lam > 0, VEC=vec,
+                  num_warps=warps, maxnreg=MAXNREG)
+    reduce_args = (B, n_tt * B, T if ts_ce else 1, T if ts_kl else 1, 1.0 / T, 1.0 / (T * B), 1.0 - alpha,
+                   alpha * tau * tau, lam)
+    # dL/dz weights of the batch-mean terms (the CE one depends on the labelled count, read on the device)
+    bwd_args = (*common, alpha * tau / (T * B), lam / (tau_h * T * B))
+    bwd_kw = dict(T_TILE=t_tile, BLOCK_C=block_c, TS_CE=ts_ce, TS_KL=ts_kl, HAS_ENT=lam > 0, VEC=vec,
+                  num_warps=warps)
+    return (B, n_tt), common, fwd_kw, reduce_args, (B, n_tt), bwd_args, bwd_kw
 
 
 def tser_loss_forward(z, u, y, loss, terms, row_stats, sample_stats, partials, scalars, *, alpha, tau, tau_h, lam,
@@ -311,33 +327,16 @@ def tser_loss_forward(z, u, y, loss, terms, row_stats, sample_stats, partials, s
     """z [T, B, C] and u [B, C] with unit class stride (any other strides, 0 included), y [B] integer (any
     stride). Writes loss (0-d), terms [3] (CE part, KL part, mean entropy), row_stats [T, B, 4],
     sample_stats [B, 4], partials [⌈T/T_TILE⌉, B, 4] and scalars [1], all fp32: 2 launches."""
-    T, B, C = z.shape
-    t_tile, block_c, warps = tile_for(T, C, ts_ce, ts_kl)
-    n_tt = -(-T // t_tile)
-    _tser_loss_fwd_kernel[(B, n_tt)](
-        z, u, y, row_stats, sample_stats, partials, *_common_args(z, u, y, ignore_index, tau, tau_h),
-        T_TILE=t_tile, BLOCK_C=block_c, TS_CE=ts_ce, TS_KL=ts_kl, HAS_ENT=with_entropy or lam > 0, VEC=_vec(z, u),
-        num_warps=warps, maxnreg=MAXNREG,
-    )
-    _tser_loss_reduce_kernel[(1,)](
-        partials, sample_stats, loss, terms, scalars,
-        B, n_tt * B, T if ts_ce else 1, T if ts_kl else 1, 1.0 / T, 1.0 / (T * B), 1.0 - alpha, alpha * tau * tau,
-        lam,
-        BLOCK=REDUCE_BLOCK, num_warps=4,
-    )
+    grid, args, kw, reduce_args, *_ = _plan(tuple(z.shape), z.stride(), u.stride(0), y.stride(0), alpha, tau, tau_h,
+                                            lam, ts_ce, ts_kl, with_entropy, ignore_index)
+    _tser_loss_fwd_kernel[grid](z, u, y, row_stats, sample_stats, partials, *args, **kw)
+    _tser_loss_reduce_kernel[(1,)](partials, sample_stats, loss, terms, scalars, *reduce_args, BLOCK=REDUCE_BLOCK,
+                                   num_warps=4)
 
 
 def tser_loss_backward(z, u, y, row_stats, sample_stats, scalars, grad_loss, grad_z, *, alpha, tau, tau_h, lam,
                        ts_ce, ts_kl, ignore_index):
     """Writes grad_z (dense [T, B, C], z's dtype) = grad_loss · dL/dz: 1 launch."""
-    T, B, C = z.shape
-    t_tile, block_c, warps = tile_for(T, C, ts_ce, ts_kl)
-    # dL/dz weights of the batch-mean terms (the CE one depends on the labelled count, read on the device)
-    w_kl = alpha * tau / (T * B)
-    w_ent = lam / (tau_h * T * B)
-    _tser_loss_bwd_kernel[(B, -(-T // t_tile))](
-        z, u, y, row_stats, sample_stats, scalars, grad_loss, grad_z,
-        *_common_args(z, u, y, ignore_index, tau, tau_h), w_kl, w_ent,
-        T_TILE=t_tile, BLOCK_C=block_c, TS_CE=ts_ce, TS_KL=ts_kl, HAS_ENT=lam > 0, VEC=_vec(z, u),
-        num_warps=warps,
-    )
+    *_, grid, args, kw = _plan(tuple(z.shape), z.stride(), u.stride(0), y.stride(0), alpha, tau, tau_h, lam, ts_ce,
+                               ts_kl, False, ignore_index)
+    _tser_loss_bwd_kernel[grid](z, u, y, row_stats, sample_stats, scalars, grad_loss, grad_z, *args, **kw)

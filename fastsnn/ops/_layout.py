@@ -28,7 +28,7 @@ def is_dense_time_major(x: torch.Tensor, allow_broadcast: bool = False) -> bool:
 def time_major_like(x: torch.Tensor, dtype=None) -> torch.Tensor:
     """An uninitialised [T, ...] tensor, time stride N, each timestep laid out like x[0]."""
     if x.is_contiguous():  # the common case, and the cheapest call
-        return torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
+        return torch.empty_like(x) if dtype is None else torch.empty_like(x, dtype=dtype)
     strides = x.stride()
     return torch.empty_strided(x.shape, (math.prod(x.shape[1:]), *strides[1:]), dtype=dtype or x.dtype,
                                device=x.device)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backend import check_float_tensor, check_same_device, resolve_backend
+from ..backend import FLOAT_DTYPES, check_float_tensor, check_same_device, resolve_backend
 from ..spec import NeuronSpec, kind_of, neuron_spec
 from ._layout import as_time_major_like, is_dense_time_major, same_layout, time_major_like
 
@@ -44,8 +44,13 @@ _KERNELS = None
 
 def _checkpoints(x: Tensor) -> Tensor | None:
     """fp32 membrane checkpoints [n, ...] laid out like x's timesteps, or None when T needs none."""
+    if x.shape[0] <= _MAX_CHUNK:  # the common case, decided without a call into the kernels module
+        return None
     n = _kernels().checkpoints_for(x.shape[0])
-    return time_major_like(x[:n], dtype=torch.float32) if n else None
+    return time_major_like(x[:n], dtype=torch.float32)
+
+
+_MAX_CHUNK = 8  # fastsnn.kernels.lif.MAX_CHUNK (asserted equal by tests/test_lif.py), kept here to skip a call
 
 
 def _forward_impl(x: Tensor, v_init: Tensor | None, spec: NeuronSpec, return_v: bool):
@@ -62,8 +67,10 @@ def _backward_impl(grad_spikes: Tensor, grad_v_final: Tensor | None, x: Tensor, 
     """(grad_x, grad_v_init or None): one launch. With sum_over_time grad_x is one timestep [1, ...]."""
     grad_x = time_major_like(x[:1] if sum_over_time else x)
     grad_v_init = None if v_init is None else _v_like(x)
-    _kernels().lif_backward(x, as_time_major_like(grad_spikes, x), _v_state(v_init, x), checkpoints,
-                 _v_state(grad_v_final, x), grad_x, grad_v_init, spec, sum_over_time)
+    if not (grad_spikes.is_contiguous() and grad_x.is_contiguous() and not sum_over_time):
+        grad_spikes = as_time_major_like(grad_spikes, x)
+    _kernels().lif_backward(x, grad_spikes, _v_state(v_init, x), checkpoints, _v_state(grad_v_final, x), grad_x,
+                            grad_v_init, spec, sum_over_time)
     return grad_x, grad_v_init
 
 
@@ -94,6 +101,29 @@ class _LIFFunction(torch.autograd.Function):
         if ctx.repeat:
             grad_x = grad_x[0]
         return grad_x, None if v_init is None else grad_v_init.to(v_init.dtype), None, None, None
+
+
+class _LIFPlain(torch.autograd.Function):
+    """The common call, on the shortest host path: x [T, ...] dense time-major, no v_init, no v_final, no
+    repeat (_LIFFunction takes the rest); the same launches, saved tensors and results."""
+
+    @staticmethod
+    def forward(ctx, x, spec):
+        spikes = time_major_like(x)
+        checkpoints = _checkpoints(x)
+        _kernels().lif_forward(x, spikes, None, None, checkpoints, spec)
+        ctx.save_for_backward(x, checkpoints)
+        ctx.spec = spec
+        return spikes
+
+    @staticmethod
+    def backward(ctx, grad_spikes):
+        x, checkpoints = ctx.saved_tensors
+        grad_x = time_major_like(x)
+        if not (grad_spikes.is_contiguous() and grad_x.is_contiguous()):
+            grad_spikes = as_time_major_like(grad_spikes, x)
+        _kernels().lif_backward(x, grad_spikes, None, checkpoints, None, grad_x, None, ctx.spec)
+        return grad_x, None
 
 
 # ---- the same launchers as custom ops, for torch.compile ----
@@ -163,6 +193,9 @@ torch.library.register_autograd("fastsnn::lif_forward", _backward, setup_context
 # ---- checks and the public functions ----
 
 def _check_input(op: str, x, v_init, repeat):
+    if v_init is None and repeat is None and type(x) is Tensor and x.dtype in FLOAT_DTYPES and x.dim() >= 2 \
+            and x.shape[0]:
+        return x.device  # the common case, checked in one line
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: x must be a torch.Tensor of shape [T, ...], got {type(x).__name__}")
     if repeat is not None:
@@ -198,10 +231,12 @@ def apply_neuron(op: str, x: Tensor, spec: NeuronSpec, *, v_init: Tensor | None 
         return reference.lif_multistep(x_seq, spec, v_init=v_init, return_v=return_v)
     if repeat:
         x = x if is_dense_time_major(x.unsqueeze(0)) else x.contiguous()
-    elif not is_dense_time_major(x, allow_broadcast=True):
+    elif not (x.is_contiguous() or is_dense_time_major(x, allow_broadcast=True)):
         x = x.contiguous()
     if torch.compiler.is_compiling():
         spikes, v_final, _ = _lif_forward_op(x, v_init, *_spec_args(spec), bool(return_v), repeat or 0)
+    elif v_init is None and not return_v and not repeat:
+        return _LIFPlain.apply(x, spec)
     else:
         spikes, v_final = _LIFFunction.apply(x, v_init, spec, bool(return_v), repeat or 0)
     return (spikes, v_final) if return_v else spikes

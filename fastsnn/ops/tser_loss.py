@@ -7,6 +7,8 @@ The reference backend is plain PyTorch autograd.
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
@@ -35,8 +37,13 @@ class LossSpec:
     with_entropy: bool  # compute the entropy term even when lam == 0 (for return_terms)
 
     def kernel_kwargs(self) -> dict:
-        return dict(alpha=self.alpha, tau=self.tau, tau_h=self.entropy_tau, lam=self.lam, ts_ce=self.ts_ce,
-                    ts_kl=self.ts_kl, ignore_index=self.ignore_index)
+        """The launchers' keyword arguments, built once per spec (they are read on every call)."""
+        kwargs = self.__dict__.get("_kwargs")
+        if kwargs is None:
+            kwargs = dict(alpha=self.alpha, tau=self.tau, tau_h=self.entropy_tau, lam=self.lam, ts_ce=self.ts_ce,
+                          ts_kl=self.ts_kl, ignore_index=self.ignore_index)
+            object.__setattr__(self, "_kwargs", kwargs)
+        return kwargs
 
 
 def _kernels():
@@ -202,7 +209,17 @@ def _check_labels_on_host(target: Tensor, C: int, ignore_index: int) -> None:
 
 
 def check_loss_params(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, backend, ignore_index=-100):
-    """Validates the loss's scalar arguments; returns (alpha, tau, lam, entropy_tau) as floats."""
+    """Validates the loss's scalar arguments; returns (alpha, tau, lam, entropy_tau) as floats. Memoised for
+    hashable arguments (a call validates once per distinct set of arguments)."""
+    try:
+        return _checked_loss_params(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, backend, ignore_index)
+    except TypeError as e:
+        if "unhashable" not in str(e):
+            raise
+        return _check_loss_params(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, backend, ignore_index)
+
+
+def _check_loss_params(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, backend, ignore_index):
     alpha = check_number(_OP, "alpha", alpha, low=0.0, high=1.0, rule="in [0, 1]")
     low, high = TAU_RANGE
     tau = check_number(_OP, "tau", tau, low=low, high=high, rule=f"a number in [{low}, {high}]")
@@ -218,6 +235,11 @@ def check_loss_params(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, backend, ignor
     if backend not in BACKENDS:
         raise ValueError(f"{_OP}: backend must be one of {BACKENDS}, got {backend!r}")
     return alpha, tau, lam, entropy_tau
+
+
+_checked_loss_params = functools.lru_cache(maxsize=256, typed=True)(_check_loss_params)
+# one LossSpec object per distinct set of (validated) arguments, so its kernel_kwargs are built once
+_loss_spec = functools.lru_cache(maxsize=256)(LossSpec)
 
 
 def _unit_class_stride(t: Tensor) -> Tensor:
@@ -271,9 +293,11 @@ def tser_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, *,
                                    return_terms=return_terms)
     z = _unit_class_stride(student_logits)
     u = _unit_class_stride(teacher_logits.detach())
-    spec = LossSpec(alpha, tau, lam, ts_ce, ts_kl, tau if entropy_tau is None else entropy_tau, ignore_index,
-                    bool(return_terms))
-    if torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    spec = (LossSpec if compiling else _loss_spec)(alpha, tau, lam, ts_ce, ts_kl,
+                                                   tau if entropy_tau is None else entropy_tau, ignore_index,
+                                                   bool(return_terms))  # Dynamo does not trace the cache
+    if compiling:
         loss, terms, *_ = _tser_loss_forward_op(z, u, target, spec.alpha, spec.tau, spec.lam, spec.ts_ce,
                                                 spec.ts_kl, spec.entropy_tau, spec.ignore_index, spec.with_entropy)
     else:
