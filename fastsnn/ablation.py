@@ -181,14 +181,26 @@ def sign_flip_p(diffs: list[float]) -> float:
     return hits / total
 
 
+def t_test_p(mean: float, sd: float, n: int) -> float:
+    """Two-sided p of the paired t-test (mean difference 0); with no spread, 0 or 1."""
+    if n < 2 or math.isnan(sd):
+        return float("nan")
+    if sd == 0:
+        return 0.0 if mean != 0 else 1.0
+    from scipy.stats import t
+
+    return float(2 * t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+
+
 def paired(a: list[float], b: list[float]) -> dict:
-    """a - b paired by seed: mean, 95% t interval, wins/ties/losses, sign-flip p."""
+    """a - b paired by seed: mean, 95% t interval, wins/ties/losses, the exact sign-flip p (which cannot go
+    below 2/2^n: 0.0625 with 5 seeds) and the paired t-test p."""
     diffs = [x - y for x, y in zip(a, b)]
     mean, sd = mean_sd(diffs)
     half = t_quantile(len(diffs) - 1) * sd / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(diffs),
             "wins": sum(d > 1e-9 for d in diffs), "ties": sum(abs(d) <= 1e-9 for d in diffs),
-            "losses": sum(d < -1e-9 for d in diffs), "p": sign_flip_p(diffs)}
+            "losses": sum(d < -1e-9 for d in diffs), "p": sign_flip_p(diffs), "p_t": t_test_p(mean, sd, len(diffs))}
 
 
 def analyse(folder: str, rows: list[Row], seeds: list[int]) -> dict:
@@ -230,14 +242,15 @@ def markdown(dataset: str, result: dict, epochs: int, command: str, machine: str
         paper = "–" if row["paper"] is None else f"{row['paper']:.2f}"
         lines.append(f"| {row['label']} | " + " | ".join(_fmt(row[m]) for m in METRICS) + f" | {paper} |")
     lines += ["", "Paired by seed (a − b, percentage points): mean [95% t interval], wins/ties/losses, "
-              "sign-flip p (exact, two-sided).", "",
+              "p of the exact sign-flip test / of the paired t-test (both two-sided; with n seeds the sign-flip "
+              f"p cannot go below 2/2^n = {2 / 2 ** max(1, len(seeds)):.3g}).", "",
               "| a − b | " + " | ".join(METRICS.values()) + " | paper |", "|---" * (len(METRICS) + 2) + "|"]
     for c in result["comparisons"]:
         labels = result["rows"]
         pa, pb = labels[c["a"]]["paper"], labels[c["b"]]["paper"]
         paper = "–" if pa is None or pb is None else f"{pa - pb:+.2f}"
         cells = [f"{c[m]['mean']:+.2f} [{c[m]['low']:+.2f}, {c[m]['high']:+.2f}] {c[m]['wins']}/{c[m]['ties']}/"
-                 f"{c[m]['losses']} p={c[m]['p']:.3f}" for m in METRICS]
+                 f"{c[m]['losses']} p={c[m]['p']:.3f}/{c[m]['p_t']:.3f}" for m in METRICS]
         lines.append(f"| {c['a']} − {c['b']} | " + " | ".join(cells) + f" | {paper} |")
     return "\n".join(lines) + "\n"
 

@@ -23,6 +23,7 @@ def test_paired_statistics_against_hand_computed_values():
     assert (p["wins"], p["ties"], p["losses"], p["n"]) == (3, 1, 0, 4)
     # sign flips of (1, 0, 1, 2): |sum| >= 4 for (+,±,+,+) and (-,±,-,-): 4 of 16
     assert p["p"] == pytest.approx(4 / 16)
+    assert p["p_t"] == pytest.approx(0.0917, abs=1e-4)  # t = 1 / (0.8165 / 2) = 2.449, 3 degrees of freedom
     assert ablation.sign_flip_p([1.0] * 5) == pytest.approx(2 / 32)
     assert ablation.sign_flip_p([0.0, 0.0]) == 1.0
 
@@ -54,7 +55,7 @@ def test_analysis_and_report_of_finished_runs(tmp_path):
     tser_ts = result["comparisons"][0]["final"]
     assert (tser_ts["mean"], tser_ts["wins"], tser_ts["p"]) == (pytest.approx(1.0), 3, pytest.approx(0.25))
     text = ablation.report(str(tmp_path), "digits", rows, [0, 1, 2, 3], 3, "python -m fastsnn.ablation")
-    assert "| TS on both | 92.00 ± 1.00 |" in text and "| tser − ts | +1.00 [+1.00, +1.00] 3/0/0 p=0.250" in text
+    assert "| TS on both | 92.00 ± 1.00 |" in text and "| tser − ts | +1.00 [+1.00, +1.00] 3/0/0 p=0.250/0.000" in text
     assert "+0.14 |" in text  # the paper's TSER − TS difference beside it
     for name in ("ablation.md", "ablation.json", "ablation.png"):
         assert (tmp_path / "digits" / name).is_file()
