@@ -157,6 +157,9 @@ def test_resume_is_bit_for_bit(tmp_path):
     assert _cli(tmp_path, "--epochs", "2", "--out", "full").returncode == 0
     assert _cli(tmp_path, "--epochs", "2", "--out", "split", "--stop-after-epochs", "1").returncode == 0
     assert len((tmp_path / "split" / "metrics.jsonl").read_text().splitlines()) == 1
+    # the per-epoch files are there after the first epoch, not only when the run ends
+    assert json.loads((tmp_path / "split" / "metrics.json").read_text())["epochs"] == 1
+    assert (tmp_path / "split" / "curves.png").is_file() and (tmp_path / "split" / "metrics.csv").is_file()
     proc = _cli(tmp_path, "--resume", "split/last.pt")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _same_weights(_weights(tmp_path / "full" / "last.pt"), _weights(tmp_path / "split" / "last.pt"))
@@ -293,7 +296,7 @@ def test_non_finite_losses(tmp_path):
 
 @pytest.mark.parametrize("args,words", [
     (["--arch", "resnet50"], "--arch must be one of"),
-    (["--dataset", "mnist"], "--dataset must be one of digits, cifar10, cifar100, imagenet"),
+    (["--dataset", "mnist"], "--dataset must be one of digits, mnist5k, cifar10, cifar100, imagenet"),
     (["--method", "kd"], "--method must be one of tser, ts, skd, ce"),
     (["--dataset", "cifar10", "--data-dir", "nowhere"], "--data-dir nowhere does not exist"),
     (["--dataset", "imagenet", "--data-dir", "."], "must hold ImageNet's train/ and val/ folders"),

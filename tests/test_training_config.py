@@ -30,14 +30,14 @@ def test_every_flag_is_a_typed_field():
 
 def test_help_shows_choices_architectures_and_defaults():
     text = C.build_parser().format_help()
-    for words in ("{digits,cifar10,cifar100,imagenet}", "{tser,ts,skd,ce}", "sew_resnet34", "spiking_vgg16",
+    for words in ("{digits,mnist5k,cifar10,cifar100,imagenet}", "{tser,ts,skd,ce}", "sew_resnet34", "spiking_vgg16",
                   "resnet34", "imagenet: lr=0.2", "--config YAML"):
         assert words in text
 
 
 @pytest.mark.parametrize("argv,words", [
     (["--neuron", "alif"], "--neuron must be one of lif, if, got 'alif'"),
-    (["--dataset", "mnist"], "--dataset must be one of digits, cifar10, cifar100, imagenet, got 'mnist'"),
+    (["--dataset", "mnist"], "--dataset must be one of digits, mnist5k, cifar10, cifar100, imagenet, got 'mnist'"),
     (["--epochs", "ten"], "--epochs: invalid int value: 'ten'"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--epochs", "0"], "--epochs must be >= 1, got 0"),
@@ -65,7 +65,7 @@ def test_config_file_sets_values_and_the_command_line_wins(tmp_path):
     ("epochs: ten\n", "epochs must be a int, got 'ten'"),
     ("epochs: 1.5\n", "epochs must be a int, got 1.5"),
     ("ann: yes please\n", "ann must be true or false"),
-    ("dataset: mnist\n", "dataset must be one of digits, cifar10, cifar100, imagenet, got 'mnist'"),
+    ("dataset: mnist\n", "dataset must be one of digits, mnist5k, cifar10, cifar100, imagenet, got 'mnist'"),
     ("tau: true\n", "tau must be a float, got True"),
     ("- 1\n- 2\n", "must hold a mapping of settings, got a list"),
     ("a: [\n", "not valid YAML"),
@@ -161,3 +161,22 @@ def test_reports_are_strict_and_flat(tmp_path):
     report.write_text(str(path), "first")
     report.write_text(str(path), "second")
     assert path.read_text() == "second" and [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_tensorboard_is_optional(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were missing
+    notes = []
+    reporter = report.Reporter(str(tmp_path), enabled=True, tensorboard=True, log=notes.append)
+    assert reporter.writer is None and notes == ["note: tensorboard is not installed; no event files "
+                                                 "(pip install tensorboard)"]
+    reporter.start("a: 1\n", [])
+    row = {"epoch": 1, "train_loss": 1.0, "train_ce": 1.0, "train_kl": 0.0, "train_entropy": 0.0, "train_acc": 50.0,
+           "test_acc": 40.0, "per_timestep_acc": [40.0]}
+    reporter.epoch(row, [row], {"student_acc": 40.0, "per_timestep_acc": [40.0]})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "curves.png", "metrics.csv", "metrics.json",
+                                                          "metrics.jsonl", "per_timestep_acc.png"]
+    quiet = report.Reporter(str(tmp_path / "rank1"), enabled=False, tensorboard=True, log=notes.append)
+    quiet.start("a: 1\n", [])
+    assert quiet.writer is None and not (tmp_path / "rank1").exists()
