@@ -1,7 +1,7 @@
 """Host time per call (CPU-runnable): an eager forward+backward of each op with every kernel launch replaced
 by a no-op, against a bare torch.autograd.Function that makes the same allocations. On a fast GPU this,
 not the kernel, decides the time of a small op; the target is <= 1.5x the bare Function. Times are the
-calling thread's CPU time, the least of 7 blocks of 300 calls."""
+calling thread's CPU time, the least of 9 blocks of 300 calls, op and floor interleaved."""
 import time
 
 import pytest
@@ -41,18 +41,20 @@ class _BareBN(torch.autograd.Function):
         return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
 
 
-def _per_call_us(fn, repeats=300, blocks=7):
-    """The least per-call time over `blocks` blocks of `repeats` calls (noise on a shared CPU only adds),
-    in this thread's CPU time: another process on the same cores does not count."""
+def _per_call_us(op_call, bare_call, repeats=300, blocks=9):
+    """(op, bare) µs per call: the least over `blocks` blocks of `repeats` calls each (noise on a shared CPU
+    only adds), the two interleaved block by block so that a slow spell of the machine hits both, in this
+    thread's CPU time (another process on the same cores does not count)."""
     for _ in range(20):
-        fn()
-    best = float("inf")
+        op_call(), bare_call()
+    best = {op_call: float("inf"), bare_call: float("inf")}
     for _ in range(blocks):
-        start = time.thread_time()
-        for _ in range(repeats):
-            fn()
-        best = min(best, (time.thread_time() - start) / repeats)
-    return best * 1e6
+        for fn in best:
+            start = time.thread_time()
+            for _ in range(repeats):
+                fn()
+            best[fn] = min(best[fn], (time.thread_time() - start) / repeats)
+    return best[op_call] * 1e6, best[bare_call] * 1e6
 
 
 def _cases():
@@ -86,7 +88,7 @@ def test_host_time_per_call(benchmark, op, monkeypatch):
 
         monkeypatch.setattr(sys.modules["fastsnn.ops.tser_loss"], "_check_labels_on_host", lambda *a: None)
     op_call, bare_call = _cases()[op]
-    op_us, bare_us = _per_call_us(op_call), _per_call_us(bare_call)
+    op_us, bare_us = _per_call_us(op_call, bare_call)
     benchmark.group = "host time per call"
     benchmark.extra_info.update(op="host", name=op, host_us=round(op_us, 1), bare_function_us=round(bare_us, 1),
                                 ratio=round(op_us / bare_us, 2), path="launches no-op'd", provider="fastsnn")
