@@ -17,6 +17,8 @@ import os
 import sys
 import tempfile
 
+from ..checkpoint import FILE_MODE  # what open() would give (mkstemp's files are 0600)
+
 RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.csv", "metrics.json", "curves.png", "per_timestep_acc.png")
 
 
@@ -35,12 +37,15 @@ def json_line(row: dict) -> str:
     return json.dumps(strict_json(row), allow_nan=False) + "\n"
 
 
+
+
 def write_text(path: str, text: str) -> None:
     """``path`` holds ``text`` or its previous content, never a torn mix."""
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -178,6 +183,7 @@ def _save(fig, out, name):
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=100)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, os.path.join(out, name))
     finally:
         plt.close(fig)
