@@ -41,21 +41,28 @@ def _umask() -> int:
 FILE_MODE = 0o666 & ~_umask()  # what torch.save(path) would have given (mkstemp's files are 0600)
 
 
-def save_atomic(obj, path: str) -> None:
+def write_atomic(path: str, write, *, binary: bool = True, suffix: str = "", sync: bool = False) -> None:
+    """``write(f)`` into a temporary file beside ``path`` (fsync'ed with ``sync``), then renamed over it: the
+    file holds the old content or the new, never a torn mix, with the mode open() would have given."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_atomic(obj, path: str) -> None:
+    write_atomic(path, lambda f: torch.save(obj, f), suffix=".pt", sync=True)
 
 
 def rng_state() -> dict:

@@ -17,7 +17,7 @@ import os
 import sys
 import tempfile
 
-from ..checkpoint import FILE_MODE  # what open() would give (mkstemp's files are 0600)
+from ..checkpoint import FILE_MODE, write_atomic
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.csv", "metrics.json", "curves.png", "per_timestep_acc.png")
 
@@ -41,16 +41,7 @@ def json_line(row: dict) -> str:
 
 def write_text(path: str, text: str) -> None:
     """``path`` holds ``text`` or its previous content, never a torn mix."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda f: f.write(text), binary=False)
 
 
 def csv_text(history: list[dict]) -> str:
