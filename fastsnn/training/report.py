@@ -120,6 +120,13 @@ class Reporter:
             write_text(os.path.join(self.out, "metrics.json"),
                        json.dumps(strict_json(summary), indent=2, allow_nan=False) + "\n")
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

@@ -18,7 +18,7 @@ from . import config as config_mod
 from . import setup
 from . import state as state_mod
 from .config import TrainConfig, UsageError
-from .loop import Session, TooManyBadSteps, epoch_row, save, train_epoch, evaluate  # noqa: F401
+from .loop import Session, TooManyBadSteps, evaluate, save, train_epoch
 from .report import Reporter, epoch_line
 from .teacher import load_teacher
 
@@ -34,7 +34,7 @@ def prepare(argv=None, world: int = 1) -> tuple[TrainConfig, list[str]]:
         changes = _merge_resume(cfg, given)
     config_mod.resolve(cfg)
     config_mod.validate(cfg, world)
-    check_out(cfg, given)
+    check_out(cfg)
     return cfg, changes
 
 
@@ -51,7 +51,7 @@ def _merge_resume(cfg: TrainConfig, given: set[str]) -> list[str]:
     return config_mod.merge_resumed(cfg, saved, given, mid_epoch=bool(obj["step_in_epoch"]))
 
 
-def check_out(cfg: TrainConfig, given: set[str] = frozenset()) -> None:
+def check_out(cfg: TrainConfig) -> None:
     """Resolve the default run folder and refuse one that cannot take this run, before anything is written."""
     if not cfg.out:
         cfg.out = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
@@ -96,7 +96,7 @@ def build_session(cfg: TrainConfig, rank: int, world: int, local_rank: int, hold
             model, device_ids=[local_rank] if device.type == "cuda" else None)
     if cfg.compile:
         train_model = torch.compile(train_model)
-    reporter = hold(_Closing(Reporter(cfg.out, enabled=rank == 0, tensorboard=cfg.tensorboard, log=log)))
+    reporter = hold(Reporter(cfg.out, enabled=rank == 0, tensorboard=cfg.tensorboard, log=log))
     return Session(cfg=cfg, rank=rank, world=world, device=device, model=model, train_model=train_model,
                    teacher=teacher, optimizer=optimizer, scheduler=scheduler, scaler=scaler, sampler=sampler,
                    loader=setup.loader_for(spec.train, sampler, per_rank_batch, cfg, device),
@@ -104,18 +104,6 @@ def build_session(cfg: TrainConfig, rank: int, world: int, local_rank: int, hold
                    val_loader=setup.eval_loader(spec.val, cfg, device, rank, world), per_rank_batch=per_rank_batch,
                    num_classes=spec.num_classes, in_channels=spec.in_channels, out=cfg.out, reporter=reporter,
                    log=log)
-
-
-class _Closing:
-    def __init__(self, reporter):
-        self.reporter = reporter
-
-    def __enter__(self):
-        return self.reporter
-
-    def __exit__(self, *exc):
-        self.reporter.close()
-        return False
 
 
 def restore(s: Session, changes: list[str]) -> state_mod.TrainState:
