@@ -27,17 +27,24 @@ class _Bare(torch.autograd.Function):
 
 
 class _BareBN(torch.autograd.Function):
-    """The floor for bn_lif: spikes and [4, C] statistics in the forward; grad x, weight, bias in the backward."""
+    """The floor for bn_lif, with the op's allocations: forward the [4, C] statistics, the programs' partial
+    sums and the spikes; backward g (= dL/dx in place), dL/dweight, dL/dbias, the partial sums and the
+    [3, C] coefficients of dL/dx."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
-        torch.empty(4, weight.shape[0], device=x.device)
+        C = weight.shape[0]
+        torch.empty(4, C, device=x.device)
+        torch.empty(3, 1, C, device=x.device)
         return torch.empty_like(x)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
+        C = weight.shape[0]
+        torch.empty(2, 1, C, device=x.device)
+        torch.empty(3, C, device=x.device)
         return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
 
 

@@ -21,7 +21,7 @@ def triton_available() -> bool:
     return True
 
 
-_RESOLVED: dict = {}  # (backend, device type) -> the answer, once it has been given without an error
+_RESOLVED: dict = {}  # (backend, device) -> the answer, once it has been given without an error
 
 
 def resolve_backend(op: str, backend: str, device: torch.device) -> str:
@@ -32,7 +32,7 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     """
     if not isinstance(backend, str):
         return _resolve(op, backend, device)  # raises the one-line error
-    key = (backend, device.type)
+    key = (backend, device)  # the device itself: reading device.type costs more than hashing it
     answer = _RESOLVED.get(key)
     if answer is None:
         answer = _RESOLVED[key] = _resolve(op, backend, device)

@@ -6,7 +6,8 @@ import contextlib
 
 # aten ops that launch no kernel: allocation without initialisation and metadata-only ops
 _FREE_ATEN = {"aten.empty.memory_format", "aten.empty_strided.default", "aten.detach.default", "aten.alias.default",
-              "aten.lift_fresh.default", "aten.empty_like.default"}
+              "aten.lift_fresh.default", "aten.empty_like.default", "aten.new_empty.default",
+              "aten.new_empty_strided.default"}
 
 
 @contextlib.contextmanager

@@ -106,21 +106,19 @@ def tser_loss_variants(aligned: bool):
         C_run = C if aligned else C + 1
 
         def buffers(T=T, dtype=dtype, C_run=C_run, ts_ce=ts_ce, ts_kl=ts_kl):
-            t_tile = k.tile_for(T, C_run, ts_ce, ts_kl)[0]
-            f32 = torch.float32
             return (_tensor((T, B, C_run), dtype, aligned), _tensor((B, C_run), dtype, aligned),
-                    _tensor((B,), torch.int64, aligned), torch.empty(T, B, 4), torch.empty(B, 4),
-                    torch.empty(-(-T // t_tile), B, 4), torch.empty(1), torch.empty((), dtype=f32))
+                    _tensor((B,), torch.int64, aligned), torch.empty(k.stats_size(T, B, C_run, ts_ce, ts_kl)),
+                    torch.empty(()))
         kw = dict(alpha=0.5, tau=5.0, tau_h=5.0, lam=lam, ts_ce=ts_ce, ts_kl=ts_kl, ignore_index=-100)
         labels = dict(dtype=dtype_name, T=T, C=C, ts_ce=ts_ce, ts_kl=ts_kl, entropy=lam > 0)
 
         def forward(buffers=buffers, kw=kw):
-            z, u, y, row, sample, part, scalars, loss = buffers()
-            k.tser_loss_forward(z, u, y, loss, torch.empty(3), row, sample, part, scalars, with_entropy=False, **kw)
+            z, u, y, stats, loss = buffers()
+            k.tser_loss_forward(z, u, y, stats, loss, torch.empty(3), with_entropy=False, **kw)
 
         def backward(buffers=buffers, kw=kw):
-            z, u, y, row, sample, part, scalars, loss = buffers()
-            k.tser_loss_backward(z, u, y, row, sample, scalars, loss, torch.empty_like(z), **kw)
+            z, u, y, stats, loss = buffers()
+            k.tser_loss_backward(z, u, y, stats, loss, torch.empty_like(z), **kw)
         yield "_tser_loss_fwd_kernel", labels, None, forward
         yield "_tser_loss_bwd_kernel", labels, None, backward
         if C == 100 and lam == 0.0 and ts_ce and ts_kl:  # fp32 buffers only: the same kernel for each dtype

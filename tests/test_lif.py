@@ -202,11 +202,17 @@ def test_ops_are_registered_with_fake_kernels(device):
 
 
 def test_host_path_constants_match_the_kernels():
-    """ops.lif decides "no membrane checkpoints" without calling into the kernels module; the two agree."""
-    from fastsnn.kernels import lif as kernels
-    from fastsnn.ops import lif as ops
+    """ops.lif and ops.bn_lif decide "no membrane checkpoints" without calling into the kernels module; they
+    agree with it."""
+    import sys
 
-    assert ops._MAX_CHUNK == kernels.MAX_CHUNK
-    for T in (1, 7, 8, 9, 17):
-        x = torch.zeros(T, 3)
-        assert (ops._checkpoints(x) is None) == (kernels.checkpoints_for(T) == 0)
+    from fastsnn.kernels import lif as kernels
+
+    for ops in (sys.modules["fastsnn.ops.lif"], sys.modules["fastsnn.ops.bn_lif"]):
+        assert ops._MAX_CHUNK == kernels.MAX_CHUNK
+        for T in (1, 7, 8, 9, 17):
+            x = torch.zeros(T, 2, 3)
+            checkpoints = ops._checkpoints(x)
+            assert (checkpoints is None) == (kernels.checkpoints_for(T) == 0)
+            if checkpoints is not None:
+                assert checkpoints.shape == (kernels.checkpoints_for(T), 2, 3)

@@ -392,94 +392,130 @@ def geometry(x, *tensors) -> Geometry:
     writes `tensors` (None allowed) in x's layout. Each thread owns 16 contiguous bytes (4 fp32 or 8 fp16/bf16
     values, 128-bit accesses) when every pointer is 16-byte aligned and the contiguous run (H·W for NCHW, C
     for channels_last), N and the time stride are multiples of that; else 2 values."""
-    shape = x.shape
-    T, C = shape[0], shape[2]
-    N = math.prod(shape[1:])
-    inner = x.stride(2) if C > 1 else N
-    stride_xt = x.stride(0) if T > 1 else N
-    per_thread = 16 // x.element_size()
     addresses = x.data_ptr()
     for t in tensors:
         if t is not None:
             addresses |= t.data_ptr()
+    return _geometry_of(x.shape, x.stride(), x.element_size(), addresses % 16 == 0)
+
+
+@functools.lru_cache(maxsize=1024)
+def _geometry_of(shape, strides, itemsize: int, aligned_pointers: bool) -> Geometry:
+    T, C = shape[0], shape[2]
+    N = math.prod(shape[1:])
+    inner = strides[2] if C > 1 else N
+    stride_xt = strides[0] if T > 1 else N
+    per_thread = 16 // itemsize
     run = inner if inner > 1 else C
-    aligned = run % per_thread == 0 and N % per_thread == 0 and stride_xt % per_thread == 0 and addresses % 16 == 0
+    aligned = aligned_pointers and run % per_thread == 0 and N % per_thread == 0 and stride_xt % per_thread == 0
     return _geometry(T, N, C, inner, stride_xt, per_thread if aligned else UNALIGNED_ELEMENTS)
 
 
-# one Geometry object per distinct view: built once (it is read-only), looked up on every call
+# one Geometry object per distinct view (it is read-only): the launch plans below are keyed on it
 _geometry = functools.lru_cache(maxsize=1024)(Geometry)
 
 
-def _divide_mode(x):
+def _divide_mode(cuda: bool) -> int:
     """CPU tensors reach a kernel only under the interpreter, whose fma is not fused: div_rn there."""
-    return DIVIDE_FMA.value if x.is_cuda else DIVIDE_RN.value
+    return DIVIDE_FMA.value if cuda else DIVIDE_RN.value
+
+
+def _finalize_grid(C: int) -> tuple:
+    return (-(-C // FINALIZE_BLOCK_C),)
+
+
+# Launch plans: everything a launch needs besides the pointers (grid, scalar arguments, constexprs), decided
+# once per (Geometry, arguments) and then looked up: per call only the pointers are gathered.
+
+@functools.lru_cache(maxsize=1024)
+def _statistics_plan(g: Geometry, training: bool, has_weight: bool, has_bias: bool, update: bool, momentum: float,
+                     eps: float):
+    stats_args = (g.steps, g.stride_xt, *g.view_args(), g.programs)
+    stats_kw = dict(num_warps=NUM_WARPS, **g.blocks())
+    finalize_args = (g.programs, g.C, float(momentum), float(eps))
+    finalize_kw = dict(TRAINING=training, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, UPDATE_RUNNING=update,
+                       BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C)
+    return stats_args, stats_kw, _finalize_grid(g.C), finalize_args, finalize_kw
+
+
+@functools.lru_cache(maxsize=1024)
+def _fire_plan(g: Geometry, spec, cuda: bool, has_residual: bool):
+    scalars, codes = _launch_constants(spec)
+    args = (g.stride_xt, g.N, *g.view_args(), *scalars)
+    kw = dict(T=g.T, CHUNK=chunk_for(g.T), DIVIDE=_divide_mode(cuda), HAS_RESIDUAL=has_residual,
+              num_warps=NUM_WARPS, **codes, **g.blocks())
+    return args, kw
+
+
+@functools.lru_cache(maxsize=1024)
+def _backward_plan(g: Geometry, spec, cuda: bool, itemsize: int, training: bool, has_residual: bool,
+                   has_weight: bool, grad_weight: bool, grad_bias: bool):
+    scalars, codes = _launch_constants(spec)
+    # a chunk of 8 16-bit steps at 8 values per thread, with the per-channel constants of 8 channels per thread
+    # (channels_last), spills at 255 registers: 8 warps (4 values, 64-bit accesses per thread) for those
+    warps = 2 * NUM_WARPS if itemsize == 2 and chunk_for(g.T) > 4 else NUM_WARPS
+    neuron_args = (g.stride_xt, g.N, *g.view_args(), g.programs, *scalars, spec.alpha)
+    neuron_kw = dict(T=g.T, CHUNK=chunk_for(g.T), SURROGATE=SURROGATE_CODES[spec.surrogate],
+                     DETACH_RESET=spec.detach_reset, DIVIDE=_divide_mode(cuda),
+                     SUM_OVER_TIME=g.stride_xt == 0 and g.T > 1, HAS_RESIDUAL=has_residual, num_warps=warps,
+                     **codes, **g.blocks())
+    finalize_args = (g.programs, g.C, 1.0 / g.count)
+    finalize_kw = dict(TRAINING=training, HAS_WEIGHT=has_weight, GRAD_WEIGHT=grad_weight, GRAD_BIAS=grad_bias,
+                       BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C)
+    input_args = (g.steps, g.stride_xt, g.N, *g.view_args())
+    input_kw = dict(num_warps=NUM_WARPS, **g.blocks())
+    return neuron_args, neuron_kw, _finalize_grid(g.C), finalize_args, finalize_kw, input_args, input_kw
 
 
 def bn_statistics(x, geometry, weight, bias, running_mean, running_var, stats, *, training, momentum, eps):
     """Fills stats [4, C] (fp32: mean, 1/std, scale, shift); in training mode from x (2 launches), updating
     running_mean/var in place when given; else from the running statistics (1 launch)."""
-    g, C = geometry, geometry.C
+    g = geometry
+    update = training and running_mean is not None
+    stats_args, stats_kw, finalize_grid, finalize_args, finalize_kw = _statistics_plan(
+        g, training, weight is not None, bias is not None, update, momentum, eps)
     dummy = stats
     if training:
-        partials = stats.new_empty(3, g.programs, C)
-        _bn_stats_kernel[g.grid](x, partials, g.steps, g.stride_xt, *g.view_args(), g.programs,
-                                 num_warps=NUM_WARPS, **g.blocks())
+        partials = stats.new_empty(3, g.programs, g.C)
+        _bn_stats_kernel[g.grid](x, partials, *stats_args, **stats_kw)
     else:
         partials = dummy
-    update = training and running_mean is not None
-    _bn_finalize_fwd_kernel[(-(-C // FINALIZE_BLOCK_C),)](
+    _bn_finalize_fwd_kernel[finalize_grid](
         partials, dummy if weight is None else weight, dummy if bias is None else bias,
         dummy if running_mean is None else running_mean, dummy if running_var is None else running_var, stats,
-        g.programs, C, float(momentum), float(eps),
-        TRAINING=training, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, UPDATE_RUNNING=update,
-        BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C,
-    )
+        *finalize_args, **finalize_kw)
 
 
 def bn_fire(x, residual, stats, spikes, checkpoints, geometry, spec):
     """spikes [T, ...] (time stride N, x's layout) of the neuron `spec` over y = BN(x) [+ residual]."""
     g = geometry
-    scalars, codes = _launch_constants(spec)
+    args, kw = _fire_plan(g, spec, x.is_cuda, residual is not None)
     dummy = stats
     _bn_lif_fwd_kernel[g.grid](
         x, dummy if residual is None else residual, stats, spikes, dummy if checkpoints is None else checkpoints,
-        g.stride_xt, g.N, *g.view_args(), *scalars,
-        T=g.T, CHUNK=chunk_for(g.T), DIVIDE=_divide_mode(x), HAS_RESIDUAL=residual is not None,
-        num_warps=NUM_WARPS, **codes, **g.blocks(),
-    )
+        *args, **kw)
 
 
 def bn_fire_backward(x, residual, grad_spikes, stats, checkpoints, grad_y, weight, grad_weight, grad_bias, grad_x,
                      geometry, spec, *, training):
     """grad_y (= dL/d(residual); one timestep when x is broadcast over time), grad_weight/grad_bias (fp32 [C],
-    or None) and grad_x (may be grad_y itself: each element is read before it is written): 3 launches."""
-    g, C = geometry, geometry.C
-    scalars, codes = _launch_constants(spec)
+    or None) and grad_x (may be grad_y itself: each element is read before it is written): 3 launches
+    (2 without grad_x)."""
+    g = geometry
+    (neuron_args, neuron_kw, finalize_grid, finalize_args, finalize_kw, input_args, input_kw) = _backward_plan(
+        g, spec, x.is_cuda, x.element_size(), training, residual is not None, weight is not None,
+        grad_weight is not None, grad_bias is not None)
     dummy = stats
-    partials = stats.new_empty(2, g.programs, C)
-    # a chunk of 8 16-bit steps at 8 values per thread, with the per-channel constants of 8 channels per thread
-    # (channels_last), spills at 255 registers: 8 warps (4 values, 64-bit accesses per thread) for those
-    warps = 2 * NUM_WARPS if x.element_size() == 2 and chunk_for(g.T) > 4 else NUM_WARPS
+    partials = stats.new_empty(2, g.programs, g.C)
+    coef = stats.new_empty(3, g.C)
     _bn_lif_bwd_kernel[g.grid](
         x, dummy if residual is None else residual, grad_spikes, stats,
-        dummy if checkpoints is None else checkpoints, grad_y, partials,
-        g.stride_xt, g.N, *g.view_args(), g.programs, *scalars, spec.alpha,
-        T=g.T, CHUNK=chunk_for(g.T), SURROGATE=SURROGATE_CODES[spec.surrogate], DETACH_RESET=spec.detach_reset,
-        DIVIDE=_divide_mode(x), SUM_OVER_TIME=g.stride_xt == 0 and g.T > 1, HAS_RESIDUAL=residual is not None,
-        num_warps=warps, **codes, **g.blocks(),
-    )
-    coef = stats.new_empty(3, C)
-    _bn_finalize_bwd_kernel[(-(-C // FINALIZE_BLOCK_C),)](
+        dummy if checkpoints is None else checkpoints, grad_y, partials, *neuron_args, **neuron_kw)
+    _bn_finalize_bwd_kernel[finalize_grid](
         partials, stats, dummy if weight is None else weight, dummy if grad_weight is None else grad_weight,
-        dummy if grad_bias is None else grad_bias, coef, g.programs, C, 1.0 / g.count,
-        TRAINING=training, HAS_WEIGHT=weight is not None, GRAD_WEIGHT=grad_weight is not None,
-        GRAD_BIAS=grad_bias is not None, BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C,
-    )
+        dummy if grad_bias is None else grad_bias, coef, *finalize_args, **finalize_kw)
     if grad_x is not None:
-        steps = 1 if g.stride_xt == 0 else g.T
-        _bn_grad_input_kernel[g.grid](grad_y, x, stats, coef, grad_x, steps, g.stride_xt, g.N, *g.view_args(),
-                                      num_warps=NUM_WARPS, **g.blocks())
+        _bn_grad_input_kernel[g.grid](grad_y, x, stats, coef, grad_x, *input_args, **input_kw)
 
 
 __all__ = ["Geometry", "geometry", "bn_statistics", "bn_fire", "bn_fire_backward", "checkpoints_for", "MEAN", "RSTD",

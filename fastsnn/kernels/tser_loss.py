@@ -95,12 +95,14 @@ def _program_tile(p_z, p_u, T, C, stride_zt, stride_zb, stride_ub, T_TILE: tl.co
 
 @triton.jit
 def _tser_loss_fwd_kernel(
-    p_z, p_u, p_y, p_row, p_sample, p_part,
+    p_z, p_u, p_y, p_stats,
     T, B, C, stride_zt, stride_zb, stride_ub, stride_y, ignore_index, inv_T, inv_tau, inv_tau_h,
+    off_sample, off_part,
     T_TILE: tl.constexpr, BLOCK_C: tl.constexpr, TS_CE: tl.constexpr, TS_KL: tl.constexpr, HAS_ENT: tl.constexpr,
     VEC: tl.constexpr,
 ):
     NEED_MEAN: tl.constexpr = (not TS_CE) or (not TS_KL)
+    p_row, p_sample, p_part = p_stats, p_stats + off_sample, p_stats + off_part
     C, i_b, o_t, m_t, p_zb, p_ub = _program_tile(p_z, p_u, T, C, stride_zt, stride_zb, stride_ub, T_TILE, VEC)
     i_y, counts, bad = _label(p_y, i_b, stride_y, ignore_index, C)
     lse_u, neg_ent_u = _teacher_lse(p_ub, C, inv_tau, BLOCK_C)
@@ -187,11 +189,12 @@ def _tser_loss_fwd_kernel(
 
 @triton.jit
 def _tser_loss_reduce_kernel(
-    p_part, p_sample, p_loss, p_terms, p_scalars,
-    B, n_part, ce_T, kl_T, inv_T, inv_TB, w_ce, w_kl, lam,
+    p_stats, p_loss, p_terms,
+    B, n_part, ce_T, kl_T, inv_T, inv_TB, w_ce, w_kl, lam, off_sample, off_part, off_scalars,
     BLOCK: tl.constexpr,
 ):
     """One program: batch means of the terms, the loss, and the CE gradient weight for the backward."""
+    p_sample, p_part, p_scalars = p_stats + off_sample, p_stats + off_part, p_stats + off_scalars
     b_ce = tl.zeros([BLOCK], tl.float32)
     b_kl = tl.zeros([BLOCK], tl.float32)
     b_ent = tl.zeros([BLOCK], tl.float32)
@@ -225,12 +228,14 @@ def _tser_loss_reduce_kernel(
 
 @triton.jit
 def _tser_loss_bwd_kernel(
-    p_z, p_u, p_y, p_row, p_sample, p_scalars, p_go, p_gz,
+    p_z, p_u, p_y, p_stats, p_go, p_gz,
     T, B, C, stride_zt, stride_zb, stride_ub, stride_y, ignore_index, inv_T, inv_tau, inv_tau_h, w_kl, w_ent,
+    off_sample, off_scalars,
     T_TILE: tl.constexpr, BLOCK_C: tl.constexpr, TS_CE: tl.constexpr, TS_KL: tl.constexpr, HAS_ENT: tl.constexpr,
     VEC: tl.constexpr,
 ):
     NEED_MEAN: tl.constexpr = (not TS_CE) or (not TS_KL)
+    p_row, p_sample, p_scalars = p_stats, p_stats + off_sample, p_stats + off_scalars
     C, i_b, o_t, m_t, p_zb, p_ub = _program_tile(p_z, p_u, T, C, stride_zt, stride_zb, stride_ub, T_TILE, VEC)
     p_gb = p_gz + (o_t.to(tl.int64)[:, None] * B + i_b) * C  # grad is dense [T, B, C]
     i_y, counts, bad = _label(p_y, i_b, stride_y, ignore_index, C)
@@ -309,34 +314,49 @@ def _plan(shape: tuple, z_strides: tuple, u_stride: int, y_stride: int, alpha, t
     T, B, C = shape
     t_tile, block_c, warps = tile_for(T, C, ts_ce, ts_kl)
     n_tt = -(-T // t_tile)
+    off_sample, off_part, off_scalars, _ = _stats_layout(T, B, n_tt)
     common = (T, B, C, z_strides[0], z_strides[1], u_stride, y_stride, ignore_index, 1.0 / T, 1.0 / tau, 1.0 / tau_h)
     vec = _vec(C, z_strides[0], z_strides[1], u_stride)
+    fwd_args = (*common, off_sample, off_part)
     fwd_kw = dict(T_TILE=t_tile, BLOCK_C=block_c, TS_CE=ts_ce, TS_KL=ts_kl, HAS_ENT=with_entropy or lam > 0, VEC=vec,
                   num_warps=warps, maxnreg=MAXNREG)
     reduce_args = (B, n_tt * B, T if ts_ce else 1, T if ts_kl else 1, 1.0 / T, 1.0 / (T * B), 1.0 - alpha,
-                   alpha * tau * tau, lam)
+                   alpha * tau * tau, lam, off_sample, off_part, off_scalars)
     # dL/dz weights of the batch-mean terms (the CE one depends on the labelled count, read on the device)
-    bwd_args = (*common, alpha * tau / (T * B), lam / (tau_h * T * B))
+    bwd_args = (*common, alpha * tau / (T * B), lam / (tau_h * T * B), off_sample, off_scalars)
     bwd_kw = dict(T_TILE=t_tile, BLOCK_C=block_c, TS_CE=ts_ce, TS_KL=ts_kl, HAS_ENT=lam > 0, VEC=vec,
                   num_warps=warps)
-    return (B, n_tt), common, fwd_kw, reduce_args, (B, n_tt), bwd_args, bwd_kw
+    return (B, n_tt), fwd_args, fwd_kw, reduce_args, (B, n_tt), bwd_args, bwd_kw
 
 
-def tser_loss_forward(z, u, y, loss, terms, row_stats, sample_stats, partials, scalars, *, alpha, tau, tau_h, lam,
-                      ts_ce, ts_kl, with_entropy, ignore_index):
+def _stats_layout(T: int, B: int, n_tt: int) -> tuple[int, int, int, int]:
+    """The statistics buffer, fp32: ROW_STATS per (t, b) row, then SAMPLE_STATS per sample, PARTIALS per (time
+    tile, sample) and SCALARS: (offset of the sample statistics, of the partials, of the scalars, size)."""
+    off_sample = T * B * ROW_STATS.value
+    off_part = off_sample + B * SAMPLE_STATS.value
+    off_scalars = off_part + n_tt * B * PARTIALS.value
+    return off_sample, off_part, off_scalars, off_scalars + SCALARS.value
+
+
+@functools.lru_cache(maxsize=1024)
+def stats_size(T: int, B: int, C: int, ts_ce: bool, ts_kl: bool) -> int:
+    """fp32 elements of the statistics buffer the forward fills and the backward reads (O(T·B))."""
+    return _stats_layout(T, B, -(-T // tile_for(T, C, ts_ce, ts_kl)[0]))[3]
+
+
+def tser_loss_forward(z, u, y, stats, loss, terms, *, alpha, tau, tau_h, lam, ts_ce, ts_kl, with_entropy,
+                      ignore_index):
     """z [T, B, C] and u [B, C] with unit class stride (any other strides, 0 included), y [B] integer (any
-    stride). Writes loss (0-d), terms [3] (CE part, KL part, mean entropy), row_stats [T, B, 4],
-    sample_stats [B, 4], partials [⌈T/T_TILE⌉, B, 4] and scalars [1], all fp32: 2 launches."""
+    stride). Writes stats (fp32, at least stats_size(...) elements: per (t, b) row, per sample, partial sums,
+    the CE gradient weight), loss (fp32 0-d) and terms (fp32 [3]: CE part, KL part, mean entropy): 2 launches."""
     grid, args, kw, reduce_args, *_ = _plan(tuple(z.shape), z.stride(), u.stride(0), y.stride(0), alpha, tau, tau_h,
                                             lam, ts_ce, ts_kl, with_entropy, ignore_index)
-    _tser_loss_fwd_kernel[grid](z, u, y, row_stats, sample_stats, partials, *args, **kw)
-    _tser_loss_reduce_kernel[(1,)](partials, sample_stats, loss, terms, scalars, *reduce_args, BLOCK=REDUCE_BLOCK,
-                                   num_warps=4)
+    _tser_loss_fwd_kernel[grid](z, u, y, stats, *args, **kw)
+    _tser_loss_reduce_kernel[(1,)](stats, loss, terms, *reduce_args, BLOCK=REDUCE_BLOCK, num_warps=4)
 
 
-def tser_loss_backward(z, u, y, row_stats, sample_stats, scalars, grad_loss, grad_z, *, alpha, tau, tau_h, lam,
-                       ts_ce, ts_kl, ignore_index):
-    """Writes grad_z (dense [T, B, C], z's dtype) = grad_loss · dL/dz: 1 launch."""
+def tser_loss_backward(z, u, y, stats, grad_loss, grad_z, *, alpha, tau, tau_h, lam, ts_ce, ts_kl, ignore_index):
+    """Writes grad_z (dense [T, B, C], z's dtype) = grad_loss · dL/dz (grad_loss: one element): 1 launch."""
     *_, grid, args, kw = _plan(tuple(z.shape), z.stride(), u.stride(0), y.stride(0), alpha, tau, tau_h, lam, ts_ce,
                                ts_kl, False, ignore_index)
-    _tser_loss_bwd_kernel[grid](z, u, y, row_stats, sample_stats, scalars, grad_loss, grad_z, *args, **kw)
+    _tser_loss_bwd_kernel[grid](z, u, y, stats, grad_loss, grad_z, *args, **kw)

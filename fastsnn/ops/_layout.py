@@ -36,6 +36,8 @@ def time_major_like(x: torch.Tensor, dtype=None) -> torch.Tensor:
 
 def as_time_major_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """t ([T, ...], x's shape) itself when it already has time_major_like(x)'s strides, else a copy with them."""
+    if t.is_contiguous() and x.is_contiguous():  # the common case, and the cheapest test
+        return t
     strides = x.stride()
     if t.stride() == (math.prod(x.shape[1:]), *strides[1:]):
         return t

@@ -9,13 +9,15 @@ The reference backend is torch.nn.functional.batch_norm + fastsnn.reference.lif_
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+import math
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from .. import reference
-from ..backend import check_float_tensor, check_number, check_same_device, resolve_backend
+from ..backend import FLOAT_DTYPES, check_float_tensor, check_number, check_same_device, resolve_backend
 from ..spec import NeuronSpec, kind_of, neuron_spec
 from . import spike_storage
 from ._layout import as_time_major_like, is_dense_time_major, kernels_loader, time_major_like
@@ -34,16 +36,11 @@ def _geometry(x_seq: Tensor, *tensors: Tensor | None):
     return _kernels().geometry(x_seq, *tensors)
 
 
-def _checkpoints(x_seq: Tensor) -> Tensor | None:
-    n = _kernels().checkpoints_for(x_seq.shape[0])
-    return time_major_like(x_seq[:n], dtype=torch.float32) if n else None
-
-
 def _statistics_impl(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat) -> Tensor:
     """stats [4, C] fp32 (mean, 1/std, scale, shift); the running statistics updated in training mode."""
     x_seq = _repeated(x, repeat) if repeat else x
     geometry = _geometry(x_seq)
-    stats = torch.empty(4, geometry.C, dtype=torch.float32, device=x.device)
+    stats = x.new_empty(4, geometry.C, dtype=torch.float32)
     _kernels().bn_statistics(x_seq, geometry, weight, bias, running_mean, running_var, stats, training=training,
                              momentum=momentum, eps=eps)
     return stats
@@ -59,16 +56,32 @@ def _fire_impl(x, residual, stats, spec, repeat):
     return spikes, checkpoints
 
 
-def _backward_impl(grad_spikes, x, weight, residual, stats, checkpoints, spec, training, repeat, needs):
-    """(grad_x, grad_weight, grad_bias, grad_residual), None where `needs` (4 bools) says not needed."""
+def _checkpoints(x_seq: Tensor) -> Tensor | None:
+    if x_seq.shape[0] <= _MAX_CHUNK:  # the common case, decided without a call into the kernels module
+        return None
+    n = _kernels().checkpoints_for(x_seq.shape[0])
+    return time_major_like(x_seq[:n], dtype=torch.float32)
+
+
+_MAX_CHUNK = 8  # fastsnn.kernels.lif.MAX_CHUNK (asserted equal by tests/test_lif.py)
+
+
+def _backward_impl(grad_spikes, x, weight, residual, stats, checkpoints, spec, training, repeat, needs,
+                   geometry=None):
+    """(grad_x, grad_weight, grad_bias, grad_residual), None where `needs` (4 bools) says not needed.
+    `geometry`: the forward's, reused when grad_spikes keeps its alignment (the outputs here are new)."""
     x_seq = _repeated(x, repeat) if repeat else x
-    residual = None if residual is None else as_time_major_like(residual, x_seq)
     grad_spikes = as_time_major_like(grad_spikes, x_seq)
-    geometry = _geometry(x_seq, residual, grad_spikes)
+    addresses = grad_spikes.data_ptr()
+    if residual is not None:
+        residual = as_time_major_like(residual, x_seq)
+        addresses |= residual.data_ptr()
+    if geometry is None or addresses % 16:
+        geometry = _geometry(x_seq, residual, grad_spikes)
     broadcast = geometry.stride_xt == 0 and geometry.T > 1
     grad_y = time_major_like(x_seq[:1] if broadcast else x_seq)
-    grad_weight = torch.empty_like(stats[0]) if needs[1] else None
-    grad_bias = torch.empty_like(stats[0]) if needs[2] else None
+    grad_weight = stats.new_empty(geometry.C) if needs[1] else None
+    grad_bias = stats.new_empty(geometry.C) if needs[2] else None
     grad_x = None
     if needs[0]:
         grad_x = time_major_like(grad_y) if needs[3] else grad_y  # in place over g when g is not returned
@@ -80,37 +93,60 @@ def _backward_impl(grad_spikes, x, weight, residual, stats, checkpoints, spec, t
 
 
 def _cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
-    return None if grad is None or like is None else grad.to(like.dtype)
+    if grad is None or like is None:
+        return None
+    return grad if grad.dtype == like.dtype else grad.to(like.dtype)
+
+
+class _Call(NamedTuple):
+    """A call's non-tensor arguments, one object per distinct set (see _call): the Function takes and keeps
+    one argument instead of eight."""
+    spec: NeuronSpec
+    training: bool
+    momentum: float
+    eps: float
+    repeat: int  # 0: x is [T, ...]
+    residual_storage: str | None
+    check: bool
+
+
+_call = functools.lru_cache(maxsize=256)(_Call)
 
 
 class _BNNeuronFunction(torch.autograd.Function):
     """With residual_storage ("bits" / "uint8") the residual is saved packed (see fastsnn.ops.spike_storage)
-    and unpacked for the backward."""
+    and unpacked for the backward. One Geometry (the kernels' view and tiling of x) serves every launch."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, running_mean, running_var, spec, training, momentum, eps, repeat,
-                residual_storage, check):
-        stats = _statistics_impl(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat)
-        spikes, checkpoints = _fire_impl(x, residual, stats, spec, repeat)
-        saved_residual = residual
-        ctx.residual_storage = residual_storage if residual is not None else None
-        if ctx.residual_storage:
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, call):
+        x_seq = _repeated(x, call.repeat) if call.repeat else x
+        fire_residual = None if residual is None else as_time_major_like(residual, x_seq)
+        kernels = _kernels()
+        geometry = kernels.geometry(x_seq, fire_residual)
+        stats = x.new_empty(4, geometry.C, dtype=torch.float32)
+        kernels.bn_statistics(x_seq, geometry, weight, bias, running_mean, running_var, stats,
+                              training=call.training, momentum=call.momentum, eps=call.eps)
+        spikes = time_major_like(x_seq)
+        checkpoints = _checkpoints(x_seq)
+        kernels.bn_fire(x_seq, fire_residual, stats, spikes, checkpoints, geometry, call.spec)
+        if residual is not None and call.residual_storage:
             residual = as_time_major_like(residual, x)
-            saved_residual = spike_storage.pack("bn_lif", residual, residual_storage, check)
             ctx.residual_meta = spike_storage.meta(residual)
-        ctx.save_for_backward(x, weight, saved_residual, stats, checkpoints)
-        ctx.spec, ctx.training, ctx.repeat = spec, training, repeat
+            residual = spike_storage.pack("bn_lif", residual, call.residual_storage, call.check)
+        ctx.save_for_backward(x, weight, residual, stats, checkpoints)
+        ctx.call, ctx.geometry = call, geometry
         return spikes
 
     @staticmethod
     def backward(ctx, grad_spikes):
         x, weight, residual, stats, checkpoints = ctx.saved_tensors
-        if ctx.residual_storage:
-            residual = spike_storage.unpack("bn_lif", residual, ctx.residual_storage, ctx.residual_meta)
-        needs = ctx.needs_input_grad[:4]
+        call = ctx.call
+        if residual is not None and call.residual_storage:
+            residual = spike_storage.unpack("bn_lif", residual, call.residual_storage, ctx.residual_meta)
         grad_x, grad_weight, grad_bias, grad_residual = _backward_impl(
-            grad_spikes, x, weight, residual, stats, checkpoints, ctx.spec, ctx.training, ctx.repeat, needs)
-        return (grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual)) + (None,) * 9
+            grad_spikes, x, weight, residual, stats, checkpoints, call.spec, call.training, call.repeat,
+            ctx.needs_input_grad, ctx.geometry)
+        return grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual), None, None, None
 
 
 # ---- the same launchers as custom ops, for torch.compile ----
@@ -203,6 +239,16 @@ def _compiled(x, weight, bias, residual, running_mean, running_var, spec, traini
 
 # ---- checks and the public functions ----
 
+def _channel_vectors_ok(x: Tensor, *vectors) -> bool:
+    """True when each of `vectors` is a float tensor of shape (C,) on x's device (C = x.shape[2])."""
+    C, device = x.shape[2], x.device
+    for t in vectors:
+        if not (type(t) is Tensor or type(t) is torch.nn.Parameter) or t.dtype not in FLOAT_DTYPES \
+                or t.shape != (C,) or t.device != device:
+            return False
+    return True
+
+
 def _check_channel_vector(op: str, name: str, t, C: int, device):
     if t is None:
         return
@@ -215,6 +261,13 @@ def _check_channel_vector(op: str, name: str, t, C: int, device):
 
 
 def _check(op, x, weight, bias, running_mean, running_var, residual, training, momentum, eps, repeat):
+    if repeat is None and type(x) is Tensor and x.dtype in FLOAT_DTYPES and x.dim() >= 3 and training is True \
+            and _channel_vectors_ok(x, weight, bias, running_mean, running_var) \
+            and (residual is None or (type(residual) is Tensor and residual.dtype in FLOAT_DTYPES
+                                      and residual.shape == x.shape and residual.device == x.device)) \
+            and type(momentum) is float and 0.0 <= momentum <= 1.0 and type(eps) is float and 0.0 < eps < math.inf \
+            and 0 not in x.shape and x.numel() > x.shape[2]:
+        return momentum, eps  # the common call (a training step), checked in one expression
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: x must be a torch.Tensor of shape [T, B, C, ...], got {type(x).__name__}")
     if repeat is not None:
@@ -268,13 +321,14 @@ def apply_bn_neuron(op: str, x: Tensor, weight, bias, running_mean, running_var,
                                           momentum=momentum, eps=eps, residual=residual, repeat=repeat)
     if repeat:
         x = x if is_dense_time_major(x.unsqueeze(0)) else x.contiguous()
-    elif not is_dense_time_major(x, allow_broadcast=True):
+    elif not (x.is_contiguous() or is_dense_time_major(x, allow_broadcast=True)):
         x = x.contiguous()
     if torch.compiler.is_compiling():
         return _compiled(x, weight, bias, residual, running_mean, running_var, spec, training, momentum, eps,
                          repeat or 0)
-    return _BNNeuronFunction.apply(x, weight, bias, residual, running_mean, running_var, spec, training, momentum,
-                                   eps, repeat or 0, residual_storage, spike_storage.CHECK_DEFAULT)
+    call = _call(spec, training, momentum, eps, repeat or 0, residual_storage,
+                 residual_storage is not None and spike_storage.CHECK_DEFAULT)
+    return _BNNeuronFunction.apply(x, weight, bias, residual, running_mean, running_var, call)
 
 
 def bn_lif(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backend import BACKENDS, check_float_tensor, check_number, check_same_device, resolve_backend
+from ..backend import BACKENDS, FLOAT_DTYPES, check_float_tensor, check_number, check_same_device, resolve_backend
 
 _OP = "tser_loss"
 # τ (and τ_H) outside this range lose the loss to fp32 cancellation: KL·τ² is a difference of log-sum-exps
@@ -47,13 +47,12 @@ class LossSpec:
 
 
 def _kernels():
-    """fastsnn.kernels.tser_loss, imported on first use (importing fastsnn does not import Triton), with its
-    statistics widths as plain ints (host arithmetic on tl.constexpr objects is slow): (module, widths)."""
+    """fastsnn.kernels.tser_loss, imported on first use (importing fastsnn does not import Triton)."""
     global _KERNELS
     if _KERNELS is None:
         from ..kernels import tser_loss as k
 
-        _KERNELS = k, tuple(int(w.value) for w in (k.ROW_STATS, k.SAMPLE_STATS, k.PARTIALS, k.SCALARS))
+        _KERNELS = k
     return _KERNELS
 
 
@@ -61,50 +60,72 @@ _KERNELS = None
 
 
 def _forward_impl(z: Tensor, u: Tensor, y: Tensor, spec: LossSpec, one_buffer: bool = True):
-    """(loss, terms, row_stats, sample_stats, scalars): 2 kernel launches, nothing initialised on the host.
-    With one_buffer (eager) the outputs are views of one allocation; a custom op's outputs may not alias."""
-    k, (ROW_STATS, SAMPLE_STATS, PARTIALS, SCALARS) = _kernels()
+    """(loss, terms, stats): 2 kernel launches, nothing initialised on the host. With one_buffer (eager) the
+    three are one allocation, [stats | loss | terms] (the loss and terms views of it); a custom op's outputs
+    may not alias, so there they are three."""
+    k = _kernels()
     T, B, C = z.shape
-    n_tt = -(-T // k.tile_for(T, C, spec.ts_ce, spec.ts_kl)[0])
-    # one allocation, cut into the outputs and the kernels' statistics
-    sizes = (1, 3, T * B * ROW_STATS, B * SAMPLE_STATS, n_tt * B * PARTIALS, SCALARS)
+    size = k.stats_size(T, B, C, spec.ts_ce, spec.ts_kl)
     if one_buffer:
-        buffers = torch.empty(sum(sizes), dtype=torch.float32, device=z.device).split(sizes)
+        stats = z.new_empty(size + 4, dtype=torch.float32)
+        loss, terms = stats[size], stats[size + 1:]
     else:
-        buffers = [torch.empty(n, dtype=torch.float32, device=z.device) for n in sizes]
-    loss, terms, row_stats, sample_stats, partials, scalars = buffers
-    loss, row_stats, sample_stats = loss.view(()), row_stats.view(T, B, ROW_STATS), sample_stats.view(B, SAMPLE_STATS)
-    k.tser_loss_forward(z, u, y, loss, terms, row_stats, sample_stats, partials, scalars,
-                      with_entropy=spec.with_entropy, **spec.kernel_kwargs())
-    return loss, terms, row_stats, sample_stats, scalars
+        stats = z.new_empty(size, dtype=torch.float32)
+        loss, terms = stats.new_empty(()), stats.new_empty(3)
+    k.tser_loss_forward(z, u, y, stats, loss, terms, with_entropy=spec.with_entropy, **spec.kernel_kwargs())
+    return loss, terms, stats
 
 
-def _backward_impl(grad_loss: Tensor, z: Tensor, u: Tensor, y: Tensor, row_stats: Tensor, sample_stats: Tensor,
-                   scalars: Tensor, spec: LossSpec) -> Tensor:
-    grad_z = torch.empty(z.shape, dtype=z.dtype, device=z.device)
-    _kernels()[0].tser_loss_backward(z, u, y, row_stats, sample_stats, scalars, grad_loss.reshape(()), grad_z,
-                       **spec.kernel_kwargs())
+def _backward_impl(grad_loss: Tensor, z: Tensor, u: Tensor, y: Tensor, stats: Tensor, spec: LossSpec) -> Tensor:
+    grad_z = z.new_empty(z.shape)  # dense, whatever z's strides
+    _kernels().tser_loss_backward(z, u, y, stats, grad_loss, grad_z, **spec.kernel_kwargs())
     return grad_z
 
 
+def _forward_and_save(ctx, z: Tensor, u: Tensor, y: Tensor, spec: LossSpec):
+    """Either Function's forward: (loss, terms), the backward's tensors saved."""
+    loss, terms, stats = _forward_impl(z, u, y, spec)
+    ctx.save_for_backward(z, u, y, stats)
+    ctx.spec = spec
+    return loss, terms
+
+
 class _TSERLossFunction(torch.autograd.Function):
+    """Returns (loss, terms); the terms are not differentiable."""
+
     @staticmethod
     def forward(ctx, z, u, y, spec):
-        loss, terms, row_stats, sample_stats, scalars = _forward_impl(z, u, y, spec)
-        ctx.save_for_backward(z, u, y, row_stats, sample_stats, scalars)
-        ctx.spec = spec
+        loss, terms = _forward_and_save(ctx, z, u, y, spec)
         ctx.mark_non_differentiable(terms)
         ctx.set_materialize_grads(False)  # no zero-filled gradient for the terms
         return loss, terms
 
     @staticmethod
     def backward(ctx, grad_loss, grad_terms):
-        z, u, y, row_stats, sample_stats, scalars = ctx.saved_tensors
-        with torch.no_grad():
-            grad_z = _backward_impl(grad_loss, z, u, y, row_stats, sample_stats, scalars, ctx.spec)
-        if torch.is_grad_enabled():  # create_graph=True: a gradient that refuses to be differentiated
-            grad_z = _NotTwiceDifferentiable.apply(grad_z, z)
-        return grad_z, None, None, None
+        return _loss_backward(ctx, grad_loss), None, None, None
+
+
+class _TSERLossOnly(torch.autograd.Function):
+    """The common call (no terms returned), on the shortest host path: one output, the same launches."""
+
+    @staticmethod
+    def forward(ctx, z, u, y, spec):
+        return _forward_and_save(ctx, z, u, y, spec)[0]
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return _loss_backward(ctx, grad_loss), None, None, None
+
+
+def _loss_backward(ctx, grad_loss: Tensor) -> Tensor:
+    """grad_z of either Function (grad_loss is 0-d: autograd checks it has the loss's shape)."""
+    z, u, y, stats = ctx.saved_tensors
+    if not torch.is_grad_enabled():
+        return _backward_impl(grad_loss, z, u, y, stats, ctx.spec)
+    # create_graph=True: a gradient that refuses to be differentiated
+    with torch.no_grad():
+        grad_z = _backward_impl(grad_loss, z, u, y, stats, ctx.spec)
+    return _NotTwiceDifferentiable.apply(grad_z, z)
 
 
 class _NotTwiceDifferentiable(torch.autograd.Function):
@@ -127,44 +148,42 @@ def _spec(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index, with_entropy
 @torch.library.custom_op("fastsnn::tser_loss_forward", mutates_args=())
 def _tser_loss_forward_op(z: Tensor, u: Tensor, y: Tensor, alpha: float, tau: float, lam: float, ts_ce: bool,
                           ts_kl: bool, entropy_tau: float, ignore_index: int,
-                          with_entropy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                          with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
     spec = _spec(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index, with_entropy)
     return _forward_impl(z, u, y, spec, one_buffer=False)
 
 
 @_tser_loss_forward_op.register_fake
 def _(z, u, y, alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index, with_entropy):
-    ROW_STATS, SAMPLE_STATS, _, SCALARS = _kernels()[1]
     T, B, C = z.shape
     f32 = dict(dtype=torch.float32, device=z.device)
-    return (torch.empty((), **f32), torch.empty(3, **f32), torch.empty(T, B, ROW_STATS, **f32),
-            torch.empty(B, SAMPLE_STATS, **f32), torch.empty(SCALARS, **f32))
+    return (torch.empty((), **f32), torch.empty(3, **f32),
+            torch.empty(_kernels().stats_size(T, B, C, ts_ce, ts_kl), **f32))
 
 
 @torch.library.custom_op("fastsnn::tser_loss_backward", mutates_args=())
-def _tser_loss_backward_op(grad_loss: Tensor, z: Tensor, u: Tensor, y: Tensor, row_stats: Tensor,
-                           sample_stats: Tensor, scalars: Tensor, alpha: float, tau: float, lam: float, ts_ce: bool,
-                           ts_kl: bool, entropy_tau: float, ignore_index: int) -> Tensor:
+def _tser_loss_backward_op(grad_loss: Tensor, z: Tensor, u: Tensor, y: Tensor, stats: Tensor, alpha: float,
+                           tau: float, lam: float, ts_ce: bool, ts_kl: bool, entropy_tau: float,
+                           ignore_index: int) -> Tensor:
     spec = _spec(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index, False)
-    return _backward_impl(grad_loss, z, u, y, row_stats, sample_stats, scalars, spec)
+    return _backward_impl(grad_loss, z, u, y, stats, spec)
 
 
 @_tser_loss_backward_op.register_fake
-def _(grad_loss, z, u, y, row_stats, sample_stats, scalars, alpha, tau, lam, ts_ce, ts_kl, entropy_tau,
-      ignore_index):
+def _(grad_loss, z, u, y, stats, alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index):
     return torch.empty(z.shape, dtype=z.dtype, device=z.device)
 
 
 def _setup_context(ctx, inputs, output):
     z, u, y, *params = inputs
     ctx.params = params[:-1]  # all but with_entropy
-    ctx.save_for_backward(z, u, y, *output[2:])
+    ctx.save_for_backward(z, u, y, output[2])
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(ctx, grad_loss, *_):
-    z, u, y, row_stats, sample_stats, scalars = ctx.saved_tensors
-    grad_z = _tser_loss_backward_op(grad_loss, z, u, y, row_stats, sample_stats, scalars, *ctx.params)
+    z, u, y, stats = ctx.saved_tensors
+    grad_z = _tser_loss_backward_op(grad_loss, z, u, y, stats, *ctx.params)
     return (grad_z,) + (None,) * 10
 
 
@@ -174,6 +193,13 @@ torch.library.register_autograd("fastsnn::tser_loss_forward", _backward, setup_c
 # ---- checks and the public function ----
 
 def _check_tensors(student_logits, teacher_logits, target):
+    z, u, y = student_logits, teacher_logits, target
+    if (type(z) is Tensor and type(u) is Tensor and type(y) is Tensor and z.dim() == 3 and 0 not in z.shape
+            and z.dtype in FLOAT_DTYPES and u.dtype in FLOAT_DTYPES and y.dtype in TARGET_DTYPES
+            and u.shape == z.shape[1:] and y.shape == z.shape[1:2]):
+        device = z.device  # the common case, checked in one expression
+        if u.device == device and y.device == device:
+            return device
     for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits), ("target", target)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -285,14 +311,14 @@ def tser_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, *,
     device = _check_tensors(student_logits, teacher_logits, target)
     alpha, tau, lam, entropy_tau = check_loss_params(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, backend,
                                                      ignore_index)
-    if device.type != "cuda":
+    if not student_logits.is_cuda:
         _check_labels_on_host(target, student_logits.shape[2], ignore_index)
     if resolve_backend(_OP, backend, device) == "reference":
         return reference.tser_loss(student_logits, teacher_logits, target, alpha=alpha, tau=tau, lam=lam,
                                    ts_ce=ts_ce, ts_kl=ts_kl, entropy_tau=entropy_tau, ignore_index=ignore_index,
                                    return_terms=return_terms)
     z = _unit_class_stride(student_logits)
-    u = _unit_class_stride(teacher_logits.detach())
+    u = _unit_class_stride(teacher_logits.detach() if teacher_logits.requires_grad else teacher_logits)
     compiling = torch.compiler.is_compiling()
     spec = (LossSpec if compiling else _loss_spec)(alpha, tau, lam, ts_ce, ts_kl,
                                                    tau if entropy_tau is None else entropy_tau, ignore_index,
@@ -300,8 +326,10 @@ def tser_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, *,
     if compiling:
         loss, terms, *_ = _tser_loss_forward_op(z, u, target, spec.alpha, spec.tau, spec.lam, spec.ts_ce,
                                                 spec.ts_kl, spec.entropy_tau, spec.ignore_index, spec.with_entropy)
-    else:
+    elif return_terms:
         loss, terms = _TSERLossFunction.apply(z, u, target, spec)
+    else:
+        return _TSERLossOnly.apply(z, u, target, spec)
     if return_terms:
         return loss, {"ce": terms[0], "kl": terms[1], "entropy": terms[2]}
     return loss
