@@ -160,6 +160,54 @@ def test_hostile_layouts(device, layout):
     _compare(got, want, torch.float32)
 
 
+@pytest.mark.parametrize("unaligned", ["grad_spikes", "residual"])
+def test_backward_tiling_follows_unaligned_pointers(device, unaligned, monkeypatch):
+    """The backward reuses the forward's tiling (16 bytes per thread for aligned pointers) only while every
+    pointer it reads is still 16-byte aligned: an incoming gradient, or a residual, 4 bytes off gets the
+    unaligned tiling there (on a GPU the wide accesses would fault), and the same result as the reference."""
+    from fastsnn.kernels import bn_lif as kernels
+
+    T, B, C, H, W = 2, 4, 4, 16, 16
+    x = torch.randn(T, B, C, H, W, device=device) * 2
+    weight, bias = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
+    running = (torch.zeros(C, device=device), torch.ones(C, device=device))
+
+    def off_by_one_float(t):  # the same values, dense, at an address 4 bytes past a 16-byte boundary
+        buffer = torch.empty(t.numel() + 1, device=device)
+        buffer[1:].copy_(t.flatten())
+        return buffer[1:].view(t.shape)
+
+    r = torch.randn(T, B, C, H, W, device=device)
+    g = torch.randn(T, B, C, H, W, device=device)
+    if unaligned == "residual":
+        r = off_by_one_float(r)
+    else:
+        g = off_by_one_float(g)
+    assert (g.data_ptr() | r.data_ptr()) % 16 == 4
+    tilings = {"forward": [], "backward": []}
+    fire, fire_backward = kernels.bn_fire, kernels.bn_fire_backward
+    monkeypatch.setattr(kernels, "bn_fire", lambda *a: (tilings["forward"].append(a[5]), fire(*a))[1])
+    monkeypatch.setattr(kernels, "bn_fire_backward", lambda *a, **kw: (tilings["backward"].append(a[10]),
+                                                                       fire_backward(*a, **kw))[1])
+    xl, wl, bl, rl = (t.clone().requires_grad_() for t in (x, weight, bias, r))
+    if unaligned == "residual":
+        rl = off_by_one_float(r).requires_grad_()
+    spikes = fastsnn.bn_lif(xl, wl, bl, *running, training=True, residual=rl, backend="triton")
+    got = torch.autograd.grad(spikes, (xl, wl, bl, rl), g)
+
+    def tiling(aligned):
+        return kernels._geometry_of(x.shape, x.stride(), x.element_size(), aligned)
+    assert tiling(True) is not tiling(False) and tiling(True).block != tiling(False).block
+    assert tilings["forward"] == [tiling(unaligned != "residual")]
+    assert tilings["backward"] == [tiling(False)]
+    want_leaves = [t.clone().requires_grad_() for t in (x, weight, bias, r)]
+    want_spikes = reference.bn_lif_multistep(*want_leaves[:3], *[t.clone() for t in running], _spec({}),
+                                             training=True, residual=want_leaves[3])
+    assert torch.equal(spikes, want_spikes)
+    for a, b in zip(got, torch.autograd.grad(want_spikes, want_leaves, g)):
+        assert_close(a, b, torch.float32, scale=max(1.0, b.abs().max().item()))
+
+
 @pytest.mark.parametrize("momentum", [0.1, 0.5, None], ids=["m0.1", "m0.5", "cumulative"])
 def test_running_statistics_after_three_steps_equal_batchnorm2d(device, momentum):
     C = 6
@@ -235,6 +283,11 @@ def test_saved_bytes_are_x_and_per_channel_statistics(device, dtype, T):
     (dict(residual=torch.zeros(2, 3, 5)), ValueError, ["residual must have x's shape (2, 3, 4)"]),
     (dict(repeat=2, x=torch.zeros(3, 4), residual=torch.zeros(2, 3, 4)), ValueError, ["residual", "repeat"]),
     (dict(repeat=0, x=torch.zeros(3, 4)), ValueError, ["repeat must be None or a number of timesteps >= 1"]),
+    (dict(momentum=float("nan")), ValueError, ["momentum must be a number in [0, 1]"]),
+    (dict(eps=float("inf")), ValueError, ["eps must be a finite number > 0"]),
+    (dict(residual=torch.zeros(2, 3, 4, dtype=torch.float64)), TypeError, ["residual must have a floating dtype"]),
+    (dict(residual=torch.zeros(2, 3, 4, device="meta")), ValueError, ["residual is on meta"]),
+    (dict(bias=torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))), TypeError, ["bias must have a floating"]),
     (dict(tau=0.5), ValueError, ["tau must be a finite number > 1"]),
     (dict(surrogate="relu"), ValueError, ["surrogate"]),
 ])
