@@ -31,6 +31,23 @@ class DataSpec:
     image_size: int
     val: Dataset | None = None
     labels: torch.Tensor | None = None  # the training labels, when known without reading every image
+    # the training images with the test transforms (no augmentation), index for index: what a validation
+    # split carved out of the training data is read through; None when train has no transforms
+    train_unaugmented: Dataset | None = None
+
+
+def with_transform(dataset, transform):
+    """A shallow copy of a torchvision dataset (the images and labels shared, not re-read) whose samples go
+    through `transform` instead."""
+    import copy
+
+    view = copy.copy(dataset)
+    view.transform = transform
+    if hasattr(view, "transforms"):  # VisionDataset keeps both; __getitem__ reads .transform
+        from torchvision.datasets.vision import StandardTransform
+
+        view.transforms = StandardTransform(transform, getattr(view, "target_transform", None))
+    return view
 
 
 class Cutout:
@@ -104,7 +121,8 @@ def _mnist5k() -> DataSpec:
 
 def split_validation(spec: DataSpec, fraction: float) -> DataSpec:
     """``spec`` with ``fraction`` of its training data moved to ``spec.val``: stratified by label when the
-    labels are known, the same split for every seed (so a teacher and its students agree on it)."""
+    labels are known, the same split for every seed (so a teacher and its students agree on it). The held-out
+    images are read with the test transforms (``spec.train_unaugmented``), as the test set is."""
     if fraction <= 0:
         return spec
     n = len(spec.train)
@@ -119,8 +137,9 @@ def split_validation(spec: DataSpec, fraction: float) -> DataSpec:
         train_idx, val_idx = order[n_val:], order[:n_val]
     train_idx, val_idx = sorted(train_idx), sorted(val_idx)
     labels = spec.labels[train_idx] if spec.labels is not None else None
+    held_out = spec.train if spec.train_unaugmented is None else spec.train_unaugmented
     return DataSpec(Subset(spec.train, train_idx), spec.test, spec.num_classes, spec.in_channels, spec.image_size,
-                    val=Subset(spec.train, val_idx), labels=labels)
+                    val=Subset(held_out, val_idx), labels=labels)
 
 
 class DataError(ValueError):
@@ -199,7 +218,8 @@ def _cifar(name: str, data_dir: str, download: bool, autoaugment: bool, cutout: 
     cls = _safe_cifar_class(base, verify=download)
     train = cls(data_dir, train=True, download=download, transform=T.Compose(train_tf))
     test = cls(data_dir, train=False, download=download, transform=test_tf)
-    return DataSpec(train, test, 10 if name == "cifar10" else 100, 3, 32)
+    return DataSpec(train, test, 10 if name == "cifar10" else 100, 3, 32,
+                    train_unaugmented=with_transform(train, test_tf))
 
 
 def _imagenet(data_dir: str) -> DataSpec:
@@ -208,9 +228,9 @@ def _imagenet(data_dir: str) -> DataSpec:
     mean, std = IMAGENET_STATS
     train = datasets.ImageFolder(os.path.join(data_dir, "train"), T.Compose([
         T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]))
-    test = datasets.ImageFolder(os.path.join(data_dir, "val"), T.Compose([
-        T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(mean, std)]))
-    return DataSpec(train, test, len(train.classes), 3, 224)
+    test_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(mean, std)])
+    test = datasets.ImageFolder(os.path.join(data_dir, "val"), test_tf)
+    return DataSpec(train, test, len(train.classes), 3, 224, train_unaugmented=with_transform(train, test_tf))
 
 
 def check_data_dir(dataset: str, data_dir: str | None, download: bool) -> str | None:

@@ -226,16 +226,50 @@ def test_cifar_loader_on_a_generated_pickle_directory(tmp_path, name, classes):
     assert ckpt.load(tmp_path / "run" / "last.pt")["num_classes"] == classes
 
 
-def test_imagefolder_loader(tmp_path):
+@pytest.mark.parametrize("dataset", ["cifar10", "imagenet"])
+def test_validation_split_reads_the_held_out_images_without_augmentation(tmp_path, dataset):
+    """--val-fraction carves the validation set out of the training data: its images go through the test
+    transforms (deterministic, as the test set), the remaining training images keep the augmentation."""
+    from fastsnn import data
+
+    if dataset == "cifar10":
+        _write_cifar(tmp_path / "data", "cifar10", n_train=50)
+        spec = data.load("cifar10", str(tmp_path / "data"), autoaugment=True, cutout=8)
+    else:
+        _write_imagefolder(tmp_path / "imagenet", train=5, val=1, size=(240, 260))
+        spec = data.load("imagenet", str(tmp_path / "imagenet"))
+    split = data.split_validation(spec, 0.2)
+    assert len(split.val) + len(split.train) == len(spec.train)
+    assert set(split.val.indices).isdisjoint(split.train.indices)
+    test_tf = spec.test.transform
+    torch.manual_seed(0)
+    for i in range(len(split.val)):
+        image, label = split.val[i]
+        again, _ = split.val[i]
+        assert torch.equal(image, again)  # no random crop, flip, AutoAugment or Cutout
+        raw, raw_label = (data.with_transform(spec.train, None))[split.val.indices[i]]
+        assert label == raw_label and torch.equal(image, test_tf(raw))
+        assert image.shape == split.test[0][0].shape
+    # the training images are still augmented: two reads of one image differ
+    assert any(not torch.equal(split.train[i][0], split.train[i][0]) for i in range(len(split.train)))
+    assert spec.train.transform is not test_tf  # the view is a copy: the training set's transform is untouched
+
+
+def _write_imagefolder(root, *, train, val, size):
+    """ImageNet's layout: root/{train,val}/{cat,dog}/<i>.png, `train`/`val` random images per class."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for split, n in (("train", 3), ("val", 2)):
+    for split, n in (("train", train), ("val", val)):
         for cls in ("cat", "dog"):
-            d = tmp_path / "imagenet" / split / cls
+            d = root / split / cls
             d.mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(d / f"{i}.png")
+                Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(d / f"{i}.png")
+
+
+def test_imagefolder_loader(tmp_path):
+    _write_imagefolder(tmp_path / "imagenet", train=3, val=2, size=(40, 48))
     proc = _cli(tmp_path, "--dataset", "imagenet", "--data-dir", "imagenet", "--arch", "sew_resnet18",
                 "--method", "ce", "--epochs", "1", "--batch-size", "4", "--T", "1", "--workers", "0", "--out", "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
