@@ -2,6 +2,7 @@
 merging), the checkpoint's keys (TrainState), the run folder's files and the schedule after a resume."""
 import dataclasses
 import json
+import time
 
 import pytest
 import torch
@@ -169,9 +170,9 @@ def test_tensorboard_is_optional(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were missing
     notes = []
     reporter = report.Reporter(str(tmp_path), enabled=True, tensorboard=True, log=notes.append)
+    reporter.start("a: 1\n", [])
     assert reporter.writer is None and notes == ["note: tensorboard is not installed; no event files "
                                                  "(pip install tensorboard)"]
-    reporter.start("a: 1\n", [])
     row = {"epoch": 1, "train_loss": 1.0, "train_ce": 1.0, "train_kl": 0.0, "train_entropy": 0.0, "train_acc": 50.0,
            "test_acc": 40.0, "per_timestep_acc": [40.0]}
     reporter.epoch(row, [row], {"student_acc": 40.0, "per_timestep_acc": [40.0]})
@@ -180,3 +181,31 @@ def test_tensorboard_is_optional(tmp_path, monkeypatch):
     quiet = report.Reporter(str(tmp_path / "rank1"), enabled=False, tensorboard=True, log=notes.append)
     quiet.start("a: 1\n", [])
     assert quiet.writer is None and not (tmp_path / "rank1").exists()
+
+
+@pytest.mark.parametrize("last_epoch_logged", [True, False], ids=["logged", "checkpointed-not-logged"])
+def test_tensorboard_after_a_resume_holds_each_epoch_once(tmp_path, last_epoch_logged):
+    """A run stopped after epoch 2's checkpoint, with (or, stopped in between, without) epoch 2 in its
+    TensorBoard events, resumed for epoch 3: TensorBoard reads epochs 1, 2, 3, once each, with epoch 2's
+    values."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def row(epoch, loss):
+        return {"epoch": epoch, "train_loss": loss, "train_ce": loss, "train_kl": 0.0, "train_entropy": 0.0,
+                "train_acc": 50.0, "test_acc": 10.0 * epoch, "per_timestep_acc": [1.0, 2.0]}
+    summary = {"student_acc": 1.0, "per_timestep_acc": [1.0, 2.0]}
+    rows = [row(1, 3.0), row(2, 2.0), row(3, 1.0)]
+    with report.Reporter(str(tmp_path), enabled=True, tensorboard=True, log=print) as first:
+        first.start("a: 1\n", [])
+        first.epoch(rows[0], rows[:1], summary)
+        if last_epoch_logged:
+            first.epoch(rows[1], rows[:2], summary)
+    time.sleep(1.1)  # event files are named by the second they were opened
+    with report.Reporter(str(tmp_path), enabled=True, tensorboard=True, log=print) as resumed:
+        resumed.start("a: 1\n", rows[:2])
+        resumed.epoch(rows[2], rows, summary)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train_loss")] == [(1, 3.0), (2, 2.0), (3, 1.0)]
+    assert [e.step for e in events.Scalars("per_timestep_acc/t2")] == [1, 2, 3]

@@ -83,21 +83,29 @@ class Reporter:
 
     def __init__(self, out: str, *, enabled: bool, tensorboard: bool, log):
         self.out, self.enabled, self.log = out, enabled, log
+        self.tensorboard = enabled and tensorboard
         self.writer = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                log("note: tensorboard is not installed; no event files (pip install tensorboard)")
-            else:
-                self.writer = SummaryWriter(os.path.join(out, "tensorboard"))
 
     def start(self, config_yaml: str, history: list[dict]) -> None:
+        """Rewrites the files from `history` (a resumed run's epochs so far) and opens TensorBoard. On a resume,
+        the last finished epoch may have been checkpointed but not logged (the run stopped in between): it is
+        logged again, with TensorBoard told to drop any earlier event at or after that epoch (purge_step), so
+        every epoch appears once."""
         if not self.enabled:
             return
         write_text(os.path.join(self.out, "config.yaml"), config_yaml)
         write_text(os.path.join(self.out, "metrics.jsonl"), "".join(json_line(r) for r in history))
         write_text(os.path.join(self.out, "metrics.csv"), csv_text(history) if history else "")
+        if self.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self.log("note: tensorboard is not installed; no event files (pip install tensorboard)")
+                return
+            self.writer = SummaryWriter(os.path.join(self.out, "tensorboard"),
+                                        purge_step=history[-1]["epoch"] if history else None)
+            if history:
+                self._log_scalars(history[-1])
 
     def epoch(self, row: dict, history: list[dict], summary: dict) -> None:
         if not self.enabled:
@@ -107,13 +115,17 @@ class Reporter:
         write_text(os.path.join(self.out, "metrics.csv"), csv_text(history))
         self.summary(summary)
         write_plots(self.out, history, summary)
-        if self.writer is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and value is not None and key != "epoch":
-                    self.writer.add_scalar(key, value, row["epoch"])
-            for t, acc in enumerate(row.get("per_timestep_acc") or []):
-                self.writer.add_scalar(f"per_timestep_acc/t{t + 1}", acc, row["epoch"])
-            self.writer.flush()
+        self._log_scalars(row)
+
+    def _log_scalars(self, row: dict) -> None:
+        if self.writer is None:
+            return
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and value is not None and key != "epoch":
+                self.writer.add_scalar(key, value, row["epoch"])
+        for t, acc in enumerate(row.get("per_timestep_acc") or []):
+            self.writer.add_scalar(f"per_timestep_acc/t{t + 1}", acc, row["epoch"])
+        self.writer.flush()
 
     def summary(self, summary: dict) -> None:
         if self.enabled:
