@@ -314,7 +314,7 @@ def _plan(shape: tuple, z_strides: tuple, u_stride: int, y_stride: int, alpha, t
     T, B, C = shape
     t_tile, block_c, warps = tile_for(T, C, ts_ce, ts_kl)
     n_tt = -(-T // t_tile)
-    off_sample, off_part, off_scalars, _ = _stats_layout(T, B, n_tt)
+    off_sample, off_scalars, off_part = _stats_layout(T, B)
     common = (T, B, C, z_strides[0], z_strides[1], u_stride, y_stride, ignore_index, 1.0 / T, 1.0 / tau, 1.0 / tau_h)
     vec = _vec(C, z_strides[0], z_strides[1], u_stride)
     fwd_args = (*common, off_sample, off_part)
@@ -329,19 +329,25 @@ def _plan(shape: tuple, z_strides: tuple, u_stride: int, y_stride: int, alpha, t
     return (B, n_tt), fwd_args, fwd_kw, reduce_args, (B, n_tt), bwd_args, bwd_kw
 
 
-def _stats_layout(T: int, B: int, n_tt: int) -> tuple[int, int, int, int]:
-    """The statistics buffer, fp32: ROW_STATS per (t, b) row, then SAMPLE_STATS per sample, PARTIALS per (time
-    tile, sample) and SCALARS: (offset of the sample statistics, of the partials, of the scalars, size)."""
+def _stats_layout(T, B) -> tuple:
+    """The statistics buffer, fp32: ROW_STATS per (t, b) row, SAMPLE_STATS per sample, SCALARS, then PARTIALS
+    per (time tile, sample), last because their count depends on the tiling: (offsets of the sample
+    statistics, the scalars, the partials). Plain arithmetic: T and B may be symbolic (torch.compile)."""
     off_sample = T * B * ROW_STATS.value
-    off_part = off_sample + B * SAMPLE_STATS.value
-    off_scalars = off_part + n_tt * B * PARTIALS.value
-    return off_sample, off_part, off_scalars, off_scalars + SCALARS.value
+    off_scalars = off_sample + B * SAMPLE_STATS.value
+    return off_sample, off_scalars, off_scalars + SCALARS.value
 
 
 @functools.lru_cache(maxsize=1024)
 def stats_size(T: int, B: int, C: int, ts_ce: bool, ts_kl: bool) -> int:
     """fp32 elements of the statistics buffer the forward fills and the backward reads (O(T·B))."""
-    return _stats_layout(T, B, -(-T // tile_for(T, C, ts_ce, ts_kl)[0]))[3]
+    return _stats_layout(T, B)[2] + -(-T // tile_for(T, C, ts_ce, ts_kl)[0]) * B * PARTIALS.value
+
+
+def stats_size_bound(T, B):
+    """stats_size for any tiling (room for one partial per row): what a graph traced with symbolic T and B
+    allocates."""
+    return _stats_layout(T, B)[2] + T * B * PARTIALS.value
 
 
 def tser_loss_forward(z, u, y, stats, loss, terms, *, alpha, tau, tau_h, lam, ts_ce, ts_kl, with_entropy,

@@ -65,12 +65,12 @@ def _forward_impl(z: Tensor, u: Tensor, y: Tensor, spec: LossSpec, one_buffer: b
     may not alias, so there they are three."""
     k = _kernels()
     T, B, C = z.shape
-    size = k.stats_size(T, B, C, spec.ts_ce, spec.ts_kl)
     if one_buffer:
+        size = k.stats_size(T, B, C, spec.ts_ce, spec.ts_kl)
         stats = z.new_empty(size + 4, dtype=torch.float32)
         loss, terms = stats[size], stats[size + 1:]
-    else:
-        stats = z.new_empty(size, dtype=torch.float32)
+    else:  # sized as the fake kernel can size it, from T and B alone
+        stats = z.new_empty(k.stats_size_bound(T, B), dtype=torch.float32)
         loss, terms = stats.new_empty(()), stats.new_empty(3)
     k.tser_loss_forward(z, u, y, stats, loss, terms, with_entropy=spec.with_entropy, **spec.kernel_kwargs())
     return loss, terms, stats
@@ -158,7 +158,7 @@ def _(z, u, y, alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index, with_en
     T, B, C = z.shape
     f32 = dict(dtype=torch.float32, device=z.device)
     return (torch.empty((), **f32), torch.empty(3, **f32),
-            torch.empty(_kernels().stats_size(T, B, C, ts_ce, ts_kl), **f32))
+            torch.empty(_kernels().stats_size_bound(T, B), **f32))
 
 
 @torch.library.custom_op("fastsnn::tser_loss_backward", mutates_args=())
@@ -305,8 +305,9 @@ def tser_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, *,
         backend: "auto", "triton" or "reference" (see fastsnn.lif_multistep).
     Returns:
         the fp32 scalar loss, or (loss, terms) with return_terms.
-    Cost: 2 kernel launches forward, 1 backward. Saved for backward: z, u and y by reference plus 16 bytes
-    per (t, b) row; the backward writes grad_output·dL/dz in z's dtype from fp32 arithmetic.
+    Cost: 2 kernel launches forward, 1 backward. Saved for backward: z, u and y by reference plus one fp32
+    buffer (which also holds the returned loss and terms): 16 bytes per (t, b) row, per sample and per (time
+    tile, sample), and 20 bytes; the backward writes grad_output·dL/dz in z's dtype from fp32 arithmetic.
     """
     device = _check_tensors(student_logits, teacher_logits, target)
     alpha, tau, lam, entropy_tau = check_loss_params(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, backend,
