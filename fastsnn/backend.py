@@ -1,7 +1,6 @@
 """The one place that decides which implementation runs an op, and the checks every op shares."""
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -77,7 +76,9 @@ def check_float_tensor(op: str, name: str, t: torch.Tensor) -> None:
 def check_number(op: str, name: str, value, *, low: float | None = None, low_inclusive: bool = True,
                  high: float | None = None, rule: str = "") -> float:
     """A finite real number within [low, high] (or (low, ... when low_inclusive is False)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    # finite: value − value is 0 except for inf and nan (math.isfinite would stop torch.compile(dynamic=True),
+    # which traces Python floats as symbols)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value - value == 0
     if ok and low is not None:
         ok = value >= low if low_inclusive else value > low
     if ok and high is not None:

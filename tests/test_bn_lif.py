@@ -336,6 +336,29 @@ def test_torch_compile_fullgraph_matches_eager(device, repeat):
     assert_close(bn_compiled.running_var, bn_eager.running_var)
 
 
+def test_torch_compile_dynamic_shapes_and_arguments(device):
+    """torch.compile(dynamic=True): shapes and the Python scalars (momentum, eps, tau) traced as symbols."""
+    torch._dynamo.reset()
+
+    def step(x, weight, bias, running_mean, running_var, momentum, tau):
+        return fastsnn.bn_lif(x * 2.0, weight, bias, running_mean, running_var, training=True, momentum=momentum,
+                              tau=tau, backend="triton")
+
+    compiled_step = torch.compile(step, fullgraph=True, dynamic=True)
+    for T, B, C, H, momentum, tau in ((3, 2, 4, 5, 0.1, 2.0), (2, 3, 4, 6, 0.3, 3.0)):
+        x = torch.randn(T, B, C, H, H, requires_grad=True)
+        weight, bias = torch.rand(C) + 0.5, torch.randn(C)
+        running = [torch.zeros(C), torch.ones(C)]
+        running_compiled = [t.clone() for t in running]
+        eager = step(x, weight, bias, *running, momentum, tau)
+        compiled = compiled_step(x, weight, bias, *running_compiled, momentum, tau)
+        assert torch.equal(compiled, eager)
+        for a, b in zip(running_compiled, running):
+            assert_close(a, b)
+        g = torch.randn(x.shape)
+        assert_close(torch.autograd.grad(compiled, x, g)[0], torch.autograd.grad(eager, x, g)[0], scale=10.0)
+
+
 def test_ops_pass_opcheck(device):
     args = ("lif", 2.0, 1.0, 0.0, "atan", 2.0, False)
     x = torch.randn(3, 2, 4, 5, device=device, requires_grad=True)

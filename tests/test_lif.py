@@ -188,6 +188,23 @@ def test_torch_compile_fullgraph_matches_eager(device, repeat):
     assert_close(g_compiled, g_eager)
 
 
+def test_torch_compile_dynamic_shapes_and_arguments(device):
+    """torch.compile(dynamic=True): shapes and the Python scalars (tau, v_threshold) traced as symbols."""
+    torch._dynamo.reset()
+
+    def step(x, tau, v_threshold):
+        return fastsnn.lif_multistep(x * 2.0, tau=tau, v_threshold=v_threshold, backend="triton")
+
+    compiled_step = torch.compile(step, fullgraph=True, dynamic=True)
+    for shape, tau, v_threshold in (((3, 2, 5), 2.0, 1.0), ((4, 3, 7), 3.0, 0.5)):
+        x = torch.randn(shape, requires_grad=True)
+        eager = step(x, tau, v_threshold)
+        compiled = compiled_step(x, tau, v_threshold)
+        assert torch.equal(compiled, eager)
+        g = torch.randn(shape)
+        assert_close(torch.autograd.grad(compiled, x, g)[0], torch.autograd.grad(eager, x, g)[0])
+
+
 def test_ops_are_registered_with_fake_kernels(device):
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -155,20 +155,23 @@ def test_module_matches_functional():
     assert "lam=0.02" in repr(module)
 
 
-def test_torch_compile_fullgraph(device):
+@pytest.mark.parametrize("dynamic", [None, True], ids=["auto", "dynamic"])
+def test_torch_compile_fullgraph(device, dynamic):
     """Traced without a break; a second shape re-traces with symbolic sizes (Dynamo's automatic dynamic
-    shapes), which the fake kernels must size from T and B alone."""
+    shapes; with dynamic=True from the start, and the scalar arguments symbolic too), which the fake kernels
+    must size from T and B alone."""
     torch._dynamo.reset()
 
-    def step(z, u, y):
-        return fastsnn.tser_loss(z * 2.0, u, y, backend="triton")
+    def step(z, u, y, lam):
+        return fastsnn.tser_loss(z * 2.0, u, y, lam=lam, backend="triton")
 
-    compiled_step = torch.compile(step, fullgraph=True)
+    compiled_step = torch.compile(step, fullgraph=True, dynamic=dynamic)
     for T, B, C in ((4, 5, 10), (3, 6, 12), (5, 7, 12)):
         z, u, y = _data(T, B, C, torch.float32)
-        eager = step(z, u, y)
+        lam = 0.01 * T
+        eager = step(z, u, y, lam)
         g_eager = torch.autograd.grad(eager, z)[0]
-        compiled = compiled_step(z, u, y)
+        compiled = compiled_step(z, u, y, lam)
         g_compiled = torch.autograd.grad(compiled, z)[0]
         assert_close(compiled, eager)
         assert_close(g_compiled, g_eager)
