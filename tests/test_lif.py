@@ -140,6 +140,28 @@ def test_non_contiguous_input(device):
     assert torch.equal(spikes, reference.lif_multistep(x))
 
 
+
+@pytest.mark.parametrize("shape,kwargs", [
+    ((4, 0, 3), {}), ((4, 3, 0), dict(return_v=True, v_init="zeros")), ((0, 5), dict(repeat=3)),
+    ((2, 0, 3), dict(decay_input=False, v_reset=None))], ids=["batch0", "v_init-return_v", "repeat", "soft"])
+def test_empty_input_gives_empty_results_and_launches_nothing(device, shape, kwargs):
+    """A zero-size x (an empty batch) has strides that describe no dense block: the op must not launch a
+    kernel on it (one would write past the empty tensors' storage)."""
+    from fastsnn.testing import count_launches
+
+    x = torch.randn(shape, device=device, requires_grad=True)
+    if kwargs.get("v_init") == "zeros":
+        kwargs = dict(kwargs, v_init=torch.zeros(shape[1:], device=device, requires_grad=True))
+    with count_launches() as launches:
+        out = fastsnn.lif_multistep(x, backend="triton", **kwargs)
+        spikes = out[0] if isinstance(out, tuple) else out
+        (grad,) = torch.autograd.grad(spikes, x, torch.ones_like(spikes))
+    assert launches["triton"] == []
+    steps = (kwargs["repeat"], *shape) if "repeat" in kwargs else shape
+    assert spikes.shape == steps and spikes.dtype == x.dtype and grad.shape == x.shape
+    if kwargs.get("return_v"):
+        assert out[1].shape == shape[1:]
+
 def test_modules_match_functional(device):
     x = torch.randn(4, 2, 8, device=device)
     lif = fastsnn.LIF(tau=3.0, v_reset=None, surrogate="sigmoid", detach_reset=True)

@@ -226,7 +226,8 @@ def apply_neuron(op: str, x: Tensor, spec: NeuronSpec, *, v_init: Tensor | None 
     """The neuron `spec` over x [T, ...] (or one timestep [...] repeated `repeat` times): spikes [T, ...],
     or (spikes, v_final) with return_v. The spec is trusted (validated where it was built)."""
     device = _check_input(op, x, v_init, repeat)
-    if resolve_backend(op, backend, device) == "reference":
+    # an empty x has nothing to launch (its strides do not describe a dense block: a kernel would write past it)
+    if resolve_backend(op, backend, device) == "reference" or x.numel() == 0:
         x_seq = _repeated(x, repeat) if repeat else x
         return reference.lif_multistep(x_seq, spec, v_init=v_init, return_v=return_v)
     if repeat:
