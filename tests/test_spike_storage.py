@@ -55,6 +55,27 @@ def test_spike_conv_equals_conv2d(device, storage, stride, groups, bias, channel
         assert torch.equal(a, b)  # the same aten backward on the same (unpacked) values: bit for bit
 
 
+@pytest.mark.parametrize("layer", ["conv", "pool"])
+@pytest.mark.parametrize("shape", [(6, 9, 7), (0, 6, 9, 7)], ids=["unbatched", "batch0"])
+def test_unbatched_and_empty_inputs_as_the_dense_layers_take_them(device, layer, shape):
+    """nn.Conv2d and nn.MaxPool2d take [C, H, W] and an empty batch; so do the spike layers, with the same
+    results and gradients."""
+    if layer == "conv":
+        spike, plain = SpikeConv2d(6, 4, 3, padding=1, check=True), torch.nn.Conv2d(6, 4, 3, padding=1)
+        plain.load_state_dict(spike.state_dict())
+    else:
+        spike, plain = SpikeMaxPool2d(2, check=True), torch.nn.MaxPool2d(2)
+    spike, plain = spike.to(device), plain.to(device)
+    x = _spikes(shape, device)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_a, out_b = spike(xa), plain(xb)
+    assert out_a.shape == out_b.shape and torch.equal(out_a, out_b)
+    g = torch.randn_like(out_a)
+    grads_a = torch.autograd.grad((out_a * g).sum(), [xa, *spike.parameters()])
+    grads_b = torch.autograd.grad((out_b * g).sum(), [xb, *plain.parameters()])
+    for a, b in zip(grads_a, grads_b):
+        assert a.shape == b.shape and torch.equal(a, b)
+
 @pytest.mark.parametrize("kernel,stride,padding,ceil_mode", [(2, 2, 0, False), (3, 2, 1, False), (3, 2, 0, True),
                                                              (2, 1, 0, False)])
 @pytest.mark.parametrize("rate", [0.0, 0.3, 1.0], ids=["silent", "rate0.3", "all-ties"])

@@ -157,10 +157,12 @@ class SpikeConv2d(nn.Conv2d):
         if not torch.is_grad_enabled() or not (x.requires_grad or self.weight.requires_grad):
             return super().forward(x)
         check = CHECK_DEFAULT if self.check is None else self.check
-        x, weight, bias = _autocast(x, self.weight, self.bias)
+        unbatched = x.dim() == 3  # [C, H, W], as nn.Conv2d takes it
+        x, weight, bias = _autocast(x.unsqueeze(0) if unbatched else x, self.weight, self.bias)
         with torch.autocast(x.device.type, enabled=False):
-            return _SpikeConv2dFunction.apply(x, weight, bias, self.stride, self.padding, self.dilation, self.groups,
-                                              self.storage, check)
+            out = _SpikeConv2dFunction.apply(x, weight, bias, self.stride, self.padding, self.dilation, self.groups,
+                                             self.storage, check)
+        return out.squeeze(0) if unbatched else out
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", storage={self.storage}"
