@@ -7,9 +7,8 @@ division. A kernel may instead multiply by r = RN(1/tau) (1 instruction instead 
 multiply and correct the quotient with two fused multiply-adds (Markstein: q = RN(a·r), e = fma(−q, tau, a),
 q' = fma(e, r, q)). This script counts, for several tau, how often each differs from the correctly
 rounded quotient, and how often that flips a spike in a T-step LIF run on random and adversarial inputs
-(membranes placed within a few ulps of the threshold). fma is emulated exactly (products of two fp32
-values are exact in fp64; the sums are rounded to fp32 by exact rational arithmetic where fp64 could
-double-round).
+(membranes placed within a few ulps of the threshold). fma is emulated exactly (fastsnn.testing.fma32,
+which the tests also use to run the kernels' GPU division under the interpreter).
 """
 from __future__ import annotations
 
@@ -18,22 +17,9 @@ from fractions import Fraction
 
 import numpy as np
 
+from fastsnn.testing import fma32
+
 f32 = np.float32
-
-
-def fma32(a, b, c):
-    """RN32(a·b + c) exactly, elementwise (fp32 inputs)."""
-    prod = a.astype(np.float64) * b.astype(np.float64)  # exact: 24 + 24 bits
-    s = prod + c.astype(np.float64)
-    out = s.astype(f32)
-    # fp64 rounding of s can only mislead the fp32 rounding when s lands near an fp32 midpoint: redo those exactly
-    back = out.astype(np.float64)
-    ulp = np.abs(np.spacing(out)).astype(np.float64)
-    suspicious = np.abs(np.abs(s - back) - ulp / 2) <= ulp * 1e-6
-    for i in np.flatnonzero(suspicious):
-        exact = Fraction(float(a[i])) * Fraction(float(b[i])) + Fraction(float(c[i]))
-        out[i] = _round_f32(exact)
-    return out
 
 
 def _round_f32(q: Fraction) -> f32:

@@ -97,6 +97,25 @@ def test_long_sequences(device, T):
                        g), torch.float32)
 
 
+@pytest.mark.parametrize("neuron", ["lif-tau3-vr", "lif-nodecay-pq", "lif-soft-sigmoid"])
+@pytest.mark.parametrize("T,residual", [(4, True), (11, False)], ids=["T4-residual", "T11"])
+def test_gpu_arithmetic_matches_the_reference(device, neuron, T, residual):
+    """The CUDA code path (the FMA-corrected division, the BatchNorm affine as one fused fma) on the CPU, run by
+    the interpreter with a GPU's rounding (fastsnn.testing.gpu_arithmetic; on CUDA the kernels themselves)."""
+    import contextlib
+
+    from fastsnn.testing import gpu_arithmetic
+
+    x, weight, bias, r, running = _case(T, 3, (5, 4, 6), torch.float32, False, residual, device)
+    options = dict(NEURONS[neuron])
+    spec = _spec(options)
+    g = torch.randn(x.shape, device=device)
+    with gpu_arithmetic() if device == "cpu" else contextlib.nullcontext():
+        got = _run(lambda *a, **kw: apply_bn_neuron("test", *a, spec, training=True, backend="triton", **kw),
+                   x, weight, bias, r, running, g)
+    want = _run(lambda *a, **kw: _reference(*a, spec=spec, training=True, **kw), x, weight, bias, r, running, g)
+    _compare(got, want, torch.float32)
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_repeat_normalises_one_timestep_and_sums_its_gradient(device, channels_last, training):

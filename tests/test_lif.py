@@ -75,6 +75,48 @@ def test_long_sequences_restart_chunks_from_checkpoints(device, T, shape):
              tau=3.7, v_threshold=0.8, v_reset=-0.2, surrogate="atan")
 
 
+
+def _at_threshold(v0, tau, v_threshold, kind, ulps, dtype=torch.float32):
+    """x_1 placing the first charged membrane h_1 within `ulps` (an integer tensor) fp32 ulps of the
+    threshold, from v_init v0 (v_reset 0): where the rounding of the division by tau decides the spike."""
+    target = torch.full_like(v0, v_threshold, dtype=torch.float64)
+    v = v0.double()
+    x = v + (target - v) * tau if kind == "lif" else target - v + v / tau  # solve h_1 = v_threshold for x_1
+    x = x.float()
+    return x + ulps * torch.finfo(torch.float32).eps * x.abs()
+
+
+@pytest.mark.parametrize("tau", [2.0, 1.1, 10 / 3, 1.9999999, 7.0], ids=lambda t: f"tau{t:.7g}")
+@pytest.mark.parametrize("kind,v_reset", [("lif", 0.0), ("lif", None), ("lif_no_decay", 0.0)],
+                         ids=["lif-hard", "lif-soft", "lif_no_decay-hard"])
+def test_gpu_division_gives_the_reference_spikes_at_the_threshold(device, tau, kind, v_reset):
+    """The CUDA code path of the division (q = x·r corrected by two fused multiply-adds, fastsnn.kernels.lif
+    DIVIDE_FMA): on a GPU compiled; on the CPU run by the interpreter with a GPU's rounding
+    (fastsnn.testing.gpu_arithmetic). Spikes must equal the correctly rounded reference bit for bit where
+    the division's last bit decides them: a reciprocal multiply alone flips about a tenth of these."""
+    import contextlib
+
+    from fastsnn.testing import gpu_arithmetic
+
+    n = 4096
+    v0 = torch.rand(n, device=device) * 0.9
+    ulps = torch.randint(-4, 5, (n,), device=device)
+    first = _at_threshold(v0, tau, 1.0, kind, ulps)
+    x = torch.cat([first[None], torch.randn(11, n, device=device) * 1.5 + 0.5]).requires_grad_()  # T = 12: 2 chunks
+    v_init = v0.clone().requires_grad_()
+    kw = dict(tau=tau, decay_input=kind == "lif", v_reset=v_reset, v_init=v_init, return_v=True)
+    with gpu_arithmetic() if device == "cpu" else contextlib.nullcontext():
+        spikes, v_final = fastsnn.lif_multistep(x, backend="triton", **kw)
+        grad_spikes = torch.randn_like(spikes)
+        grads = torch.autograd.grad((spikes * grad_spikes).sum() + v_final.sum(), (x, v_init))
+    want, want_v = reference.lif_multistep(x, **kw)
+    want_grads = torch.autograd.grad((want * grad_spikes).sum() + want_v.sum(), (x, v_init))
+    assert 0.2 < want[0].mean().item() < 0.8  # the first step really sits on the threshold
+    assert torch.equal(spikes, want), f"{(spikes != want).sum().item()} spikes differ"
+    assert_close(v_final, want_v)
+    for got, expected in zip(grads, want_grads):
+        assert_close(got, expected)
+
 def test_reference_backend_is_the_reference(device):
     _compare(fastsnn.lif_multistep, reference.lif_multistep, 4, (3, 37), torch.float32, True, True, device,
              surrogate="erf", backend="reference")
