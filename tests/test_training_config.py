@@ -45,12 +45,22 @@ def test_help_shows_choices_architectures_and_defaults():
     (["--lif-tau", "1"], "--lif-tau must be > 1, got 1.0"),
     (["--lam", "-0.1"], "--lam must be >= 0"),
     (["--config", "missing.yaml"], "--config missing.yaml: cannot be read"),
+    (["--teacher-weights", "."], "--teacher-weights .: is a folder; give a file (e.g. ./last.pt)"),
 ])
 def test_bad_flags_are_one_usage_line(argv, words, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(C.UsageError) as e:
         _parse(*argv)
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_resume_from_a_folder_names_the_file_to_give(tmp_path, monkeypatch):
+    from fastsnn.training import prepare
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(C.UsageError, match=r"^--resume runs: is a folder; give a file \(e.g. runs/last.pt\)$"):
+        prepare(["--resume", "runs"])
 
 
 def test_config_file_sets_values_and_the_command_line_wins(tmp_path):

@@ -353,14 +353,22 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
         raise UsageError("--device cuda was asked for, but CUDA is not available")
     for flag, path in (("--resume", cfg.resume), ("--teacher-weights", cfg.teacher_weights),
                        ("--config", cfg.config)):
-        if path and not os.path.isfile(path):
-            raise UsageError(f"{flag} {path}: no such file")
+        if path:
+            check_file(flag, path)
     if cfg.uses_teacher and not cfg.teacher_weights:
         if cfg.dataset not in datasets.BUNDLED:
             raise UsageError(f"--method {cfg.method} on {cfg.dataset} needs --teacher-weights (train one with --ann)")
         if cfg.teacher != DEFAULTS[cfg.dataset]["teacher"]:
             raise UsageError(f"--teacher {cfg.teacher} needs --teacher-weights; without them the {cfg.dataset} "
                              f"teacher is {DEFAULTS[cfg.dataset]['teacher']}, trained and cached by the program")
+
+
+def check_file(flag: str, path: str) -> None:
+    """UsageError unless `path` (given as `flag`) is an existing file."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a folder; give a file (e.g. {os.path.join(path, 'last.pt')})")
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {path}: no such file")
 
 
 def _validate_names(cfg: TrainConfig) -> None:

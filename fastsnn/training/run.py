@@ -39,8 +39,7 @@ def prepare(argv=None, world: int = 1) -> tuple[TrainConfig, list[str]]:
 
 
 def _merge_resume(cfg: TrainConfig, given: set[str]) -> list[str]:
-    if not os.path.isfile(cfg.resume):
-        raise UsageError(f"--resume {cfg.resume}: no such file")
+    config_mod.check_file("--resume", cfg.resume)
     requested_role = cfg.role if "ann" in given else None
     requested_arch = cfg.arch if "arch" in given else None
     obj = state_mod.read(cfg.resume, role=requested_role, arch=requested_arch)
