@@ -88,21 +88,22 @@ def convert_spikingjelly(model: nn.Module, *, inplace: bool = True, return_summa
         import copy
 
         model = copy.deepcopy(model)
+    if isinstance(model, sj_neuron.BaseNode):
+        raise ValueError("convert_spikingjelly: pass a model that contains the neuron, not the neuron itself "
+                         "(use fastsnn.neuron_from_spikingjelly)")
     summary = ConversionSummary()
-    for name, module in list(model.named_modules()):
+    replacements = {}  # id(node) -> its fastsnn neuron: a node used in several places stays one shared neuron
+    for name, module in list(model.named_modules(remove_duplicate=False)):
         if not isinstance(module, sj_neuron.BaseNode):
             continue
         why = _unsupported(module)
         if why is not None:
             summary.kept[name] = why
             continue
-        replacement = neuron_from_spikingjelly(module)
+        if id(module) not in replacements:
+            replacements[id(module)] = neuron_from_spikingjelly(module)
         parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if not name:
-            raise ValueError("convert_spikingjelly: pass a model that contains the neuron, not the neuron itself "
-                             "(use fastsnn.LIF.from_spikingjelly)")
-        setattr(parent, attr, replacement)
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, replacements[id(module)])
         summary.converted.append(name)
     if hasattr(functional, "invalidate_reset_cache"):
         functional.invalidate_reset_cache(model)

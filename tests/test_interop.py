@@ -108,6 +108,29 @@ def test_single_step_nodes_are_kept():
     assert "step_mode='s'" in summary.kept["1"]
 
 
+
+def test_a_node_used_twice_becomes_one_shared_neuron():
+    """A node object placed at two positions (one membrane, reset together) is converted at both, into one
+    fastsnn neuron; named_modules lists it once, and the second position was left unconverted and unreported."""
+    node = neuron.LIFNode(step_mode="m", surrogate_function=surrogate.ATan())
+    net = nn.Sequential(layer.Linear(4, 4, step_mode="m"), node, layer.Linear(4, 4, step_mode="m"), node)
+    reference = copy.deepcopy(net)
+    converted, summary = fastsnn.convert_spikingjelly(net, return_summary=True)
+    assert summary.converted == ["1", "3"] and not summary.kept
+    assert isinstance(converted[1], fastsnn.LIF) and converted[1] is converted[3]
+    for _ in range(2):  # the membrane carried across forwards, as the shared SpikingJelly node carries it
+        x = torch.randn(3, 2, 4) * 3
+        assert torch.equal(converted(x), reference(x))
+    functional.reset_net(converted)
+    functional.reset_net(reference)
+    x = torch.randn(3, 2, 4) * 3
+    assert torch.equal(converted(x), reference(x))
+
+
+def test_the_neuron_itself_is_refused_with_the_function_to_use():
+    with pytest.raises(ValueError, match=r"not the neuron itself \(use fastsnn.neuron_from_spikingjelly\)"):
+        fastsnn.convert_spikingjelly(neuron.LIFNode(step_mode="m"))
+
 def test_neuron_from_spikingjelly():
     lif = fastsnn.neuron_from_spikingjelly(neuron.LIFNode(tau=4.0, surrogate_function=surrogate.PiecewiseQuadratic(),
                                                           step_mode="m", detach_reset=True))
