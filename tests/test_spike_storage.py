@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastsnn import models
-from fastsnn.ops.spike_storage import SpikeConv2d, SpikeMaxPool2d, pack, unpack
+from fastsnn.ops.spike_storage import SpikeConv2d, SpikeMaxPool2d, layout, pack, unpack
 from helpers import product_cases
 
 
@@ -20,17 +20,17 @@ def test_pack_unpack_round_trip(device, numel_shape, dtype):
     x = _spikes(numel_shape, device).to(dtype)
     bits = pack("test", x, "bits", check=True)
     assert bits.dtype == torch.uint8 and bits.numel() == -(-x.numel() // 8)
-    assert torch.equal(unpack("test", bits, "bits", x), x)
+    assert torch.equal(unpack("test", bits, "bits", layout(x)), x)
     flat = x.flatten()  # bit j of byte i is element 8i + j in memory order
     assert int(bits[0]) == sum(int(flat[j]) << j for j in range(min(8, flat.numel())))
 
 
 def test_round_trip_keeps_channels_last_and_uint8_sums(device):
     x = _spikes((2, 6, 5, 3), device, channels_last=True)
-    back = unpack("test", pack("test", x, "bits", check=True), "bits", x)
+    back = unpack("test", pack("test", x, "bits", check=True), "bits", layout(x))
     assert torch.equal(back, x) and back.stride() == x.stride()
     sums = x * torch.randint(0, 5, x.shape, device=device)
-    assert torch.equal(unpack("test", pack("test", sums, "uint8", check=True), "uint8", sums), sums)
+    assert torch.equal(unpack("test", pack("test", sums, "uint8", check=True), "uint8", layout(sums)), sums)
 
 
 @pytest.mark.parametrize("storage,stride,groups,bias,channels_last,dtype", product_cases(
@@ -75,6 +75,43 @@ def test_unbatched_and_empty_inputs_as_the_dense_layers_take_them(device, layer,
     grads_b = torch.autograd.grad((out_b * g).sum(), [xb, *plain.parameters()])
     for a, b in zip(grads_a, grads_b):
         assert a.shape == b.shape and torch.equal(a, b)
+
+@pytest.mark.parametrize("layer", ["bits", "uint8", "pool"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_under_torch_compile_the_layers_trace_whole_and_equal_the_dense_ones(device, layer, channels_last):
+    torch._dynamo.reset()
+    if layer == "pool":
+        spike, plain = SpikeMaxPool2d(3, 2, 1, check=True), torch.nn.MaxPool2d(3, 2, 1)
+    else:
+        spike = SpikeConv2d(6, 4, 3, 2, 1, storage=layer, check=True)
+        plain = torch.nn.Conv2d(6, 4, 3, 2, 1)
+        plain.load_state_dict(spike.state_dict())
+    spike, plain = spike.to(device), plain.to(device)
+    x = _spikes((3, 6, 9, 7), device, channels_last)
+    if layer == "uint8":
+        x = x * torch.randint(0, 4, x.shape, device=device)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_a, out_b = torch.compile(spike, fullgraph=True)(xa), plain(xb)
+    assert torch.equal(out_a, out_b)
+    g = torch.randn_like(out_a)
+    grads_a = torch.autograd.grad((out_a * g).sum(), [xa, *spike.parameters()])
+    grads_b = torch.autograd.grad((out_b * g).sum(), [xb, *plain.parameters()])
+    assert grads_a[0].stride() == xb.stride()
+    for a, b in zip(grads_a, grads_b):
+        assert torch.equal(a, b)
+
+
+def test_custom_ops_pass_opcheck(device):
+    x = _spikes((2, 6, 5, 4), device).requires_grad_()
+    weight = torch.randn(4, 6, 3, 3, device=device, requires_grad=True)
+    conv = ([1, 1], [1, 1], [1, 1], 1)
+    torch.library.opcheck(torch.ops.fastsnn.spike_conv2d.default, (x, weight, None, *conv, "bits", True))
+    torch.library.opcheck(torch.ops.fastsnn.spike_conv2d.default, (x, weight, weight[:, 0, 0, 0].detach(), *conv,
+                                                                   "uint8", False))
+    torch.library.opcheck(torch.ops.fastsnn.spike_max_pool2d.default, (x, [2, 2], [2, 2], [0, 0], [1, 1], True,
+                                                                       True))
+    packed = pack("test", x.detach(), "bits", check=True)
+    torch.library.opcheck(torch.ops.fastsnn.unpack_spikes.default, (packed, *layout(x), "bits"))
 
 @pytest.mark.parametrize("kernel,stride,padding,ceil_mode", [(2, 2, 0, False), (3, 2, 1, False), (3, 2, 0, True),
                                                              (2, 1, 0, False)])

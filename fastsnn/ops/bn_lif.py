@@ -131,7 +131,7 @@ class _BNNeuronFunction(torch.autograd.Function):
         kernels.bn_fire(x_seq, fire_residual, stats, spikes, checkpoints, geometry, call.spec)
         if residual is not None and call.residual_storage:
             residual = as_time_major_like(residual, x)
-            ctx.residual_meta = spike_storage.meta(residual)
+            ctx.residual_layout = spike_storage.layout(residual)
             residual = spike_storage.pack("bn_lif", residual, call.residual_storage, call.check)
         ctx.save_for_backward(x, weight, residual, stats, checkpoints)
         ctx.call, ctx.geometry = call, geometry
@@ -142,7 +142,7 @@ class _BNNeuronFunction(torch.autograd.Function):
         x, weight, residual, stats, checkpoints = ctx.saved_tensors
         call = ctx.call
         if residual is not None and call.residual_storage:
-            residual = spike_storage.unpack("bn_lif", residual, call.residual_storage, ctx.residual_meta)
+            residual = spike_storage.unpack("bn_lif", residual, call.residual_storage, ctx.residual_layout)
         grad_x, grad_weight, grad_bias, grad_residual = _backward_impl(
             grad_spikes, x, weight, residual, stats, checkpoints, call.spec, call.training, call.repeat,
             ctx.needs_input_grad, ctx.geometry)
@@ -174,19 +174,29 @@ def _(x, weight, bias, running_mean, running_var, training, momentum, eps, repea
 @torch.library.custom_op("fastsnn::bn_neuron_fire", mutates_args=())
 def _bn_fire_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
                 stats: Tensor, kind: str, tau: float, v_threshold: float, v_reset: Optional[float], surrogate: str,
-                alpha: float, detach_reset: bool, training: bool, repeat: int) -> tuple[Tensor, Tensor]:
-    """spikes and checkpoints; weight and bias are inputs only for their gradients (stats holds their effect)."""
+                alpha: float, detach_reset: bool, training: bool, repeat: int, residual_storage: Optional[str],
+                check: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """spikes, checkpoints and, with residual_storage, the residual packed for the backward; weight and bias are
+    inputs only for their gradients (stats holds their effect)."""
     spec = NeuronSpec(kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset)
     spikes, checkpoints = _fire_impl(x, residual, stats, spec, repeat)
-    return spikes, _empty_f32(x) if checkpoints is None else checkpoints
+    packed = _no_bytes(x) if residual is None or not residual_storage else \
+        spike_storage.pack("bn_lif", residual, residual_storage, check)
+    return spikes, _empty_f32(x) if checkpoints is None else checkpoints, packed
 
 
 @_bn_fire_op.register_fake
 def _(x, weight, bias, residual, stats, kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset, training,
-      repeat):
+      repeat, residual_storage, check):
     x_seq = _repeated(x, repeat) if repeat else x
     checkpoints = _checkpoints(x_seq)
-    return time_major_like(x_seq), _empty_f32(x) if checkpoints is None else checkpoints
+    packed = _no_bytes(x) if residual is None or not residual_storage else \
+        x.new_empty(spike_storage.packed_size(residual.numel(), residual_storage), dtype=torch.uint8)
+    return time_major_like(x_seq), _empty_f32(x) if checkpoints is None else checkpoints, packed
+
+
+def _no_bytes(x: Tensor) -> Tensor:
+    return x.new_empty(0, dtype=torch.uint8)
 
 
 @torch.library.custom_op("fastsnn::bn_neuron_backward", mutates_args=())
@@ -211,29 +221,37 @@ def _(grad_spikes, x, weight, residual, stats, checkpoints, kind, tau, v_thresho
 def _setup_context(ctx, inputs, output):
     x, weight, bias, residual, stats, *params = inputs
     ctx.params = params[:7]
-    ctx.training, ctx.repeat = params[7], params[8]
+    ctx.training, ctx.repeat, storage = params[7], params[8], params[9]
     ctx.has = (weight is not None, bias is not None, residual is not None)
+    ctx.residual_storage = storage if residual is not None else None
+    if ctx.residual_storage:
+        ctx.residual_layout = spike_storage.layout(residual)
+        residual = output[2]
     ctx.save_for_backward(x, weight, residual, stats, output[1])
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(output[1], output[2])
 
 
-def _backward(ctx, grad_spikes, _checkpoints):
+def _backward(ctx, grad_spikes, _checkpoints, _packed):
     x, weight, residual, stats, checkpoints = ctx.saved_tensors
+    if ctx.residual_storage:
+        residual = spike_storage.unpack_op(residual, *ctx.residual_layout, ctx.residual_storage)
     needs = [bool(n) and h for n, h in zip(ctx.needs_input_grad[:4], (True,) + ctx.has)]
     grads = _bn_neuron_backward_op(grad_spikes, x, weight, residual, stats, checkpoints, *ctx.params, ctx.training,
                                    ctx.repeat, needs)
     grad_x, grad_weight, grad_bias, grad_residual = (g if need else None for g, need in zip(grads, needs))
-    return (grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual)) + (None,) * 10
+    return (grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual)) + (None,) * 12
 
 
 torch.library.register_autograd("fastsnn::bn_neuron_fire", _backward, setup_context=_setup_context)
 
 
-def _compiled(x, weight, bias, residual, running_mean, running_var, spec, training, momentum, eps, repeat):
+def _compiled(x, weight, bias, residual, running_mean, running_var, spec, training, momentum, eps, repeat,
+              residual_storage, check):
     """The op as custom ops for torch.compile: statistics (mutating the running ones), then fire."""
     detached = [None if t is None else t.detach() for t in (x, weight, bias)]
     stats = _bn_statistics_op(*detached, running_mean, running_var, training, momentum, eps, repeat)
-    spikes, _ = _bn_fire_op(x, weight, bias, residual, stats, *_spec_args(spec), training, repeat)
+    spikes, _, _ = _bn_fire_op(x, weight, bias, residual, stats, *_spec_args(spec), training, repeat,
+                               residual_storage, check)
     return spikes
 
 
@@ -323,11 +341,11 @@ def apply_bn_neuron(op: str, x: Tensor, weight, bias, running_mean, running_var,
         x = x if is_dense_time_major(x.unsqueeze(0)) else x.contiguous()
     elif not (x.is_contiguous() or is_dense_time_major(x, allow_broadcast=True)):
         x = x.contiguous()
+    check = residual_storage is not None and spike_storage.CHECK_DEFAULT
     if torch.compiler.is_compiling():
         return _compiled(x, weight, bias, residual, running_mean, running_var, spec, training, momentum, eps,
-                         repeat or 0)
-    call = _call(spec, training, momentum, eps, repeat or 0, residual_storage,
-                 residual_storage is not None and spike_storage.CHECK_DEFAULT)
+                         repeat or 0, residual_storage, check)
+    call = _call(spec, training, momentum, eps, repeat or 0, residual_storage, check)
     return _BNNeuronFunction.apply(x, weight, bias, residual, running_mean, running_var, call)
 
 
@@ -350,8 +368,8 @@ def bn_lif(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: 
     running statistics. weight/bias may be None (no affine). The neuron arguments are lif_multistep's.
 
     residual_storage: None keeps the residual tensor for the backward as it is; "bits" (spikes, 0/1) or "uint8"
-    (integers 0..255) keeps it packed, 1 bit or 1 byte per value (eager mode; see fastsnn.SpikeConv2d for the
-    contract and the checked mode). Memory: the backward keeps x (and the residual) and per-channel fp32
+    (integers 0..255) keeps it packed, 1 bit or 1 byte per value (eager and under torch.compile; see
+    fastsnn.SpikeConv2d for the contract and the checked mode). Memory: the backward keeps x (and the residual) and per-channel fp32
     statistics, never the
     normalised value or the neuron input. Returns spikes [T, B, C, *spatial] in x's dtype and layout.
     The caller (e.g. the BNLIF module) increments num_batches_tracked, as nn.BatchNorm2d's forward does.

@@ -7,6 +7,10 @@
                                  int64 indices, 8 bytes per output); the backward re-pools the unpacked input to
                                  find the first maximal position of each window, exactly as nn.MaxPool2d does.
 
+Eager calls run torch.autograd.Functions; under torch.compile the same work runs as torch.library custom ops
+(the convolution or pool and the packing in one, the unpacking and aten's backward in another), so a compiled
+network keeps the bits and has no graph break.
+
 Exactness is a contract: storage "bits" holds 0/1 only, "uint8" integers 0…255. In checked mode (the
 `check` argument, or FASTSNN_CHECK_SPIKES=1 in the environment, which the test suite sets) a value that is
 not representable raises ValueError, at the cost of one host sync per call. Unchecked mode is safe when the
@@ -16,13 +20,14 @@ number of blocks + 1); anything else stored unchecked is silently rounded (bits:
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backend import resolve_backend
-from ._layout import kernels_loader
+from ._layout import kernels_loader, same_layout
 
 STORAGES = ("bits", "uint8")
 CHECK_DEFAULT = os.environ.get("FASTSNN_CHECK_SPIKES", "0") == "1"
@@ -31,15 +36,32 @@ CHECK_DEFAULT = os.environ.get("FASTSNN_CHECK_SPIKES", "0") == "1"
 _kernels = kernels_loader("spike_pack")
 
 
-def _dense(x: Tensor) -> Tensor:
-    """x itself when its elements fill one block of memory in some dim order (contiguous, channels_last, a
-    time-major view of either), else a contiguous copy."""
+def _fills_its_memory(shape, strides) -> bool:
+    """True when the elements fill one block of memory in some dim order (contiguous, channels_last, a
+    time-major view of either)."""
     expected = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz != 1):
+    for stride, size in sorted((st, sz) for st, sz in zip(strides, shape) if sz != 1):
         if stride != expected:
-            return x.contiguous()
+            return False
         expected *= size
-    return x
+    return True
+
+
+def _dense(x: Tensor) -> Tensor:
+    """x itself when its elements fill one block of memory, else a contiguous copy."""
+    return x if _fills_its_memory(x.shape, x.stride()) else x.contiguous()
+
+
+def layout(x: Tensor) -> tuple[list, list, torch.dtype]:
+    """(shape, strides, dtype) of the tensor `pack` reads (x, or its contiguous copy), found without copying:
+    what `unpack` rebuilds. Kept on ctx instead of x."""
+    if _fills_its_memory(x.shape, x.stride()):
+        return list(x.shape), list(x.stride()), x.dtype
+    strides, step = [], 1
+    for size in reversed(x.shape):
+        strides.insert(0, step)
+        step *= max(size, 1)
+    return list(x.shape), strides, x.dtype
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -74,9 +96,10 @@ def pack(op: str, x: Tensor, storage: str, check: bool) -> Tensor:
     return bits
 
 
-def unpack(op: str, packed: Tensor, storage: str, like: Tensor) -> Tensor:
-    """The tensor `like` described (shape, strides, dtype, device; its data is not read) rebuilt from `packed`."""
-    out = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, device=packed.device)
+def unpack(op: str, packed: Tensor, storage: str, layout) -> Tensor:
+    """The tensor of `layout` (shape, strides, dtype: see layout()) rebuilt from `packed`, on its device."""
+    shape, strides, dtype = layout
+    out = torch.empty_strided(shape, strides, dtype=dtype, device=packed.device)
     flat = _flat(out)
     if storage == "uint8":
         flat.copy_(packed)
@@ -88,38 +111,107 @@ def unpack(op: str, packed: Tensor, storage: str, like: Tensor) -> Tensor:
     return out
 
 
-def meta(x: Tensor) -> Tensor:
-    """A storage-free stand-in for x's shape, strides and dtype (kept on ctx instead of x)."""
-    x = _dense(x)
-    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
+@torch.library.custom_op("fastsnn::unpack_spikes", mutates_args=())
+def unpack_op(packed: Tensor, shape: list[int], strides: list[int], dtype: torch.dtype, storage: str) -> Tensor:
+    """unpack as a custom op (for backward graphs under torch.compile); the layout as layout() gives it."""
+    return unpack("unpack_spikes", packed, storage, (shape, strides, dtype))
+
+
+@unpack_op.register_fake
+def _(packed, shape, strides, dtype, storage):
+    return packed.new_empty_strided(shape, strides, dtype=dtype)
+
+
+def packed_size(numel, storage: str):
+    """Bytes `pack` returns for `numel` values (numel may be symbolic under torch.compile)."""
+    return (numel + 7) // 8 if storage == "bits" else numel
 
 
 class _SpikeConv2dFunction(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, storage, check):
-        out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    def forward(ctx, x, weight, bias, conv, storage, check):
+        out = F.conv2d(x, weight, bias, *conv)
         packed = pack("SpikeConv2d", x, storage, check) if ctx.needs_input_grad[1] else None
         ctx.save_for_backward(weight, packed)
-        ctx.x_meta, ctx.storage = meta(x), storage
-        ctx.conv = (stride, padding, dilation, groups)
-        ctx.bias_sizes = None if bias is None else list(bias.shape)
+        ctx.x_layout, ctx.storage, ctx.conv, ctx.has_bias = layout(x), storage, conv, bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         weight, packed = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv
-        meta = ctx.x_meta
-        if packed is not None:
-            x = unpack("SpikeConv2d", packed, ctx.storage, meta)
-        else:  # only the shape is needed for the input gradient
-            x = grad_out.new_empty(1, dtype=meta.dtype).expand(meta.shape)
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                ctx.bias_sizes is not None and ctx.needs_input_grad[2]]
-        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad_out, x, weight, ctx.bias_sizes, stride, padding, dilation, False, [0, 0], groups, mask)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        grads = _conv_backward(grad_out, packed, weight, ctx.x_layout, ctx.conv, ctx.storage, mask)
+        return (*grads, None, None, None)
+
+
+def _conv_backward(grad_out, packed, weight, x_layout, conv, storage, mask):
+    """(grad_x, grad_weight, grad_bias), None where mask says not needed: one aten.convolution_backward on the
+    unpacked input (only its shape when the weight gradient is not needed)."""
+    stride, padding, dilation, groups = conv
+    if packed is not None and mask[1]:
+        x = unpack("SpikeConv2d", packed, storage, x_layout)
+    else:  # the input gradient needs only x's shape
+        x = grad_out.new_empty(1, dtype=x_layout[2]).expand(x_layout[0])
+    bias_sizes = [weight.shape[0]] if mask[2] else None
+    return torch.ops.aten.convolution_backward(grad_out, x, weight, bias_sizes, stride, padding, dilation, False,
+                                               [0, 0], groups, mask)
+
+
+# ---- the same as custom ops, for torch.compile (a traced autograd.Function could not keep the bits) ----
+
+def _absent(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+@torch.library.custom_op("fastsnn::spike_conv2d", mutates_args=())
+def _spike_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
+                     dilation: list[int], groups: int, storage: str, check: bool) -> tuple[Tensor, Tensor]:
+    """(the convolution, x packed for the backward)."""
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups), pack("SpikeConv2d", x, storage, check)
+
+
+@_spike_conv2d_op.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, storage, check):
+    return (F.conv2d(x, weight, bias, stride, padding, dilation, groups),
+            x.new_empty(packed_size(x.numel(), storage), dtype=torch.uint8))
+
+
+@torch.library.custom_op("fastsnn::spike_conv2d_backward", mutates_args=())
+def _spike_conv2d_backward_op(grad_out: Tensor, packed: Tensor, weight: Tensor, x_shape: list[int],
+                              x_strides: list[int], x_dtype: torch.dtype, stride: list[int], padding: list[int],
+                              dilation: list[int], groups: int, storage: str, mask: list[bool]) -> list[Tensor]:
+    grads = _conv_backward(grad_out, packed, weight, (x_shape, x_strides, x_dtype),
+                           (stride, padding, dilation, groups), storage, mask)
+    # in the layouts the fake kernel declares
+    likes = (torch.empty_strided(x_shape, x_strides, dtype=x_dtype, device=grad_out.device), weight,
+             weight.new_empty(weight.shape[0]))
+    return [_absent(grad_out) if g is None else same_layout(g, like) for g, like in zip(grads, likes)]
+
+
+@_spike_conv2d_backward_op.register_fake
+def _(grad_out, packed, weight, x_shape, x_strides, x_dtype, stride, padding, dilation, groups, storage, mask):
+    likes = (grad_out.new_empty_strided(x_shape, x_strides, dtype=x_dtype), torch.empty_like(weight),
+             weight.new_empty(weight.shape[0]))
+    return [like if need else _absent(grad_out) for like, need in zip(likes, mask)]
+
+
+def _conv_setup_context(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, groups, storage, _ = inputs
+    ctx.save_for_backward(weight, output[1])
+    ctx.x_layout, ctx.storage, ctx.conv, ctx.has_bias = layout(x), storage, (stride, padding, dilation, groups), \
+        bias is not None
+    ctx.mark_non_differentiable(output[1])
+
+
+def _conv_backward_compiled(ctx, grad_out, _packed_grad):
+    weight, packed = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    grads = _spike_conv2d_backward_op(grad_out, packed, weight, *ctx.x_layout, *ctx.conv, ctx.storage, mask)
+    return (*(g if need else None for g, need in zip(grads, mask)),) + (None,) * 6
+
+
+torch.library.register_autograd("fastsnn::spike_conv2d", _conv_backward_compiled, setup_context=_conv_setup_context)
 
 
 def _autocast(x: Tensor, *tensors: Tensor | None):
@@ -159,9 +251,12 @@ class SpikeConv2d(nn.Conv2d):
         check = CHECK_DEFAULT if self.check is None else self.check
         unbatched = x.dim() == 3  # [C, H, W], as nn.Conv2d takes it
         x, weight, bias = _autocast(x.unsqueeze(0) if unbatched else x, self.weight, self.bias)
+        conv = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
         with torch.autocast(x.device.type, enabled=False):
-            out = _SpikeConv2dFunction.apply(x, weight, bias, self.stride, self.padding, self.dilation, self.groups,
-                                             self.storage, check)
+            if torch.compiler.is_compiling():
+                out, _ = _spike_conv2d_op(x, weight, bias, *conv, self.storage, check)
+            else:
+                out = _SpikeConv2dFunction.apply(x, weight, bias, conv, self.storage, check)
         return out.squeeze(0) if unbatched else out
 
     def extra_repr(self) -> str:
@@ -171,22 +266,67 @@ class SpikeConv2d(nn.Conv2d):
 class _SpikeMaxPool2dFunction(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x, kernel_size, stride, padding, dilation, ceil_mode, check):
-        out = F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+    def forward(ctx, x, pool, check):
+        out = F.max_pool2d(x, *pool)
         ctx.save_for_backward(pack("SpikeMaxPool2d", x, "bits", check))
-        ctx.x_meta = meta(x)
-        ctx.pool = (kernel_size, stride, padding, dilation, ceil_mode)
+        ctx.x_layout, ctx.pool = layout(x), pool
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         (packed,) = ctx.saved_tensors
-        x = unpack("SpikeMaxPool2d", packed, "bits", ctx.x_meta)
-        kernel_size, stride, padding, dilation, ceil_mode = ctx.pool
-        _, indices = F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode, return_indices=True)
-        grad_x = torch.ops.aten.max_pool2d_with_indices_backward(grad_out, x, kernel_size, stride, padding, dilation,
-                                                                 ceil_mode, indices)
-        return grad_x, None, None, None, None, None, None
+        return _pool_backward(grad_out, packed, ctx.x_layout, ctx.pool), None, None
+
+
+def _pool_backward(grad_out, packed, x_layout, pool):
+    """dL/dx: the unpacked input re-pooled for the first maximal position of each window (nn.MaxPool2d's)."""
+    x = unpack("SpikeMaxPool2d", packed, "bits", x_layout)
+    _, indices = F.max_pool2d(x, *pool, return_indices=True)
+    return torch.ops.aten.max_pool2d_with_indices_backward(grad_out, x, *pool, indices)
+
+
+@torch.library.custom_op("fastsnn::spike_max_pool2d", mutates_args=())
+def _spike_max_pool2d_op(x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
+                         dilation: list[int], ceil_mode: bool, check: bool) -> tuple[Tensor, Tensor]:
+    """(the pool, x packed as bits for the backward)."""
+    return (F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode),
+            pack("SpikeMaxPool2d", x, "bits", check))
+
+
+@_spike_max_pool2d_op.register_fake
+def _(x, kernel_size, stride, padding, dilation, ceil_mode, check):
+    return (F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode),
+            x.new_empty(packed_size(x.numel(), "bits"), dtype=torch.uint8))
+
+
+@torch.library.custom_op("fastsnn::spike_max_pool2d_backward", mutates_args=())
+def _spike_max_pool2d_backward_op(grad_out: Tensor, packed: Tensor, x_shape: list[int], x_strides: list[int],
+                                  x_dtype: torch.dtype, kernel_size: list[int], stride: list[int],
+                                  padding: list[int], dilation: list[int], ceil_mode: bool) -> Tensor:
+    grad_x = _pool_backward(grad_out, packed, (x_shape, x_strides, x_dtype),
+                            (kernel_size, stride, padding, dilation, ceil_mode))
+    return same_layout(grad_x, torch.empty_strided(x_shape, x_strides, dtype=x_dtype, device=grad_out.device))
+
+
+@_spike_max_pool2d_backward_op.register_fake
+def _(grad_out, packed, x_shape, x_strides, x_dtype, kernel_size, stride, padding, dilation, ceil_mode):
+    return grad_out.new_empty_strided(x_shape, x_strides, dtype=x_dtype)
+
+
+def _pool_setup_context(ctx, inputs, output):
+    x, *pool, _ = inputs
+    ctx.save_for_backward(output[1])
+    ctx.x_layout, ctx.pool = layout(x), pool
+    ctx.mark_non_differentiable(output[1])
+
+
+def _pool_backward_compiled(ctx, grad_out, _packed_grad):
+    (packed,) = ctx.saved_tensors
+    return (_spike_max_pool2d_backward_op(grad_out, packed, *ctx.x_layout, *ctx.pool),) + (None,) * 6
+
+
+torch.library.register_autograd("fastsnn::spike_max_pool2d", _pool_backward_compiled,
+                                setup_context=_pool_setup_context)
 
 
 def _pair(v):
@@ -208,5 +348,7 @@ class SpikeMaxPool2d(nn.MaxPool2d):
             return super().forward(x)
         check = CHECK_DEFAULT if self.check is None else self.check
         stride = self.kernel_size if self.stride is None else self.stride
-        return _SpikeMaxPool2dFunction.apply(x, _pair(self.kernel_size), _pair(stride), _pair(self.padding),
-                                             _pair(self.dilation), self.ceil_mode, check)
+        pool = (_pair(self.kernel_size), _pair(stride), _pair(self.padding), _pair(self.dilation), self.ceil_mode)
+        if torch.compiler.is_compiling():
+            return _spike_max_pool2d_op(x, *pool, check)[0]
+        return _SpikeMaxPool2dFunction.apply(x, pool, check)
