@@ -82,6 +82,16 @@ def test_evaluate_writes_the_report_with_energy(tmp_path):
     assert _cli(tmp_path, "--checkpoint", "run/best.pt", "--overwrite", module="fastsnn.evaluate").returncode == 0
 
 
+def test_compiled_training_gives_the_eager_run(tmp_path):
+    """--compile gives the run that eager execution gives (on the CPU, deterministic)."""
+    rows = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        proc = _cli(tmp_path, "--epochs", "1", "--out", name, "--quiet", *extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows[name] = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("train_loss", "train_acc", "test_acc", "per_timestep_acc", "firing_rate"):
+        assert rows["compiled"][key] == pytest.approx(rows["eager"][key], rel=1e-4), key
+
 class _RunsCode:
     def __init__(self, marker):
         self.marker = marker
