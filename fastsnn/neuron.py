@@ -51,10 +51,12 @@ class MultistepNeuron(nn.Module):
         return self.spec.kind != "lif_no_decay"
 
     def forward(self, x: torch.Tensor, repeat: int | None = None, bn: nn.Module | None = None,
-                residual: torch.Tensor | None = None, residual_storage: str | None = None) -> torch.Tensor:
-        """spikes of x[T, ...]; with bn (an nn.BatchNorm1d/2d/3d module), of bn(x) [+ residual] computed by the
-        fused op (fastsnn.bn_lif): the BatchNorm's parameters and running statistics are used and updated as
-        its own forward would, but the normalised tensor is never stored."""
+                residual: torch.Tensor | None = None, residual_storage: str | None = None,
+                residual_bn: nn.Module | None = None) -> torch.Tensor:
+        """spikes of x[T, ...]; with bn (an nn.BatchNorm1d/2d/3d module), of bn(x) [+ residual, or
+        + residual_bn(residual)] computed by the fused op (fastsnn.bn_lif): the BatchNorm's parameters and
+        running statistics are used and updated as its own forward would, but the normalised tensors are never
+        stored."""
         if self.step_mode != "m":
             raise RuntimeError(f"{type(self).__name__}: only step_mode='m' (input [T, ...]) is supported, "
                                f"got step_mode={self.step_mode!r}")
@@ -64,9 +66,10 @@ class MultistepNeuron(nn.Module):
                 raise ValueError(f"{op}: bn= (the fused BatchNorm + neuron) needs a stateless neuron; this one "
                                  f"is stateful=True")
             return batch_norm_fire(op, bn, self.spec, x, residual=residual, residual_storage=residual_storage,
-                                   repeat=repeat, backend=self.backend)
-        if residual is not None:
-            raise ValueError(f"{op}: residual is only taken with bn= (add it to x instead)")
+                                   residual_bn=residual_bn, repeat=repeat, backend=self.backend)
+        if residual is not None or residual_bn is not None:
+            raise ValueError(f"{op}: residual and residual_bn are only taken with bn= (add the residual to x "
+                             f"instead)")
         if self.stateful:
             spikes, self.v = apply_neuron(op, x, self.spec, v_init=self.v, return_v=True, repeat=repeat,
                                           backend=self.backend)
@@ -106,21 +109,43 @@ class IF(MultistepNeuron):
         super().__init__(spec, backend=backend, stateful=stateful)
 
 
-def batch_norm_fire(op: str, bn: nn.Module, spec: NeuronSpec, x: torch.Tensor, *, residual=None,
-                    residual_storage=None, repeat=None, backend: str = "auto") -> torch.Tensor:
-    """spec's neuron over bn(x) [+ residual], fused, with nn.BatchNorm's bookkeeping: num_batches_tracked,
-    momentum=None (cumulative average), track_running_stats=False (batch statistics in eval mode too)."""
+def _batch_norm_args(op: str, name: str, bn: nn.Module):
+    """(weight, bias, running_mean, running_var, training, momentum factor, eps) as bn's own forward would use
+    them, with nn.BatchNorm's bookkeeping: num_batches_tracked (incremented here), momentum=None (cumulative
+    average), track_running_stats=False (batch statistics in eval mode too)."""
     if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
-        raise TypeError(f"{op}: bn must be a torch.nn BatchNorm module (BatchNorm1d/2d/3d), got {type(bn).__name__}")
+        raise TypeError(f"{op}: {name} must be a torch.nn BatchNorm module (BatchNorm1d/2d/3d), got "
+                        f"{type(bn).__name__}")
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     training = bn.training or (bn.running_mean is None and bn.running_var is None)
     use_running = not bn.training or bn.track_running_stats
-    return apply_bn_neuron(op, x, bn.weight, bn.bias, bn.running_mean if use_running else None,
-                           bn.running_var if use_running else None, spec, training=training, momentum=factor,
-                           eps=bn.eps, residual=residual, residual_storage=residual_storage, repeat=repeat,
+    return (bn.weight, bn.bias, bn.running_mean if use_running else None, bn.running_var if use_running else None,
+            training, factor, bn.eps)
+
+
+def batch_norm_fire(op: str, bn: nn.Module, spec: NeuronSpec, x: torch.Tensor, *, residual=None,
+                    residual_storage=None, residual_bn: nn.Module | None = None, repeat=None,
+                    backend: str = "auto") -> torch.Tensor:
+    """spec's neuron over bn(x) [+ residual, or + residual_bn(residual)], fused, with nn.BatchNorm's bookkeeping
+    (see _batch_norm_args). A residual_bn that normalises differently from bn (another mode, momentum factor or
+    eps) runs as its own module first, and its output is the residual."""
+    *params, training, factor, eps = _batch_norm_args(op, "bn", bn)
+    residual_params = None
+    if residual_bn is not None:
+        if residual is None:
+            raise ValueError(f"{op}: residual_bn normalises the residual, but residual is None")
+        *r_params, r_training, r_factor, r_eps = _batch_norm_args(op, "residual_bn", residual_bn)
+        if (r_training, r_factor, r_eps) == (training, factor, eps):
+            residual_params = tuple(r_params)
+        else:  # the unfused shortcut: num_batches_tracked was counted above, so call the functional form
+            residual = torch.nn.functional.batch_norm(
+                residual.flatten(0, 1), r_params[2], r_params[3], r_params[0], r_params[1], r_training, r_factor,
+                r_eps).unflatten(0, residual.shape[:2])
+    return apply_bn_neuron(op, x, *params, spec, training=training, momentum=factor, eps=eps, residual=residual,
+                           residual_storage=residual_storage, residual_bn=residual_params, repeat=repeat,
                            backend=backend)
 
 
@@ -129,7 +154,8 @@ class BNNeuron(nn.modules.batchnorm._BatchNorm):
     multistep neuron, as one module with nn.BatchNorm2d's parameters, buffers and state_dict keys (weight,
     bias, running_mean, running_var, num_batches_tracked), so BatchNorm checkpoints load unchanged.
 
-    forward(x[T, B, C, ...], residual=None, repeat=None) -> spikes; see fastsnn.bn_lif.
+    forward(x[T, B, C, ...], residual=None, repeat=None, residual_bn=None) -> spikes; see fastsnn.bn_lif
+    (residual_bn: a BatchNorm module normalising the residual inside the same op).
     """
 
     def __init__(self, num_features: int, spec: NeuronSpec, eps: float = 1e-5, momentum: float | None = 0.1,
@@ -143,10 +169,10 @@ class BNNeuron(nn.modules.batchnorm._BatchNorm):
     def _check_input_dim(self, input):  # the op checks x (any [T, B, C, ...])
         pass
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
-                repeat: int | None = None) -> torch.Tensor:
-        return batch_norm_fire(type(self).__name__, self, self.spec, x, residual=residual, repeat=repeat,
-                               backend=self.backend)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, repeat: int | None = None,
+                residual_bn: nn.Module | None = None) -> torch.Tensor:
+        return batch_norm_fire(type(self).__name__, self, self.spec, x, residual=residual, residual_bn=residual_bn,
+                               repeat=repeat, backend=self.backend)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", neuron={self.spec}"

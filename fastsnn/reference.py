@@ -66,16 +66,21 @@ def lif_multistep(x, spec: NeuronSpec | None = None, *, v_init=None, return_v=Fa
 
 
 def bn_lif_multistep(x, weight, bias, running_mean, running_var, spec: NeuronSpec, *, training, momentum=0.1,
-                     eps=1e-5, residual=None, repeat=None, compute_dtype=torch.float32):
+                     eps=1e-5, residual=None, residual_bn=None, repeat=None, compute_dtype=torch.float32):
     """BatchNorm over T·B·(spatial) per channel (torch.nn.functional.batch_norm on the folded batch, updating
     the running statistics in training mode), then + residual, then the multistep neuron `spec`.
 
     x: [T, B, C, *spatial], or with repeat = T one timestep [B, C, *spatial] normalised once and presented
-    at every step (its statistics are those of that timestep).
+    at every step (its statistics are those of that timestep). residual_bn: (weight, bias, running_mean,
+    running_var) of a BatchNorm applied to the residual first (same training, momentum, eps).
     """
     folded = x if repeat else x.flatten(0, 1)
     y = F.batch_norm(folded, running_mean, running_var, weight, bias, training, momentum, eps)
     y = y.unsqueeze(0).expand(repeat, *y.shape) if repeat else y.unflatten(0, x.shape[:2])
+    if residual is not None and residual_bn is not None:
+        r_weight, r_bias, r_running_mean, r_running_var = residual_bn
+        residual = F.batch_norm(residual.flatten(0, 1), r_running_mean, r_running_var, r_weight, r_bias, training,
+                                momentum, eps).unflatten(0, residual.shape[:2])
     if residual is not None:
         y = y + residual
     return lif_multistep(y, spec, compute_dtype=compute_dtype)

@@ -163,25 +163,31 @@ def bn_lif_variants(aligned: bool):
             yield "_bn_finalize_bwd_kernel", labels, None, grad_input
     specs = [NeuronSpec("lif", 2.0, 1.0, 0.0, "atan", 2.0, True)]
     specs += [NeuronSpec("if", 1.0, 1.0, None, "sigmoid", 4.0, False), NeuronSpec("lif_no_decay", 2.0, 1.0, 0.0)]
-    for dtype_name, layout, T, residual, spec in itertools.product(DTYPES, layouts, (4, 16), (True, False), specs):
-        if spec.kind != "lif" and (T != 4 or not residual):
+    # residual: none, added (True), or normalised by its own BatchNorm in the same op ("bn")
+    for dtype_name, layout, T, residual, spec in itertools.product(DTYPES, layouts, (4, 16), (True, False, "bn"),
+                                                                   specs):
+        if spec.kind != "lif" and (T != 4 or residual is not True):
             continue
 
         def buffers(T=T, dtype=DTYPES[dtype_name], layout=layout, residual=residual):
             x = _bn_x(T, dtype, layout, aligned)
             n = k.checkpoints_for(T)
             checkpoints = torch.empty(n, *x.shape[1:]) if n else None
-            return x, torch.empty_like(x) if residual else None, torch.empty(4, x.shape[2]), checkpoints
+            r_stats = torch.empty(4, x.shape[2]) if residual == "bn" else None
+            return x, torch.empty_like(x) if residual else None, torch.empty(4, x.shape[2]), checkpoints, r_stats
 
         def fire(buffers=buffers, spec=spec):
-            x, r, stats, checkpoints = buffers()
-            k.bn_fire(x, r, stats, torch.empty_like(x), checkpoints, _geometry(x), spec)
+            x, r, stats, checkpoints, r_stats = buffers()
+            k.bn_fire(x, r, stats, torch.empty_like(x), checkpoints, _geometry(x), spec, residual_stats=r_stats)
 
         def backward(buffers=buffers, spec=spec):
-            x, r, stats, checkpoints = buffers()
+            x, r, stats, checkpoints, r_stats = buffers()
             C = x.shape[2]
+            r_bn = None if r_stats is None else (r_stats, torch.ones(C), torch.empty(C), torch.empty(C),
+                                                 torch.empty_like(x))
             k.bn_fire_backward(x, r, torch.empty_like(x), stats, checkpoints, torch.empty_like(x), torch.ones(C),
-                               torch.empty(C), torch.empty(C), None, _geometry(x), spec, training=True)
+                               torch.empty(C), torch.empty(C), None, _geometry(x), spec, training=True,
+                               residual_bn=r_bn)
         labels = dict(dtype=dtype_name, layout=layout, T=T, residual=residual, kind=spec.kind,
                       hard_reset=spec.hard_reset, surrogate=spec.surrogate, detach_reset=spec.detach_reset)
         yield "_bn_lif_fwd_kernel", labels, None, fire

@@ -49,11 +49,12 @@ def _run(fn, x, weight, bias, r, running, grad_spikes, **kw):
     return spikes, running, grads
 
 
-def _reference(x, weight, bias, rm, rv, *, spec, training, residual=None, repeat=None, momentum=0.1, eps=1e-5):
+def _reference(x, weight, bias, rm, rv, *, spec, training, residual=None, residual_bn=None, repeat=None,
+               momentum=0.1, eps=1e-5):
     """The oracle in fp32 (x and residual upcast), the result cast back to x's dtype."""
     r = None if residual is None else residual.float()
     return reference.bn_lif_multistep(x.float(), weight, bias, rm, rv, spec, training=training, momentum=momentum,
-                                      eps=eps, residual=r, repeat=repeat).to(x.dtype)
+                                      eps=eps, residual=r, residual_bn=residual_bn, repeat=repeat).to(x.dtype)
 
 
 def _compare(got, want, dtype):
@@ -284,6 +285,99 @@ def test_saved_bytes_are_x_and_per_channel_statistics(device, dtype, T):
         assert sum(saved) == x.numel() * x.element_size() + weight.numel() * 4 + 4 * C * 4 + checkpoints + extra
 
 
+def _residual_bn_case(T, per_sample, dtype, channels_last, affine, device):
+    C = per_sample[0]
+    r = _layout(torch.randn(T, 3, *per_sample, device=device) * 2.0 + 0.3, channels_last).to(dtype)
+    params = (torch.rand(C, device=device) + 0.5, torch.randn(C, device=device) * 0.3) if affine else (None, None)
+    return r, params, (torch.randn(C, device=device) * 0.2, torch.rand(C, device=device) + 0.5)
+
+
+def _run_residual_bn(fn, x, weight, bias, running, r, r_params, r_running, grad_spikes):
+    """fn(...) -> (spikes, both BatchNorms' running statistics, grads of x, weight, bias, r, r's weight and
+    bias (those that exist))."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (x, weight, bias, r, *r_params)]
+    running, r_running = [t.clone() for t in running], [t.clone() for t in r_running]
+    spikes = fn(*leaves[:3], *running, residual=leaves[3], residual_bn=(*leaves[4:], *r_running))
+    inputs = [t for t in leaves if t is not None]
+    return spikes, running + r_running, torch.autograd.grad((spikes.float() * grad_spikes).sum(), inputs)
+
+
+@pytest.mark.parametrize("dtype,T,per_sample,neuron,channels_last,training,affine", product_cases(
+    dtype=DTYPES, T=[1, 4, 9], shape={k: SHAPES[k] for k in ("3x7x7", "5x4x6", "bn1d-10")},
+    neuron={k: NEURONS[k] for k in ("lif", "lif-soft-sigmoid", "if-erf")}, layout={"nchw": False,
+    "channels_last": True}, mode={"train": True, "eval": False}, residual_affine={"": True, "no-affine": False}))
+def test_residual_batch_norm_matches_two_batch_norms_and_the_reference(device, dtype, T, per_sample, neuron,
+                                                                       channels_last, training, affine):
+    """y = BN(x) + BN_r(r) in one op (a ResNet block with a downsample shortcut) against two F.batch_norm and
+    the reference neuron: spikes, both BatchNorms' running statistics, and the gradients of x, r and both
+    BatchNorms' weight and bias."""
+    x, weight, bias, _, running = _case(T, 3, per_sample, dtype, channels_last, False, device)
+    r, r_params, r_running = _residual_bn_case(T, per_sample, dtype, channels_last, affine, device)
+    spec = _spec(neuron)
+    grad_spikes = torch.randn(x.shape, device=device)
+    got = _run_residual_bn(lambda *a, **kw: apply_bn_neuron("test", *a, spec, training=training, backend="triton",
+                                                            **kw), x, weight, bias, running, r, r_params, r_running,
+                           grad_spikes)
+    want = _run_residual_bn(lambda *a, **kw: _reference(*a, spec=spec, training=training, **kw), x, weight, bias,
+                            running, r, r_params, r_running, grad_spikes)
+    _compare(got, want, dtype)
+    assert len(got[2]) == (6 if affine else 4) and want[2][3].abs().sum() > 0  # dL/dr is not trivially zero
+    if channels_last:
+        assert got[0].stride() == x.stride()
+
+
+def test_residual_batch_norm_saves_its_input_and_takes_five_launches_each_way(device):
+    T, B, C, H, W = 4, 2, 6, 5, 3
+    x = torch.randn(T, B, C, H, W, device=device, requires_grad=True)
+    r = torch.randn(T, B, C, H, W, device=device, requires_grad=True)
+    params = [torch.rand(C, device=device, requires_grad=True) + 0.5 for _ in range(4)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        with count_launches() as fwd:
+            spikes = fastsnn.bn_lif(x, params[0], params[1], None, None, training=True, residual=r,
+                                    residual_bn=(params[2], params[3], None, None), backend="triton")
+    # x and r (the shortcut convolution's output; its BatchNorm's output never exists), both [4, C] tables and
+    # the two weights
+    assert sum(saved) == x.numel() * 4 + r.numel() * 4 + 2 * 4 * C * 4 + 2 * C * 4
+    with count_launches() as bwd:
+        grads = torch.autograd.grad(spikes, [x, r, *params], torch.randn_like(spikes))
+    # statistics and finalisation for each, fire | neuron backward, two finalisations, dL/dr, dL/dx
+    assert (len(fwd["triton"]), len(bwd["triton"])) == (5, 5)
+    assert [op for op in fwd["aten"] if "copy" in op or "batch_norm" in op] == []
+    assert all(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("momentum,eps", [(0.1, 1e-5), (None, 1e-5), (0.3, 1e-3)], ids=["m0.1", "cumulative",
+                                                                                       "other-eps"])
+def test_the_module_pair_takes_the_shortcut_batch_norm(device, momentum, eps):
+    """LIF()(x, bn=bn, residual=r, residual_bn=bn_r) against bn(x) + bn_r(r) and the neuron, over three training
+    steps and an eval step: results, gradients, running statistics and num_batches_tracked of both modules. A
+    residual_bn with another eps than bn's runs as its own BatchNorm first (same results)."""
+    C = 6
+    bns = [torch.nn.BatchNorm2d(C, momentum=momentum).to(device), torch.nn.BatchNorm2d(C, eps=eps).to(device)]
+    plain = [torch.nn.BatchNorm2d(C, momentum=momentum).to(device), torch.nn.BatchNorm2d(C, eps=eps).to(device)]
+    lif, ref = fastsnn.LIF(backend="triton"), fastsnn.LIF(backend="reference")
+    for step in range(4):
+        if step == 3:
+            for m in bns + plain:
+                m.eval()
+        x = (torch.randn(4, 3, C, 5, 5, device=device) * (step + 1) + step).requires_grad_()
+        r = (torch.randn(4, 3, C, 5, 5, device=device) * 2 - step).requires_grad_()
+        got = lif(x, bn=bns[0], residual=r, residual_bn=bns[1])
+        want = ref((plain[0](x.flatten(0, 1)) + plain[1](r.flatten(0, 1))).unflatten(0, (4, 3)))
+        assert torch.equal(got, want)
+        g = torch.randn(got.shape, device=device)
+        params = [x, r, *bns[0].parameters(), *bns[1].parameters()]
+        for a, b in zip(torch.autograd.grad((got * g).sum(), params),
+                        torch.autograd.grad((want * g).sum(), [x, r, *plain[0].parameters(),
+                                                                *plain[1].parameters()])):
+            assert_close(a, b, scale=max(1.0, b.abs().max().item()))
+    for fused, unfused in zip(bns, plain):
+        for (key, a), b in zip(fused.state_dict().items(), unfused.state_dict().values()):
+            assert_close(a.float(), b.float()) if a.is_floating_point() else torch.equal(a, b), key
+        assert int(fused.num_batches_tracked) == 3
+
 @pytest.mark.parametrize("kwargs,exc,words", [
     (dict(x=torch.zeros(2, 3)), ValueError, ["x must have shape [T, B, C, ...]", "at least 3 dims"]),
     (dict(x=torch.zeros(2, 3, 4, dtype=torch.int32)), TypeError, ["x must have a floating dtype", "int32"]),
@@ -309,6 +403,18 @@ def test_saved_bytes_are_x_and_per_channel_statistics(device, dtype, T):
     (dict(bias=torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))), TypeError, ["bias must have a floating"]),
     (dict(tau=0.5), ValueError, ["tau must be a finite number > 1"]),
     (dict(surrogate="relu"), ValueError, ["surrogate"]),
+    (dict(residual_bn=(None, None, None, None)), ValueError, ["residual_bn normalises the residual",
+                                                               "residual is None"]),
+    (dict(residual=torch.zeros(2, 3, 4), residual_bn=torch.ones(4)), TypeError,
+     ["residual_bn must be None or (weight, bias, running_mean, running_var)", "Tensor"]),
+    (dict(residual=torch.zeros(2, 3, 4), residual_bn=(torch.ones(5), None, None, None)), ValueError,
+     ["residual_bn's weight must have shape (4,)"]),
+    (dict(residual=torch.zeros(2, 3, 4), residual_bn=(None, None, torch.zeros(4), None)), ValueError,
+     ["residual_bn's running_mean and running_var must be given together"]),
+    (dict(residual=torch.zeros(2, 3, 4), residual_bn=(None, None, None, None), residual_storage="bits"),
+     ValueError, ["residual_storage packs spikes", "residual_bn"]),
+    (dict(residual=torch.zeros(2, 3, 4), residual_bn=(None, None, None, None), training=False), ValueError,
+     ["training=False", "residual_bn's running statistics"]),
 ])
 def test_bad_input_names_the_argument(kwargs, exc, words):
     args = dict(x=torch.randn(2, 3, 4), weight=torch.ones(4), bias=torch.zeros(4), running_mean=torch.zeros(4),
@@ -355,6 +461,42 @@ def test_torch_compile_fullgraph_matches_eager(device, repeat):
     assert_close(bn_compiled.running_var, bn_eager.running_var)
 
 
+@pytest.mark.parametrize("mixed_layouts", [False, True], ids=["same-layout", "channels_last-x-nchw-residual"])
+def test_torch_compile_fullgraph_with_a_residual_batch_norm(device, mixed_layouts):
+    import copy
+
+    torch._dynamo.reset()
+    C = 4
+    bns = [torch.nn.BatchNorm2d(C).to(device), torch.nn.BatchNorm2d(C).to(device)]
+    with torch.no_grad():
+        for bn in bns:
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.6)
+    bns_compiled = copy.deepcopy(bns)
+    lif = fastsnn.LIF(backend="triton")
+
+    def net(x, r, bn, bn_r):
+        return lif(x * 1.5, bn=bn, residual=r + 0.5, residual_bn=bn_r)
+
+    x = torch.randn(3, 2, C, 5, 5, device=device)
+    if mixed_layouts:
+        x = x.flatten(0, 1).to(memory_format=torch.channels_last).view(x.shape)
+    r = torch.randn(3, 2, C, 5, 5, device=device)
+    results = []
+    for fn, modules in ((net, bns), (torch.compile(net, fullgraph=True), bns_compiled)):
+        leaves = [x.clone().requires_grad_(), r.clone().requires_grad_()]
+        spikes = fn(*leaves, *modules)
+        params = leaves + [p for m in modules for p in m.parameters()]
+        results.append((spikes, torch.autograd.grad(spikes, params, torch.ones_like(spikes) * 0.7)))
+    (eager, g_eager), (compiled, g_compiled) = results
+    assert torch.equal(compiled, eager) and eager.float().mean() > 0
+    for a, b in zip(g_compiled, g_eager):
+        assert a.stride() == b.stride()
+        assert_close(a, b, scale=10.0)
+    for a, b in zip(bns_compiled, bns):
+        assert_close(a.running_mean, b.running_mean)
+        assert_close(a.running_var, b.running_var)
+
 def test_torch_compile_dynamic_shapes_and_arguments(device):
     """torch.compile(dynamic=True): shapes and the Python scalars (momentum, eps, tau) traced as symbols."""
     torch._dynamo.reset()
@@ -383,11 +525,15 @@ def test_ops_pass_opcheck(device):
     x = torch.randn(3, 2, 4, 5, device=device, requires_grad=True)
     w, b = torch.rand(4, device=device, requires_grad=True), torch.randn(4, device=device, requires_grad=True)
     stats = torch.ops.fastsnn.bn_statistics(x.detach(), w.detach(), b.detach(), None, None, True, 0.1, 1e-5, 0)
-    torch.library.opcheck(torch.ops.fastsnn.bn_neuron_fire.default, (x, w, b, None, stats, *args, True, 0, None,
-                                                                     False))
+    fire = torch.ops.fastsnn.bn_neuron_fire.default
+    torch.library.opcheck(fire, (x, w, b, None, stats, None, None, None, *args, True, 0, None, False))
     spike_residual = (torch.rand(x.shape, device=device) < 0.3).float().requires_grad_()
-    torch.library.opcheck(torch.ops.fastsnn.bn_neuron_fire.default, (x, w, b, spike_residual, stats, *args, True, 0,
-                                                                     "bits", True))
+    torch.library.opcheck(fire, (x, w, b, spike_residual, stats, None, None, None, *args, True, 0, "bits", True))
+    residual = torch.randn(x.shape, device=device, requires_grad=True)
+    wr, br = torch.rand(4, device=device, requires_grad=True), torch.randn(4, device=device, requires_grad=True)
+    residual_stats = torch.ops.fastsnn.bn_statistics(residual.detach(), wr.detach(), br.detach(), None, None, True,
+                                                     0.1, 1e-5, 0)
+    torch.library.opcheck(fire, (x, w, b, residual, stats, wr, br, residual_stats, *args, True, 0, None, False))
     torch.library.opcheck(torch.ops.fastsnn.bn_statistics.default,
                           (x.detach(), w.detach(), b.detach(), torch.zeros(4, device=device),
                            torch.ones(4, device=device), True, 0.1, 1e-5, 0))

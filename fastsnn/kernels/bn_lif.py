@@ -20,9 +20,14 @@ Passes (bytes moved per element of x per timestep, e = x's element size, +e wher
                       grad_x: read g, x, write dL/dx (3e)         dL/dx = a·(g − Σg/n − x̂·Σg·x̂/n)
                       = 6e (+e), against 8e unfused (the neuron's 3e, then BatchNorm's reduction pass over
                       g and x and its elementwise pass, 5e).
+Residual normalised in the same op (RESIDUAL_BN: y = BN(x) + BN_r(r), a ResNet block's downsample shortcut,
+r the shortcut convolution's output with its own [4, C] table): forward 5e (r's statistics pass, and fire
+reads r) against 11e for two BatchNorms, the add and the neuron; backward 10e (the neuron kernel reads r and
+adds Σg·r̂ to its partials; a second finalisation and grad_input pass give dL/dr) against 13e.
 Saved for the backward: x (as given: one timestep when broadcast), r when given (the caller's tensor; in
-a ResNet block it is the block input, which the block's first convolution saves anyway), the fp32 per-
-channel [mean, 1/std, scale, shift] and, for T > 8, the fp32 membrane every 8 steps (as fastsnn.kernels.lif).
+a ResNet block it is the block input, which the block's first convolution saves anyway, or the shortcut
+convolution's output, whose normalised value never exists), the fp32 per-channel [mean, 1/std, scale, shift]
+(twice with RESIDUAL_BN) and, for T > 8, the fp32 membrane every 8 steps (as fastsnn.kernels.lif).
 
 The forward and the backward form y with the same tl.fma, so the recomputed membrane equals the forward's
 bit for bit; the neuron arithmetic is fastsnn.kernels.lif's.
@@ -170,17 +175,23 @@ def _bn_finalize_fwd_kernel(
 
 @triton.jit
 def _bn_lif_fwd_kernel(
-    p_x, p_r, p_stats, p_s, p_ck,
+    p_x, p_r, p_stats, p_rstats, p_s, p_ck,
     stride_xt, N, OUTER, C, INNER, NUM_I_TILES, tau, inv_tau, v_threshold, v_reset,
     T: tl.constexpr, CHUNK: tl.constexpr, NEURON: tl.constexpr, HARD_RESET: tl.constexpr, DIVIDE: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RESIDUAL_BN: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_I: tl.constexpr,
 ):
+    """y = BN(x) [+ r, or + BN_r(r) with RESIDUAL_BN (p_rstats: r's table)], then the neuron."""
     NUM_CHUNKS: tl.constexpr = (T + CHUNK - 1) // CHUNK
     offsets, mask, o_c, m_c = _tile(tl.program_id(0), tl.program_id(1), OUTER, C, INNER, NUM_I_TILES,
                                     BLOCK_O, BLOCK_C, BLOCK_I)
     mean = _per_channel(p_stats + MEAN * C, o_c, m_c, 0.0)
     scale = _per_channel(p_stats + SCALE * C, o_c, m_c, 0.0)
     shift = _per_channel(p_stats + SHIFT * C, o_c, m_c, 0.0)
+    if RESIDUAL_BN:
+        mean_r = _per_channel(p_rstats + MEAN * C, o_c, m_c, 0.0)
+        scale_r = _per_channel(p_rstats + SCALE * C, o_c, m_c, 0.0)
+        shift_r = _per_channel(p_rstats + SHIFT * C, o_c, m_c, 0.0)
     b_v = tl.zeros([BLOCK_O, BLOCK_C, BLOCK_I], tl.float32) + v_reset
     for i_c in range(NUM_CHUNKS):
         if i_c > 0:  # the membrane entering this chunk, for the backward
@@ -192,7 +203,10 @@ def _bn_lif_fwd_kernel(
             b_y = _bn_affine(tl.load(p_x + t * stride_xt + offsets, mask=m_t, other=0.0).to(tl.float32),
                              mean, scale, shift)
             if HAS_RESIDUAL:
-                b_y += tl.load(p_r + t * N + offsets, mask=m_t, other=0.0).to(tl.float32)
+                b_r = tl.load(p_r + t * N + offsets, mask=m_t, other=0.0).to(tl.float32)
+                if RESIDUAL_BN:
+                    b_r = _bn_affine(b_r, mean_r, scale_r, shift_r)
+                b_y += b_r
             b_ys += (b_y,)
         for j in tl.static_range(CHUNK):
             t = i_c * CHUNK + j
@@ -204,14 +218,16 @@ def _bn_lif_fwd_kernel(
 
 @triton.jit
 def _bn_lif_bwd_kernel(
-    p_x, p_r, p_gs, p_stats, p_ck, p_g, p_part,
+    p_x, p_r, p_gs, p_stats, p_rstats, p_ck, p_g, p_part,
     stride_xt, N, OUTER, C, INNER, NUM_I_TILES, P, tau, inv_tau, v_threshold, v_reset, alpha,
     T: tl.constexpr, CHUNK: tl.constexpr, NEURON: tl.constexpr, HARD_RESET: tl.constexpr,
     SURROGATE: tl.constexpr, DETACH_RESET: tl.constexpr, DIVIDE: tl.constexpr, SUM_OVER_TIME: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RESIDUAL_BN: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_I: tl.constexpr,
 ):
     """g = dL/dy (y: the neuron input) in x's dtype (one timestep holding Σ_t g_t when x is broadcast over
-    time), and per program and channel the fp32 partials Σg and Σg·x̂ (x̂ = (x − μ)/σ): p_part [2, P, C]."""
+    time), and per program and channel the fp32 partials Σg, Σg·x̂ (x̂ = (x − μ)/σ) and, with RESIDUAL_BN,
+    Σg·r̂ (r̂: r normalised by its own table p_rstats): p_part [2 or 3, P, C]."""
     NUM_CHUNKS: tl.constexpr = (T + CHUNK - 1) // CHUNK
     pid_oi = tl.program_id(0)
     offsets, mask, o_c, m_c = _tile(pid_oi, tl.program_id(1), OUTER, C, INNER, NUM_I_TILES,
@@ -220,6 +236,11 @@ def _bn_lif_bwd_kernel(
     rstd = _per_channel(p_stats + RSTD * C, o_c, m_c, 0.0)
     scale = _per_channel(p_stats + SCALE * C, o_c, m_c, 0.0)
     shift = _per_channel(p_stats + SHIFT * C, o_c, m_c, 0.0)
+    if RESIDUAL_BN:
+        mean_r = _per_channel(p_rstats + MEAN * C, o_c, m_c, 0.0)
+        rstd_r = _per_channel(p_rstats + RSTD * C, o_c, m_c, 0.0)
+        scale_r = _per_channel(p_rstats + SCALE * C, o_c, m_c, 0.0)
+        shift_r = _per_channel(p_rstats + SHIFT * C, o_c, m_c, 0.0)
     if NEURON == NEURON_IF:
         dh_dv = 1.0
         dh_dy = 1.0
@@ -232,6 +253,8 @@ def _bn_lif_bwd_kernel(
     b_gv = tl.zeros([BLOCK_O, BLOCK_C, BLOCK_I], tl.float32)
     b_sum_g = tl.zeros([BLOCK_O, BLOCK_C, BLOCK_I], tl.float32)  # Σ_t g (per element; per channel at the end)
     b_sum_gx = tl.zeros([BLOCK_O, BLOCK_C, BLOCK_I], tl.float32)  # Σ_t g·x̂
+    if RESIDUAL_BN:
+        b_sum_gr = tl.zeros([BLOCK_O, BLOCK_C, BLOCK_I], tl.float32)  # Σ_t g·r̂
     for k in range(NUM_CHUNKS):
         i_c = NUM_CHUNKS - 1 - k
         if i_c == 0:
@@ -254,7 +277,10 @@ def _bn_lif_bwd_kernel(
         for j in tl.static_range(CHUNK):
             b_y = _bn_affine(b_xs[j].to(tl.float32), mean, scale, shift)
             if HAS_RESIDUAL:
-                b_y += b_rs[j].to(tl.float32)
+                if RESIDUAL_BN:
+                    b_y += _bn_affine(b_rs[j].to(tl.float32), mean_r, scale_r, shift_r)
+                else:
+                    b_y += b_rs[j].to(tl.float32)
             b_h = _charge(b_v, b_y, tau, inv_tau, v_reset, NEURON, DIVIDE)
             b_hs += (b_h,)
             _, b_v = _fire_and_reset(b_h, v_threshold, v_reset, HARD_RESET)
@@ -266,6 +292,8 @@ def _bn_lif_bwd_kernel(
             b_sum_g += b_g
             if not SUM_OVER_TIME:
                 b_sum_gx += b_g * ((b_xs[j].to(tl.float32) - mean) * rstd)
+                if RESIDUAL_BN:
+                    b_sum_gr += b_g * ((b_rs[j].to(tl.float32) - mean_r) * rstd_r)
                 tl.store(p_g + t * N + offsets, b_g.to(p_g.dtype.element_ty), mask=mask & (t < T))
             b_gv = tl.where(t < T, b_gh * dh_dv, b_gv)  # steps past T (a partial last chunk) pass it through
     if SUM_OVER_TIME:  # x̂ is the same at every step: Σ_t g_t·x̂ = (Σ_t g_t)·x̂
@@ -275,16 +303,20 @@ def _bn_lif_bwd_kernel(
     row = pid_oi.to(tl.int64) * C + o_c
     tl.store(p_part + row, _channel_sum(tl.where(mask, b_sum_g, 0.0)), mask=m_c)
     tl.store(p_part + P * C + row, _channel_sum(tl.where(mask, b_sum_gx, 0.0)), mask=m_c)
+    if RESIDUAL_BN:
+        tl.store(p_part + 2 * P * C + row, _channel_sum(tl.where(mask, b_sum_gr, 0.0)), mask=m_c)
 
 
 @triton.jit
 def _bn_finalize_bwd_kernel(
-    p_part, p_stats, p_weight, p_gweight, p_gbias, p_coef, P, C, inv_count,
+    p_part, p_stats, p_weight, p_gweight, p_gbias, p_coef, P, C, inv_count, gx_row,
     TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, GRAD_WEIGHT: tl.constexpr, GRAD_BIAS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dL/dweight = Σg·x̂, dL/dbias = Σg (fp32), and grad_x's coefficients coef[A, K1, K2] per channel:
-    dL/dx = A·(g − K1 − x̂·K2), A = weight/σ, K1 = Σg/n, K2 = Σg·x̂/n (K1 = K2 = 0 in eval mode)."""
+    dL/dx = A·(g − K1 − x̂·K2), A = weight/σ, K1 = Σg/n, K2 = Σg·x̂/n (K1 = K2 = 0 in eval mode).
+    p_part: the partials [rows, P, C], Σg in row 0 and Σg·x̂ in row gx_row (x̂ of x: 1; r̂ of a normalised
+    residual: 2)."""
     o_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C
     b_g = tl.zeros([BLOCK_C], tl.float32)
@@ -294,7 +326,7 @@ def _bn_finalize_bwd_kernel(
         m = (o_p < P)[:, None] & m_c[None, :]
         o = o_p[:, None].to(tl.int64) * C + o_c[None, :]
         b_g += tl.sum(tl.load(p_part + o, mask=m, other=0.0), axis=0)
-        b_gx += tl.sum(tl.load(p_part + P * C + o, mask=m, other=0.0), axis=0)
+        b_gx += tl.sum(tl.load(p_part + gx_row * P * C + o, mask=m, other=0.0), axis=0)
     if GRAD_WEIGHT:
         tl.store(p_gweight + o_c, b_gx, mask=m_c)
     if GRAD_BIAS:
@@ -347,11 +379,11 @@ def _next_pow2(n: int) -> int:
 class Geometry:
     """The (outer, channel, inner) view of one timestep and the tiling of it that every kernel here shares."""
 
-    __slots__ = ("T", "N", "outer", "C", "inner", "stride_xt", "block", "num_i_tiles", "grid", "programs",
-                 "_blocks")
+    __slots__ = ("T", "N", "outer", "C", "inner", "stride_xt", "itemsize", "block", "num_i_tiles", "grid",
+                 "programs", "_blocks")
 
-    def __init__(self, T: int, N: int, C: int, inner: int, stride_xt: int, per_thread: int):
-        self.T, self.N, self.C, self.inner, self.stride_xt = T, N, C, inner, stride_xt
+    def __init__(self, T: int, N: int, C: int, inner: int, stride_xt: int, per_thread: int, itemsize: int):
+        self.T, self.N, self.C, self.inner, self.stride_xt, self.itemsize = T, N, C, inner, stride_xt, itemsize
         self.outer = N // (C * inner)
         total = per_thread * 32 * NUM_WARPS
         # the contiguous run first (H·W for NCHW, channels for channels_last), then outer rows, then (NCHW
@@ -408,7 +440,7 @@ def _geometry_of(shape, strides, itemsize: int, aligned_pointers: bool) -> Geome
     per_thread = 16 // itemsize
     run = inner if inner > 1 else C
     aligned = aligned_pointers and run % per_thread == 0 and N % per_thread == 0 and stride_xt % per_thread == 0
-    return _geometry(T, N, C, inner, stride_xt, per_thread if aligned else UNALIGNED_ELEMENTS)
+    return _geometry(T, N, C, inner, stride_xt, per_thread if aligned else UNALIGNED_ELEMENTS, itemsize)
 
 
 # one Geometry object per distinct view (it is read-only): the launch plans below are keyed on it
@@ -438,33 +470,48 @@ def _statistics_plan(g: Geometry, training: bool, has_weight: bool, has_bias: bo
     return stats_args, stats_kw, _finalize_grid(g.C), finalize_args, finalize_kw
 
 
+def _warps(itemsize: int, T: int, heavy: bool) -> int:
+    """A chunk of 8 16-bit steps at 8 values per thread spills where the kernel also holds a second set of
+    per-channel constants or sums (`heavy`): 8 warps there (4 values, 64-bit accesses per thread)."""
+    return 2 * NUM_WARPS if heavy and itemsize == 2 and chunk_for(T) > 4 else NUM_WARPS
+
+
 @functools.lru_cache(maxsize=1024)
-def _fire_plan(g: Geometry, spec, cuda: bool, has_residual: bool):
+def _fire_plan(g: Geometry, spec, cuda: bool, has_residual: bool, residual_bn: bool):
     scalars, codes = _launch_constants(spec)
     args = (g.stride_xt, g.N, *g.view_args(), *scalars)
     kw = dict(T=g.T, CHUNK=chunk_for(g.T), DIVIDE=_divide_mode(cuda), HAS_RESIDUAL=has_residual,
-              num_warps=NUM_WARPS, **codes, **g.blocks())
+              RESIDUAL_BN=residual_bn, num_warps=_warps(g.itemsize, g.T, residual_bn), **codes, **g.blocks())
     return args, kw
 
 
+def _finalize_kw(training: bool, has_weight: bool, grad_weight: bool, grad_bias: bool) -> dict:
+    return dict(TRAINING=training, HAS_WEIGHT=has_weight, GRAD_WEIGHT=grad_weight, GRAD_BIAS=grad_bias,
+                BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C)
+
+
 @functools.lru_cache(maxsize=1024)
-def _backward_plan(g: Geometry, spec, cuda: bool, itemsize: int, training: bool, has_residual: bool,
-                   has_weight: bool, grad_weight: bool, grad_bias: bool):
+def _backward_plan(g: Geometry, spec, cuda: bool, training: bool, has_residual: bool, has_weight: bool,
+                   grad_weight: bool, grad_bias: bool, residual_bn=None):
+    """residual_bn: None, or (has_weight, grad_weight, grad_bias) of the residual's own BatchNorm."""
     scalars, codes = _launch_constants(spec)
-    # a chunk of 8 16-bit steps at 8 values per thread, with the per-channel constants of 8 channels per thread
-    # (channels_last), spills at 255 registers: 8 warps (4 values, 64-bit accesses per thread) for those
-    warps = 2 * NUM_WARPS if itemsize == 2 and chunk_for(g.T) > 4 else NUM_WARPS
+    # the backward holds per-channel sums besides the constants (8 channels per thread in channels_last)
+    warps = _warps(g.itemsize, g.T, heavy=True)
     neuron_args = (g.stride_xt, g.N, *g.view_args(), g.programs, *scalars, spec.alpha)
     neuron_kw = dict(T=g.T, CHUNK=chunk_for(g.T), SURROGATE=SURROGATE_CODES[spec.surrogate],
                      DETACH_RESET=spec.detach_reset, DIVIDE=_divide_mode(cuda),
-                     SUM_OVER_TIME=g.stride_xt == 0 and g.T > 1, HAS_RESIDUAL=has_residual, num_warps=warps,
-                     **codes, **g.blocks())
-    finalize_args = (g.programs, g.C, 1.0 / g.count)
-    finalize_kw = dict(TRAINING=training, HAS_WEIGHT=has_weight, GRAD_WEIGHT=grad_weight, GRAD_BIAS=grad_bias,
-                       BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C)
+                     SUM_OVER_TIME=g.stride_xt == 0 and g.T > 1, HAS_RESIDUAL=has_residual,
+                     RESIDUAL_BN=residual_bn is not None, num_warps=warps, **codes, **g.blocks())
+    finalize_args = (g.programs, g.C, 1.0 / g.count, 1)
+    finalize_kw = _finalize_kw(training, has_weight, grad_weight, grad_bias)
     input_args = (g.steps, g.stride_xt, g.N, *g.view_args())
     input_kw = dict(num_warps=NUM_WARPS, **g.blocks())
-    return neuron_args, neuron_kw, _finalize_grid(g.C), finalize_args, finalize_kw, input_args, input_kw
+    residual = None  # the residual BatchNorm's finalisation (Σg·r̂ in row 2) and grad_input (time stride N)
+    if residual_bn is not None:
+        residual = ((g.programs, g.C, 1.0 / (g.T * g.outer * g.inner), 2), _finalize_kw(training, *residual_bn),
+                    (g.T, g.N, g.N, *g.view_args()))
+    return (neuron_args, neuron_kw, _finalize_grid(g.C), finalize_args, finalize_kw, input_args, input_kw,
+            residual)
 
 
 def bn_statistics(x, geometry, weight, bias, running_mean, running_var, stats, *, training, momentum, eps):
@@ -486,34 +533,49 @@ def bn_statistics(x, geometry, weight, bias, running_mean, running_var, stats, *
         *finalize_args, **finalize_kw)
 
 
-def bn_fire(x, residual, stats, spikes, checkpoints, geometry, spec):
-    """spikes [T, ...] (time stride N, x's layout) of the neuron `spec` over y = BN(x) [+ residual]."""
+def bn_fire(x, residual, stats, spikes, checkpoints, geometry, spec, residual_stats=None):
+    """spikes [T, ...] (time stride N, x's layout) of the neuron `spec` over y = BN(x) [+ residual]; with
+    residual_stats (the residual's own [4, C] table, see bn_statistics) y = BN(x) + BN_r(residual)."""
     g = geometry
-    args, kw = _fire_plan(g, spec, x.is_cuda, residual is not None)
+    args, kw = _fire_plan(g, spec, x.is_cuda, residual is not None, residual_stats is not None)
     dummy = stats
     _bn_lif_fwd_kernel[g.grid](
-        x, dummy if residual is None else residual, stats, spikes, dummy if checkpoints is None else checkpoints,
-        *args, **kw)
+        x, dummy if residual is None else residual, stats, dummy if residual_stats is None else residual_stats,
+        spikes, dummy if checkpoints is None else checkpoints, *args, **kw)
 
 
 def bn_fire_backward(x, residual, grad_spikes, stats, checkpoints, grad_y, weight, grad_weight, grad_bias, grad_x,
-                     geometry, spec, *, training):
+                     geometry, spec, *, training, residual_bn=None):
     """grad_y (= dL/d(residual); one timestep when x is broadcast over time), grad_weight/grad_bias (fp32 [C],
     or None) and grad_x (may be grad_y itself: each element is read before it is written): 3 launches
-    (2 without grad_x)."""
+    (2 without grad_x). residual_bn: None, or (stats, weight, grad_weight, grad_bias, grad_input) of the
+    residual's own BatchNorm (the forward's residual_stats; grad_input, dL/d(residual), may be None): 2 launches
+    more, and grad_y is then dL/d(BN_r(residual))."""
     g = geometry
-    (neuron_args, neuron_kw, finalize_grid, finalize_args, finalize_kw, input_args, input_kw) = _backward_plan(
-        g, spec, x.is_cuda, x.element_size(), training, residual is not None, weight is not None,
-        grad_weight is not None, grad_bias is not None)
+    r_flags = None if residual_bn is None else tuple(t is not None for t in residual_bn[1:4])
+    (neuron_args, neuron_kw, finalize_grid, finalize_args, finalize_kw, input_args, input_kw,
+     residual_plan) = _backward_plan(g, spec, x.is_cuda, training, residual is not None, weight is not None,
+                                     grad_weight is not None, grad_bias is not None, r_flags)
     dummy = stats
-    partials = stats.new_empty(2, g.programs, g.C)
+    partials = stats.new_empty(2 if residual_bn is None else 3, g.programs, g.C)
     coef = stats.new_empty(3, g.C)
     _bn_lif_bwd_kernel[g.grid](
         x, dummy if residual is None else residual, grad_spikes, stats,
-        dummy if checkpoints is None else checkpoints, grad_y, partials, *neuron_args, **neuron_kw)
+        dummy if residual_bn is None else residual_bn[0], dummy if checkpoints is None else checkpoints, grad_y,
+        partials, *neuron_args, **neuron_kw)
     _bn_finalize_bwd_kernel[finalize_grid](
         partials, stats, dummy if weight is None else weight, dummy if grad_weight is None else grad_weight,
         dummy if grad_bias is None else grad_bias, coef, *finalize_args, **finalize_kw)
+    if residual_bn is not None:  # before grad_x, which may overwrite grad_y
+        r_stats, r_weight, r_grad_weight, r_grad_bias, r_grad_input = residual_bn
+        r_finalize_args, r_finalize_kw, r_input_args = residual_plan
+        r_coef = stats.new_empty(3, g.C)
+        _bn_finalize_bwd_kernel[finalize_grid](
+            partials, r_stats, dummy if r_weight is None else r_weight,
+            dummy if r_grad_weight is None else r_grad_weight, dummy if r_grad_bias is None else r_grad_bias, r_coef,
+            *r_finalize_args, **r_finalize_kw)
+        if r_grad_input is not None:
+            _bn_grad_input_kernel[g.grid](grad_y, residual, r_stats, r_coef, r_grad_input, *r_input_args, **input_kw)
     if grad_x is not None:
         _bn_grad_input_kernel[g.grid](grad_y, x, stats, coef, grad_x, *input_args, **input_kw)
 

@@ -36,17 +36,19 @@ def folded(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def bn_fire(bn: nn.Module, neuron: nn.Module, x: torch.Tensor, *, residual: torch.Tensor | None = None,
-            residual_storage: str | None = None, repeat: int | None = None, fuse: bool = True) -> torch.Tensor:
-    """neuron(bn(x) [+ residual]) over x[T, B, C, ...] (or one timestep [B, C, ...] presented T = repeat
-    times). With fuse and a stateless fastsnn neuron this is one fused op (fastsnn.bn_lif: the normalised
-    tensor and the neuron input are never stored); otherwise the modules run one after the other (a teacher's
-    ReLU, a SpikingJelly node swapped in, fuse=False for comparison). residual_storage: how the fused op keeps
-    the residual for its backward (see fastsnn.bn_lif)."""
+            residual_storage: str | None = None, residual_bn: nn.Module | None = None, repeat: int | None = None,
+            fuse: bool = True) -> torch.Tensor:
+    """neuron(bn(x) [+ residual, or + residual_bn(residual)]) over x[T, B, C, ...] (or one timestep [B, C, ...]
+    presented T = repeat times). With fuse and a stateless fastsnn neuron this is one fused op (fastsnn.bn_lif:
+    the normalised tensors and the neuron input are never stored); otherwise the modules run one after the
+    other (a teacher's ReLU, a SpikingJelly node swapped in, fuse=False for comparison). residual_storage: how
+    the fused op keeps the residual for its backward (see fastsnn.bn_lif)."""
     if fuse and isinstance(neuron, MultistepNeuron) and not neuron.stateful:
-        return neuron(x, repeat=repeat, bn=bn, residual=residual, residual_storage=residual_storage)
+        return neuron(x, repeat=repeat, bn=bn, residual=residual, residual_storage=residual_storage,
+                      residual_bn=residual_bn)
     y = bn(x) if repeat is not None else folded(bn, x)
     if residual is not None:
-        y = y + residual
+        y = y + (residual if residual_bn is None else folded(residual_bn, residual))
     return fire(neuron, y, repeat)
 
 
@@ -86,10 +88,14 @@ class BasicBlock(_TwoConvBlock):
 
     def forward(self, x):
         out = bn_fire(self.bn1, self.sn1, folded(self.conv1, x), fuse=self.fuse_bn)
-        identity = x if self.downsample is None else folded(self.downsample, x)
-        # the identity is the block input, spikes: kept as bits when the block's convolutions keep them so
-        storage = "bits" if self.downsample is None and isinstance(self.conv1, SpikeConv2d) else None
-        return bn_fire(self.bn2, self.sn2, folded(self.conv2, out), residual=identity, residual_storage=storage,
+        if self.downsample is None:
+            # the identity is the block input, spikes: kept as bits when the block's convolutions keep them so
+            storage = "bits" if isinstance(self.conv1, SpikeConv2d) else None
+            return bn_fire(self.bn2, self.sn2, folded(self.conv2, out), residual=x, residual_storage=storage,
+                           fuse=self.fuse_bn)
+        # the shortcut's BatchNorm runs inside the same op: its output is never stored
+        conv, bn = self.downsample
+        return bn_fire(self.bn2, self.sn2, folded(self.conv2, out), residual=folded(conv, x), residual_bn=bn,
                        fuse=self.fuse_bn)
 
 

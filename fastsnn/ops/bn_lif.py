@@ -46,13 +46,14 @@ def _statistics_impl(x, weight, bias, running_mean, running_var, training, momen
     return stats
 
 
-def _fire_impl(x, residual, stats, spec, repeat):
+def _fire_impl(x, residual, stats, spec, repeat, residual_stats=None):
     """(spikes, checkpoints or None): 1 launch."""
     x_seq = _repeated(x, repeat) if repeat else x
     spikes = time_major_like(x_seq)
     checkpoints = _checkpoints(x_seq)
     residual = None if residual is None else as_time_major_like(residual, x_seq)
-    _kernels().bn_fire(x_seq, residual, stats, spikes, checkpoints, _geometry(x_seq, residual), spec)
+    _kernels().bn_fire(x_seq, residual, stats, spikes, checkpoints, _geometry(x_seq, residual), spec,
+                       residual_stats=residual_stats)
     return spikes, checkpoints
 
 
@@ -67,9 +68,10 @@ _MAX_CHUNK = 8  # fastsnn.kernels.lif.MAX_CHUNK (asserted equal by tests/test_li
 
 
 def _backward_impl(grad_spikes, x, weight, residual, stats, checkpoints, spec, training, repeat, needs,
-                   geometry=None):
-    """(grad_x, grad_weight, grad_bias, grad_residual), None where `needs` (4 bools) says not needed.
-    `geometry`: the forward's, reused when grad_spikes keeps its alignment (the outputs here are new)."""
+                   geometry=None, residual_bn=None):
+    """(grad_x, grad_weight, grad_bias, grad_residual), None where `needs` (4 bools) says not needed; with
+    residual_bn = (the residual's statistics, its BatchNorm weight) also (grad_residual_weight,
+    grad_residual_bias), 6 needs. `geometry`: the forward's, reused when grad_spikes keeps its alignment."""
     x_seq = _repeated(x, repeat) if repeat else x
     grad_spikes = as_time_major_like(grad_spikes, x_seq)
     addresses = grad_spikes.data_ptr()
@@ -83,12 +85,19 @@ def _backward_impl(grad_spikes, x, weight, residual, stats, checkpoints, spec, t
     grad_weight = stats.new_empty(geometry.C) if needs[1] else None
     grad_bias = stats.new_empty(geometry.C) if needs[2] else None
     grad_x = None
-    if needs[0]:
+    launch_residual_bn = None
+    if residual_bn is not None:  # g is dL/d(BN_r(residual)), never returned: dL/dx in place over it
+        grad_x = grad_y if needs[0] else None
+        launch_residual_bn = (*residual_bn, *(stats.new_empty(geometry.C) if n else None for n in needs[4:6]),
+                              time_major_like(residual) if needs[3] else None)
+    elif needs[0]:
         grad_x = time_major_like(grad_y) if needs[3] else grad_y  # in place over g when g is not returned
-    _kernels().bn_fire_backward(x_seq, residual, grad_spikes, stats, checkpoints,
-                                grad_y, weight, grad_weight, grad_bias, grad_x, geometry, spec, training=training)
+    _kernels().bn_fire_backward(x_seq, residual, grad_spikes, stats, checkpoints, grad_y, weight, grad_weight,
+                                grad_bias, grad_x, geometry, spec, training=training, residual_bn=launch_residual_bn)
     if grad_x is not None and broadcast:
         grad_x = grad_x[0]
+    if residual_bn is not None:
+        return grad_x, grad_weight, grad_bias, launch_residual_bn[4], launch_residual_bn[2], launch_residual_bn[3]
     return grad_x, grad_weight, grad_bias, grad_y if needs[3] else None
 
 
@@ -149,6 +158,40 @@ class _BNNeuronFunction(torch.autograd.Function):
         return grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual), None, None, None
 
 
+class _BNResidualBNFunction(torch.autograd.Function):
+    """y = BN(x) + BN_r(residual) (a ResNet block's downsample shortcut, normalised in the same op): x and the
+    residual are saved (BN_r's output never exists), with both statistics tables."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, r_weight, r_bias, r_running_mean,
+                r_running_var, call):
+        residual = as_time_major_like(residual, x)
+        kernels = _kernels()
+        geometry = kernels.geometry(x, residual)
+        stats = x.new_empty(2, 4, geometry.C, dtype=torch.float32)  # x's table, the residual's
+        for k, (t, w, b, rm, rv) in enumerate(((x, weight, bias, running_mean, running_var),
+                                               (residual, r_weight, r_bias, r_running_mean, r_running_var))):
+            kernels.bn_statistics(t, kernels.geometry(t), w, b, rm, rv, stats[k], training=call.training,
+                                  momentum=call.momentum, eps=call.eps)
+        spikes = time_major_like(x)
+        checkpoints = _checkpoints(x)
+        kernels.bn_fire(x, residual, stats[0], spikes, checkpoints, geometry, call.spec, residual_stats=stats[1])
+        ctx.save_for_backward(x, weight, residual, r_weight, stats, checkpoints)
+        ctx.call, ctx.geometry = call, geometry
+        return spikes
+
+    @staticmethod
+    def backward(ctx, grad_spikes):
+        x, weight, residual, r_weight, stats, checkpoints = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        grads = _backward_impl(grad_spikes, x, weight, residual, stats[0], checkpoints, ctx.call.spec,
+                               ctx.call.training, 0, (n[0], n[1], n[2], n[3], n[6], n[7]), ctx.geometry,
+                               residual_bn=(stats[1], r_weight))
+        grad_x, grad_weight, grad_bias, grad_residual, grad_r_weight, grad_r_bias = grads
+        return (grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual), None, None,
+                _cast(grad_r_weight, r_weight), grad_r_bias, None, None, None)
+
+
 # ---- the same launchers as custom ops, for torch.compile ----
 
 def _spec_args(spec: NeuronSpec) -> tuple:
@@ -173,21 +216,23 @@ def _(x, weight, bias, running_mean, running_var, training, momentum, eps, repea
 
 @torch.library.custom_op("fastsnn::bn_neuron_fire", mutates_args=())
 def _bn_fire_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
-                stats: Tensor, kind: str, tau: float, v_threshold: float, v_reset: Optional[float], surrogate: str,
-                alpha: float, detach_reset: bool, training: bool, repeat: int, residual_storage: Optional[str],
-                check: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """spikes, checkpoints and, with residual_storage, the residual packed for the backward; weight and bias are
-    inputs only for their gradients (stats holds their effect)."""
+                stats: Tensor, residual_weight: Optional[Tensor], residual_bias: Optional[Tensor],
+                residual_stats: Optional[Tensor], kind: str, tau: float, v_threshold: float, v_reset: Optional[float],
+                surrogate: str, alpha: float, detach_reset: bool, training: bool, repeat: int,
+                residual_storage: Optional[str], check: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """spikes, checkpoints and, with residual_storage, the residual packed for the backward. The weights and
+    biases are inputs only for their gradients (the statistics tables hold their effect); residual_stats, when
+    given, normalises the residual (its BatchNorm's weight and bias are residual_weight and residual_bias)."""
     spec = NeuronSpec(kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset)
-    spikes, checkpoints = _fire_impl(x, residual, stats, spec, repeat)
+    spikes, checkpoints = _fire_impl(x, residual, stats, spec, repeat, residual_stats)
     packed = _no_bytes(x) if residual is None or not residual_storage else \
         spike_storage.pack("bn_lif", residual, residual_storage, check)
     return spikes, _empty_f32(x) if checkpoints is None else checkpoints, packed
 
 
 @_bn_fire_op.register_fake
-def _(x, weight, bias, residual, stats, kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset, training,
-      repeat, residual_storage, check):
+def _(x, weight, bias, residual, stats, residual_weight, residual_bias, residual_stats, kind, tau, v_threshold,
+      v_reset, surrogate, alpha, detach_reset, training, repeat, residual_storage, check):
     x_seq = _repeated(x, repeat) if repeat else x
     checkpoints = _checkpoints(x_seq)
     packed = _no_bytes(x) if residual is None or not residual_storage else \
@@ -201,57 +246,75 @@ def _no_bytes(x: Tensor) -> Tensor:
 
 @torch.library.custom_op("fastsnn::bn_neuron_backward", mutates_args=())
 def _bn_neuron_backward_op(grad_spikes: Tensor, x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor],
-                           stats: Tensor, checkpoints: Tensor, kind: str, tau: float, v_threshold: float,
+                           stats: Tensor, checkpoints: Tensor, residual_weight: Optional[Tensor],
+                           residual_stats: Optional[Tensor], kind: str, tau: float, v_threshold: float,
                            v_reset: Optional[float], surrogate: str, alpha: float, detach_reset: bool,
                            training: bool, repeat: int, needs: list[bool]) -> list[Tensor]:
+    """The gradients of x, weight, bias, residual (and, with residual_stats, of the residual's BatchNorm
+    weight and bias), empty where `needs` says not needed."""
     spec = NeuronSpec(kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset)
     grads = _backward_impl(grad_spikes, x, weight, residual, stats, checkpoints if checkpoints.numel() else None,
-                           spec, training, repeat, needs)
+                           spec, training, repeat, needs,
+                           residual_bn=None if residual_stats is None else (residual_stats, residual_weight))
     return [_empty_f32(x) if g is None else g for g in grads]
 
 
 @_bn_neuron_backward_op.register_fake
-def _(grad_spikes, x, weight, residual, stats, checkpoints, kind, tau, v_threshold, v_reset, surrogate, alpha,
-      detach_reset, training, repeat, needs):
+def _(grad_spikes, x, weight, residual, stats, checkpoints, residual_weight, residual_stats, kind, tau, v_threshold,
+      v_reset, surrogate, alpha, detach_reset, training, repeat, needs):
     x_seq = _repeated(x, repeat) if repeat else x
-    shapes = (time_major_like(x), torch.empty_like(stats[0]), torch.empty_like(stats[0]), time_major_like(x_seq))
-    return [g if need else _empty_f32(x) for g, need in zip(shapes, needs)]
+    channel = torch.empty_like(stats[0])
+    if residual_stats is None:
+        shapes = (time_major_like(x), channel, channel, time_major_like(x_seq))
+    else:
+        shapes = (time_major_like(x), channel, channel, time_major_like(x_seq, dtype=residual.dtype), channel,
+                  channel)
+    return [torch.empty_like(g) if need else _empty_f32(x) for g, need in zip(shapes, needs)]
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, stats, *params = inputs
+    x, weight, bias, residual, stats, r_weight, r_bias, r_stats, *params = inputs
     ctx.params = params[:7]
     ctx.training, ctx.repeat, storage = params[7], params[8], params[9]
-    ctx.has = (weight is not None, bias is not None, residual is not None)
+    ctx.has = (weight is not None, bias is not None, residual is not None, r_weight is not None, r_bias is not None)
+    ctx.residual_bn = r_stats is not None
     ctx.residual_storage = storage if residual is not None else None
     if ctx.residual_storage:
         ctx.residual_layout = spike_storage.layout(residual)
         residual = output[2]
-    ctx.save_for_backward(x, weight, residual, stats, output[1])
+    ctx.save_for_backward(x, weight, residual, stats, output[1], r_weight, r_stats)
     ctx.mark_non_differentiable(output[1], output[2])
 
 
 def _backward(ctx, grad_spikes, _checkpoints, _packed):
-    x, weight, residual, stats, checkpoints = ctx.saved_tensors
+    x, weight, residual, stats, checkpoints, r_weight, r_stats = ctx.saved_tensors
     if ctx.residual_storage:
         residual = spike_storage.unpack_op(residual, *ctx.residual_layout, ctx.residual_storage)
-    needs = [bool(n) and h for n, h in zip(ctx.needs_input_grad[:4], (True,) + ctx.has)]
-    grads = _bn_neuron_backward_op(grad_spikes, x, weight, residual, stats, checkpoints, *ctx.params, ctx.training,
-                                   ctx.repeat, needs)
-    grad_x, grad_weight, grad_bias, grad_residual = (g if need else None for g, need in zip(grads, needs))
-    return (grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual)) + (None,) * 12
+    wanted = ctx.needs_input_grad[:4] + (ctx.needs_input_grad[5:7] if ctx.residual_bn else ())
+    needs = [bool(n) and h for n, h in zip(wanted, (True,) + ctx.has)]
+    grads = _bn_neuron_backward_op(grad_spikes, x, weight, residual, stats, checkpoints, r_weight, r_stats,
+                                   *ctx.params, ctx.training, ctx.repeat, needs)
+    grads = [g if need else None for g, need in zip(grads, needs)] + [None, None]
+    return (grads[0], _cast(grads[1], weight), grads[2], _cast(grads[3], residual), None,
+            _cast(grads[4], r_weight), grads[5]) + (None,) * 12
 
 
 torch.library.register_autograd("fastsnn::bn_neuron_fire", _backward, setup_context=_setup_context)
 
 
 def _compiled(x, weight, bias, residual, running_mean, running_var, spec, training, momentum, eps, repeat,
-              residual_storage, check):
-    """The op as custom ops for torch.compile: statistics (mutating the running ones), then fire."""
+              residual_storage, check, residual_bn=None):
+    """The op as custom ops for torch.compile: statistics (mutating the running ones; the residual's too when
+    residual_bn normalises it), then fire."""
     detached = [None if t is None else t.detach() for t in (x, weight, bias)]
     stats = _bn_statistics_op(*detached, running_mean, running_var, training, momentum, eps, repeat)
-    spikes, _, _ = _bn_fire_op(x, weight, bias, residual, stats, *_spec_args(spec), training, repeat,
-                               residual_storage, check)
+    r_weight = r_bias = r_stats = None
+    if residual_bn is not None:
+        r_weight, r_bias, r_running_mean, r_running_var = residual_bn
+        r_stats = _bn_statistics_op(*[None if t is None else t.detach() for t in (residual, r_weight, r_bias)],
+                                    r_running_mean, r_running_var, training, momentum, eps, 0)
+    spikes, _, _ = _bn_fire_op(x, weight, bias, residual, stats, r_weight, r_bias, r_stats, *_spec_args(spec),
+                               training, repeat, residual_storage, check)
     return spikes
 
 
@@ -326,33 +389,59 @@ def _check(op, x, weight, bias, running_mean, running_var, residual, training, m
     return momentum, eps
 
 
+def _check_residual_bn(op: str, x: Tensor, residual, residual_bn, residual_storage) -> tuple:
+    if not isinstance(residual_bn, (tuple, list)) or len(residual_bn) != 4:
+        raise TypeError(f"{op}: residual_bn must be None or (weight, bias, running_mean, running_var) of the "
+                        f"residual's BatchNorm, got {type(residual_bn).__name__}")
+    if residual is None:
+        raise ValueError(f"{op}: residual_bn normalises the residual, but residual is None")
+    if residual_storage is not None:
+        raise ValueError(f"{op}: residual_storage packs spikes; a residual normalised by residual_bn is not spikes "
+                         f"(got residual_storage={residual_storage!r})")
+    for name, t in zip(("weight", "bias", "running_mean", "running_var"), residual_bn):
+        _check_channel_vector(op, f"residual_bn's {name}", t, x.shape[2], x.device)
+    if (residual_bn[2] is None) != (residual_bn[3] is None):
+        raise ValueError(f"{op}: residual_bn's running_mean and running_var must be given together (or both None)")
+    return tuple(residual_bn)
+
+
 def apply_bn_neuron(op: str, x: Tensor, weight, bias, running_mean, running_var, spec: NeuronSpec, *,
                     training: bool, momentum: float = 0.1, eps: float = 1e-5, residual: Tensor | None = None,
-                    residual_storage: str | None = None, repeat: int | None = None, backend: str = "auto") -> Tensor:
-    """spikes [T, B, C, ...] of the neuron `spec` over BN(x) [+ residual] (see bn_lif); the spec is trusted."""
+                    residual_storage: str | None = None, residual_bn=None, repeat: int | None = None,
+                    backend: str = "auto") -> Tensor:
+    """spikes [T, B, C, ...] of the neuron `spec` over BN(x) [+ residual, or + BN_r(residual) with residual_bn]
+    (see bn_lif); the spec is trusted."""
     momentum, eps = _check(op, x, weight, bias, running_mean, running_var, residual, training, momentum, eps, repeat)
     if residual_storage is not None and residual_storage not in spike_storage.STORAGES:
         raise ValueError(f"{op}: residual_storage must be None or one of {spike_storage.STORAGES}, got "
                          f"{residual_storage!r}")
+    if residual_bn is not None:
+        residual_bn = _check_residual_bn(op, x, residual, residual_bn, residual_storage)
+        if not training and residual_bn[2] is None:
+            raise ValueError(f"{op}: training=False normalises the residual with residual_bn's running statistics, "
+                             f"which are None")
     if resolve_backend(op, backend, x.device) == "reference":
         return reference.bn_lif_multistep(x, weight, bias, running_mean, running_var, spec, training=training,
-                                          momentum=momentum, eps=eps, residual=residual, repeat=repeat)
+                                          momentum=momentum, eps=eps, residual=residual, residual_bn=residual_bn,
+                                          repeat=repeat)
     if repeat:
         x = x if is_dense_time_major(x.unsqueeze(0)) else x.contiguous()
-    elif not (x.is_contiguous() or is_dense_time_major(x, allow_broadcast=True)):
-        x = x.contiguous()
+    elif not (x.is_contiguous() or is_dense_time_major(x, allow_broadcast=residual_bn is None)):
+        x = x.contiguous()  # with residual_bn, x is read at every step (no time-broadcast)
     check = residual_storage is not None and spike_storage.CHECK_DEFAULT
     if torch.compiler.is_compiling():
         return _compiled(x, weight, bias, residual, running_mean, running_var, spec, training, momentum, eps,
-                         repeat or 0, residual_storage, check)
+                         repeat or 0, residual_storage, check, residual_bn)
     call = _call(spec, training, momentum, eps, repeat or 0, residual_storage, check)
+    if residual_bn is not None:
+        return _BNResidualBNFunction.apply(x, weight, bias, residual, running_mean, running_var, *residual_bn, call)
     return _BNNeuronFunction.apply(x, weight, bias, residual, running_mean, running_var, call)
 
 
 def bn_lif(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
            running_var: Tensor | None, *, training: bool, momentum: float = 0.1, eps: float = 1e-5,
-           residual: Tensor | None = None, residual_storage: str | None = None, tau: float = 2.0,
-           decay_input: bool = True, v_threshold: float = 1.0,
+           residual: Tensor | None = None, residual_storage: str | None = None, residual_bn=None,
+           tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
            v_reset: float | None = 0.0, surrogate: str = "atan", alpha: float | None = None,
            detach_reset: bool = False, repeat: int | None = None, backend: str = "auto") -> Tensor:
     """BatchNorm, an optional residual add, and the multistep LIF neuron, fused:
@@ -369,9 +458,16 @@ def bn_lif(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: 
 
     residual_storage: None keeps the residual tensor for the backward as it is; "bits" (spikes, 0/1) or "uint8"
     (integers 0..255) keeps it packed, 1 bit or 1 byte per value (eager and under torch.compile; see
-    fastsnn.SpikeConv2d for the contract and the checked mode). Memory: the backward keeps x (and the residual) and per-channel fp32
-    statistics, never the
-    normalised value or the neuron input. Returns spikes [T, B, C, *spatial] in x's dtype and layout.
+    fastsnn.SpikeConv2d for the contract and the checked mode).
+
+    residual_bn: None, or (weight, bias, running_mean, running_var) of a second BatchNorm that normalises the
+    residual first, with this call's training, momentum and eps (a ResNet block's downsample shortcut:
+    y = BN(x) + BN_r(residual)); its running statistics are updated the same way, and weight, bias and the
+    residual get their gradients. The backward then keeps the residual (the shortcut convolution's output)
+    instead of BN_r's output, which never exists.
+
+    Memory: the backward keeps x (and the residual) and per-channel fp32 statistics, never the normalised value
+    or the neuron input. Returns spikes [T, B, C, *spatial] in x's dtype and layout.
     The caller (e.g. the BNLIF module) increments num_batches_tracked, as nn.BatchNorm2d's forward does.
     """
     op = "bn_lif"
@@ -379,13 +475,13 @@ def bn_lif(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: 
                        surrogate=surrogate, alpha=alpha, detach_reset=detach_reset)
     return apply_bn_neuron(op, x, weight, bias, running_mean, running_var, spec, training=training,
                            momentum=momentum, eps=eps, residual=residual, residual_storage=residual_storage,
-                           repeat=repeat, backend=backend)
+                           residual_bn=residual_bn, repeat=repeat, backend=backend)
 
 
 def bn_if(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
           running_var: Tensor | None, *, training: bool, momentum: float = 0.1, eps: float = 1e-5,
-          residual: Tensor | None = None, residual_storage: str | None = None, v_threshold: float = 1.0,
-          v_reset: float | None = 0.0,
+          residual: Tensor | None = None, residual_storage: str | None = None, residual_bn=None,
+          v_threshold: float = 1.0, v_reset: float | None = 0.0,
           surrogate: str = "atan", alpha: float | None = None, detach_reset: bool = False,
           repeat: int | None = None, backend: str = "auto") -> Tensor:
     """bn_lif with the integrate-and-fire neuron (charge h = v + y): same arguments without tau, decay_input."""
@@ -394,4 +490,4 @@ def bn_if(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: T
                        alpha=alpha, detach_reset=detach_reset)
     return apply_bn_neuron(op, x, weight, bias, running_mean, running_var, spec, training=training,
                            momentum=momentum, eps=eps, residual=residual, residual_storage=residual_storage,
-                           repeat=repeat, backend=backend)
+                           residual_bn=residual_bn, repeat=repeat, backend=backend)
