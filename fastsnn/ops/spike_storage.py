@@ -96,9 +96,10 @@ def pack(op: str, x: Tensor, storage: str, check: bool) -> Tensor:
     return bits
 
 
-def unpack(op: str, packed: Tensor, storage: str, layout) -> Tensor:
-    """The tensor of `layout` (shape, strides, dtype: see layout()) rebuilt from `packed`, on its device."""
-    shape, strides, dtype = layout
+def unpack(op: str, packed: Tensor, storage: str, x_layout) -> Tensor:
+    """The tensor of `x_layout` (shape, strides, dtype, as layout() gives them) rebuilt from `packed`, on its
+    device."""
+    shape, strides, dtype = x_layout
     out = torch.empty_strided(shape, strides, dtype=dtype, device=packed.device)
     flat = _flat(out)
     if storage == "uint8":
