@@ -131,7 +131,7 @@ def batch_norm_fire(op: str, bn: nn.Module, spec: NeuronSpec, x: torch.Tensor, *
                     backend: str = "auto") -> torch.Tensor:
     """spec's neuron over bn(x) [+ residual, or + residual_bn(residual)], fused, with nn.BatchNorm's bookkeeping
     (see _batch_norm_args). A residual_bn that normalises differently from bn (another mode, momentum factor or
-    eps) runs as its own module first, and its output is the residual."""
+    eps) is applied on its own first, and its output is the residual."""
     *params, training, factor, eps = _batch_norm_args(op, "bn", bn)
     residual_params = None
     if residual_bn is not None:

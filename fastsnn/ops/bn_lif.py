@@ -169,10 +169,11 @@ class _BNResidualBNFunction(torch.autograd.Function):
         kernels = _kernels()
         geometry = kernels.geometry(x, residual)
         stats = x.new_empty(2, 4, geometry.C, dtype=torch.float32)  # x's table, the residual's
-        for k, (t, w, b, rm, rv) in enumerate(((x, weight, bias, running_mean, running_var),
-                                               (residual, r_weight, r_bias, r_running_mean, r_running_var))):
-            kernels.bn_statistics(t, kernels.geometry(t), w, b, rm, rv, stats[k], training=call.training,
-                                  momentum=call.momentum, eps=call.eps)
+        for k, (t, g, w, b, rm, rv) in enumerate((
+                (x, geometry, weight, bias, running_mean, running_var),
+                (residual, kernels.geometry(residual), r_weight, r_bias, r_running_mean, r_running_var))):
+            kernels.bn_statistics(t, g, w, b, rm, rv, stats[k], training=call.training, momentum=call.momentum,
+                                  eps=call.eps)
         spikes = time_major_like(x)
         checkpoints = _checkpoints(x)
         kernels.bn_fire(x, residual, stats[0], spikes, checkpoints, geometry, call.spec, residual_stats=stats[1])
@@ -263,13 +264,14 @@ def _bn_neuron_backward_op(grad_spikes: Tensor, x: Tensor, weight: Optional[Tens
 def _(grad_spikes, x, weight, residual, stats, checkpoints, residual_weight, residual_stats, kind, tau, v_threshold,
       v_reset, surrogate, alpha, detach_reset, training, repeat, needs):
     x_seq = _repeated(x, repeat) if repeat else x
-    channel = torch.empty_like(stats[0])
+    def channel():
+        return torch.empty_like(stats[0])
     if residual_stats is None:
-        shapes = (time_major_like(x), channel, channel, time_major_like(x_seq))
+        grads = (time_major_like(x), channel(), channel(), time_major_like(x_seq))
     else:
-        shapes = (time_major_like(x), channel, channel, time_major_like(x_seq, dtype=residual.dtype), channel,
-                  channel)
-    return [torch.empty_like(g) if need else _empty_f32(x) for g, need in zip(shapes, needs)]
+        grads = (time_major_like(x), channel(), channel(), time_major_like(x_seq, dtype=residual.dtype), channel(),
+                 channel())
+    return [g if need else _empty_f32(x) for g, need in zip(grads, needs)]
 
 
 def _setup_context(ctx, inputs, output):
