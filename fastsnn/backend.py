@@ -20,25 +20,26 @@ def triton_available() -> bool:
     return True
 
 
-_RESOLVED: dict = {}  # (backend, device) -> the answer, once it has been given without an error
+_RESOLVED: dict = {}  # (backend, device, dtype) -> the answer, once it has been given without an error
 
 
-def resolve_backend(op: str, backend: str, device: torch.device) -> str:
-    """Returns "triton" or "reference" for tensors on `device`.
+def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Returns "triton" or "reference" for tensors on `device` (of `dtype`, when it decides).
 
     auto: compiled Triton on CUDA; on the CPU the Triton interpreter when TRITON_INTERPRET=1 was set
-    before fastsnn was imported, else the PyTorch reference.
+    before fastsnn was imported, else the PyTorch reference. The interpreter has no bfloat16 arithmetic
+    (its results would be wrong): bf16 tensors on the CPU take the reference, and backend="triton" refuses them.
     """
     if not isinstance(backend, str):
-        return _resolve(op, backend, device)  # raises the one-line error
-    key = (backend, device)  # the device itself: reading device.type costs more than hashing it
+        return _resolve(op, backend, device, dtype)  # raises the one-line error
+    key = (backend, device, dtype)  # the device itself: reading device.type costs more than hashing it
     answer = _RESOLVED.get(key)
     if answer is None:
-        answer = _RESOLVED[key] = _resolve(op, backend, device)
+        answer = _RESOLVED[key] = _resolve(op, backend, device, dtype)
     return answer
 
 
-def _resolve(op: str, backend: str, device: torch.device) -> str:
+def _resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype | None) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
@@ -51,7 +52,18 @@ def _resolve(op: str, backend: str, device: torch.device) -> str:
             f"{op}: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before importing fastsnn "
             f"to run the kernels on the CPU; got tensors on {device}"
         )
+    if usable and device.type != "cuda" and dtype == torch.bfloat16:  # the interpreter
+        if backend == "triton":
+            raise TypeError(f"{op}: bfloat16 tensors cannot run the kernels under Triton's interpreter "
+                            f"(TRITON_INTERPRET=1, CPU tensors: it has no bfloat16 arithmetic); use float32 or "
+                            f"float16, backend='reference', or CUDA tensors")
+        return "reference"
     return "triton" if usable else "reference"
+
+
+def interpreter_dtype(*tensors) -> torch.dtype | None:
+    """The dtype resolve_backend needs for tensors on the CPU: bfloat16 when any of them is (None skipped)."""
+    return torch.bfloat16 if any(t is not None and t.dtype == torch.bfloat16 for t in tensors) else None
 
 
 def check_same_device(op: str, **tensors: torch.Tensor | None) -> torch.device:

@@ -75,15 +75,28 @@ def bn_lif_multistep(x, weight, bias, running_mean, running_var, spec: NeuronSpe
     running_var) of a BatchNorm applied to the residual first (same training, momentum, eps).
     """
     folded = x if repeat else x.flatten(0, 1)
-    y = F.batch_norm(folded, running_mean, running_var, weight, bias, training, momentum, eps)
+    y = _batch_norm(folded, weight, bias, running_mean, running_var, training, momentum, eps, compute_dtype)
     y = y.unsqueeze(0).expand(repeat, *y.shape) if repeat else y.unflatten(0, x.shape[:2])
     if residual is not None and residual_bn is not None:
         r_weight, r_bias, r_running_mean, r_running_var = residual_bn
-        residual = F.batch_norm(residual.flatten(0, 1), r_running_mean, r_running_var, r_weight, r_bias, training,
-                                momentum, eps).unflatten(0, residual.shape[:2])
+        residual = _batch_norm(residual.flatten(0, 1), r_weight, r_bias, r_running_mean, r_running_var, training,
+                               momentum, eps, compute_dtype).unflatten(0, residual.shape[:2])
     if residual is not None:
-        y = y + residual
-    return lif_multistep(y, spec, compute_dtype=compute_dtype)
+        y = y + residual.to(compute_dtype)
+    return lif_multistep(y, spec, compute_dtype=compute_dtype).to(x.dtype)
+
+
+def _batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, compute_dtype):
+    """F.batch_norm in compute_dtype (any mix of argument dtypes), the running statistics updated in place."""
+    def up(t):
+        return None if t is None else t.to(compute_dtype)
+    running = [up(running_mean), up(running_var)]
+    y = F.batch_norm(up(x), *running, up(weight), up(bias), training, momentum, eps)
+    if training:
+        for given, updated in zip((running_mean, running_var), running):
+            if given is not None and updated is not given:
+                given.copy_(updated)
+    return y
 
 
 def tser_loss(student_logits, teacher_logits, target, *, alpha=0.5, tau=5.0, lam=0.01, ts_ce=True, ts_kl=True,
@@ -92,7 +105,8 @@ def tser_loss(student_logits, teacher_logits, target, *, alpha=0.5, tau=5.0, lam
 
     L = (1−α)·CE_part + α·τ²·KL_part − λ·(1/T)·Σ_t H(softmax(z_t/τ_H)), each averaged over the batch;
     CE_part and KL_part are time-means of per-timestep terms (ts_ce / ts_kl) or the term of z̄ = mean_t z_t.
-    CE(z, y) = logsumexp(z) − z_y; KL(p‖q) = Σ p·(log p − log q); H(q) = −Σ q·log q.
+    CE(z, y) = logsumexp(z) − z_y; KL(p‖q) = Σ p·(log p − log q); H(q) = −Σ q·log q, with 0·log 0 = 0: a class
+    whose logit is −inf (a masked class) has probability 0 and adds nothing.
     Labels equal to ignore_index are left out of CE (averaged over the labelled samples, 0 if none); any
     other label outside [0, C) makes the loss, the terms and the gradient NaN (no host sync).
     """
@@ -111,16 +125,19 @@ def tser_loss(student_logits, teacher_logits, target, *, alpha=0.5, tau=5.0, lam
         return torch.logsumexp(logits, dim=-1) - logits.gather(-1, y_index.expand(*logits.shape[:-1], 1)).squeeze(-1)
 
     log_p_teacher = F.log_softmax(u / tau, dim=-1)
+    p_teacher = log_p_teacher.exp()
 
-    def kl_rows(logits):  # KL(softmax(u/τ) ‖ softmax(logits/τ)) per row
-        return (log_p_teacher.exp() * (log_p_teacher - F.log_softmax(logits / tau, dim=-1))).sum(dim=-1)
+    def kl_rows(logits):  # KL(softmax(u/τ) ‖ softmax(logits/τ)) per row, 0·log 0 = 0 (a −inf teacher logit)
+        log_ratio = torch.where(p_teacher > 0, log_p_teacher - F.log_softmax(logits / tau, dim=-1), 0.0)
+        return (p_teacher * log_ratio).sum(dim=-1)
 
     z_mean = z.mean(dim=0)
     ce_per_sample = ce_rows(z).mean(dim=0) if ts_ce else ce_rows(z_mean)  # [B]
     ce = (ce_per_sample * counts).sum() / counts.sum().clamp(min=1)
     kl_part = (kl_rows(z).mean(dim=0) if ts_kl else kl_rows(z_mean)).mean()
     log_q = F.log_softmax(z / tau_h, dim=-1)
-    entropy = -(log_q.exp() * log_q).sum(dim=-1).mean()
+    q = log_q.exp()
+    entropy = -(q * torch.where(q > 0, log_q, 0.0)).sum(dim=-1).mean()  # 0·log 0 = 0 (a −inf student logit)
     loss = (1 - alpha) * ce + alpha * tau * tau * kl_part
     if lam > 0:
         loss = loss - lam * entropy

@@ -653,3 +653,106 @@ def test_bad_residual_storage_is_refused():
     with pytest.raises(ValueError, match=r"bn_lif: residual_storage must be None or one of \('bits', 'uint8'\)"):
         fastsnn.bn_lif(torch.randn(2, 3, 4), None, None, None, None, training=True, residual=torch.zeros(2, 3, 4),
                        residual_storage="int4")
+
+
+SENTINEL = 7.0  # the values around a strided or offset argument, which nothing may write
+
+
+def _placed(values, layout, requires_grad=True):
+    """(the argument: `values` in `layout`, its leaf for gradients, the buffer around it or None).
+    Vectors: "strided" every 2nd element of a buffer, "offset" a slice starting at element 3, "expanded" one
+    element broadcast (stride 0). Activations [T, ...]: "strided" a slice of a wider channel dim, "offset" a
+    view 3 elements in, "expanded" one timestep broadcast over T (time stride 0)."""
+    if layout == "expanded":
+        leaf = values.detach()[:1].clone().requires_grad_(requires_grad)
+        return leaf.expand(values.shape), leaf, None
+    n = values.numel()
+    if values.dim() == 1:
+        buffer = torch.full((2 * n + 3,), SENTINEL, device=values.device)
+        view = buffer[:2 * n:2] if layout == "strided" else buffer[3:3 + n]
+    elif layout == "strided":
+        shape = list(values.shape)
+        shape[2] += 2
+        buffer = torch.full(shape, SENTINEL, device=values.device, dtype=values.dtype)
+        view = buffer[:, :, 1:values.shape[2] + 1]
+    else:
+        buffer = torch.full((n + 3,), SENTINEL, device=values.device, dtype=values.dtype)
+        view = buffer[3:].view(values.shape)
+    with torch.no_grad():
+        view.copy_(values)
+    return view, buffer.requires_grad_(requires_grad), buffer
+
+
+ARGUMENTS = ("x", "weight", "bias", "running_mean", "running_var", "residual", "r_weight", "r_bias",
+             "r_running_mean", "r_running_var")
+
+
+@pytest.mark.parametrize("layout", ["strided", "offset", "expanded"])
+@pytest.mark.parametrize("argument", ARGUMENTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_every_tensor_argument_in_every_layout(device, argument, layout, training):
+    """Each tensor argument of bn_lif given strided, offset into a buffer or expanded (stride 0, over time for
+    x and the residual), the others dense: the same spikes, running statistics and gradients as dense copies
+    given to the reference; nothing outside the argument is written; an expanded running statistic, which
+    training updates in place, is refused in one line."""
+    T, B, C = 3, 2, 4
+    if argument == "x" and layout == "expanded":
+        values = dict(x=(torch.randn(1, B, C, 5, 3, device=device) * 2 + 0.5).expand(T, B, C, 5, 3))
+    else:
+        values = dict(x=torch.randn(T, B, C, 5, 3, device=device) * 2 + 0.5)
+    values["residual"] = torch.randn(T, B, C, 5, 3, device=device)
+    for prefix in ("", "r_"):
+        values[prefix + "weight"] = torch.rand(C, device=device) + 0.5
+        values[prefix + "bias"] = torch.randn(C, device=device)
+        values[prefix + "running_mean"] = torch.randn(C, device=device) * 0.2
+        values[prefix + "running_var"] = torch.rand(C, device=device) + 0.5
+    if layout == "expanded" and argument != "x":  # an expanded vector holds one value: give every entry it
+        values[argument] = values[argument][:1].expand(values[argument].shape).contiguous()
+    grad_spikes = torch.randn(T, B, C, 5, 3, device=device)
+    running = [n for n in ARGUMENTS if "running" in n]
+
+    def call(backend, args):
+        return fastsnn.bn_lif(args["x"], args["weight"], args["bias"], args["running_mean"], args["running_var"],
+                              training=training, residual=args["residual"], backend=backend,
+                              residual_bn=tuple(args["r_" + k] for k in ("weight", "bias", "running_mean",
+                                                                         "running_var")))
+
+    # the oracle: the reference on dense leaves
+    dense = {k: (v.detach().clone() if "running" in k else v.detach().clone().requires_grad_())
+             for k, v in values.items()}
+    want_spikes = call("reference", dense)
+    differentiable = [k for k in ARGUMENTS if "running" not in k]
+    want_grads = dict(zip(differentiable, torch.autograd.grad((want_spikes * grad_spikes).sum(),
+                                                              [dense[k] for k in differentiable])))
+    given = {k: (v.detach().clone() if "running" in k else v.detach().clone().requires_grad_())
+             for k, v in values.items()}
+    given[argument], leaf, buffer = _placed(values[argument], layout, requires_grad="running" not in argument)
+    if "running" in argument:
+        leaf = None
+    if "running" in argument and layout == "expanded" and training:
+        with pytest.raises(ValueError, match=f"bn_lif: .*{argument.removeprefix('r_')} is updated in place in "
+                                             "training mode, so it cannot be an expanded tensor"):
+            call("triton", given)
+        return
+    got_spikes = call("triton", given)
+    assert torch.equal(got_spikes, want_spikes), f"{(got_spikes != want_spikes).sum().item()} spikes differ"
+    for k in running:
+        assert_close(given[k], dense[k], torch.float32)
+    inputs = [given[k] for k in differentiable if k != argument] + ([leaf] if leaf is not None else [])
+    grads = torch.autograd.grad((got_spikes * grad_spikes).sum(), inputs)
+    for k, g in zip([k for k in differentiable if k != argument], grads):
+        assert_close(g, want_grads[k], torch.float32, scale=max(1.0, want_grads[k].abs().max().item()))
+    if leaf is not None:  # the argument's own gradient, through its view
+        want = want_grads[argument]
+        expected = torch.zeros_like(leaf)
+        if layout == "expanded":
+            expected = want.sum(0, keepdim=True) if argument in ("x", "residual") else want.sum().reshape(1)
+        else:
+            expected.as_strided(given[argument].shape, given[argument].stride(),
+                                given[argument].storage_offset()).copy_(want)
+        assert_close(grads[-1], expected, torch.float32, scale=max(1.0, expected.abs().max().item()))
+    if buffer is not None:  # nothing written around the argument
+        outside = torch.ones_like(buffer, dtype=torch.bool)
+        outside.as_strided(given[argument].shape, given[argument].stride(), given[argument].storage_offset()).fill_(
+            False)
+        assert (buffer.detach()[outside] == SENTINEL).all()

@@ -40,6 +40,13 @@ def _online_rows(b_a, m_a, b_m, b_s):
 
 
 @triton.jit
+def _xlogx_term(b_p, b_a):
+    """b_p·b_a where b_p > 0, else 0: a probability times a log-probability (or a logit), with 0·log 0 = 0, so a
+    class with probability 0 (a −inf logit: a masked class) adds nothing instead of 0·(−inf) = NaN."""
+    return b_p * tl.where(b_p > 0, b_a, 0.0)
+
+
+@triton.jit
 def _lse_start(R: tl.constexpr):
     """R empty online log-sum-exps: (running max, sum of exp); the finite start keeps masked rows nan-free."""
     return tl.full([R], -3.0e38, tl.float32), tl.zeros([R], tl.float32)
@@ -55,7 +62,7 @@ def _teacher_lse(p_ub, C, inv_tau, BLOCK_C: tl.constexpr):
         m_c = (o_c < C)[None, :]
         b_a = tl.load(p_ub + o_c[None, :], mask=m_c, other=0.0).to(tl.float32) * inv_tau  # [1, BC]
         b_m, b_scale, b_e, b_s = _online_rows(b_a, m_c, b_m, b_s)
-        b_w = b_w * b_scale + tl.sum(tl.where(m_c, b_e * b_a, 0.0), axis=1)
+        b_w = b_w * b_scale + tl.sum(_xlogx_term(b_e, b_a), axis=1)
     b_lse = b_m + tl.log(b_s)
     return tl.sum(b_lse, axis=0), tl.sum(b_w / b_s - b_lse, axis=0)
 
@@ -131,11 +138,11 @@ def _tser_loss_fwd_kernel(
         if HAS_ENT:
             b_ah = b_z * inv_tau_h
             b_mh, b_scale, b_e, b_sh = _online_rows(b_ah, m_z, b_mh, b_sh)
-            b_wh = b_wh * b_scale + tl.sum(tl.where(m_z, b_e * b_ah, 0.0), axis=1)
+            b_wh = b_wh * b_scale + tl.sum(_xlogx_term(b_e, b_ah), axis=1)
         b_pu = _teacher_probs(p_ub, o_c, m_c, inv_tau, lse_u)  # [1, BC]
         if TS_KL:
             b_mk, _, _, b_sk = _online_rows(b_z * inv_tau, m_z, b_mk, b_sk)
-            b_xk += tl.sum(b_pu * b_z, axis=1) * inv_tau
+            b_xk += tl.sum(_xlogx_term(b_pu, b_z), axis=1) * inv_tau
         if NEED_MEAN:
             b_zm = tl.sum(b_z, axis=0)[None, :] * inv_T  # [1, BC]; the tile holds every timestep
             m_m = m_c[None, :]
@@ -144,7 +151,7 @@ def _tser_loss_fwd_kernel(
                 b_zym += tl.sum(tl.where(b_is_y & m_m, b_zm, 0.0), axis=1)
             if not TS_KL:
                 b_mkm, _, _, b_skm = _online_rows(b_zm * inv_tau, m_m, b_mkm, b_skm)
-                b_xkm += tl.sum(b_pu * b_zm, axis=1) * inv_tau
+                b_xkm += tl.sum(_xlogx_term(b_pu, b_zm), axis=1) * inv_tau
 
     # per-row statistics for the backward, and this tile's sums of the per-sample terms (rows past T
     # padded with sum 1 so that they stay finite)
@@ -265,7 +272,7 @@ def _tser_loss_bwd_kernel(
             b_g += w_kl * (tl.exp(b_z * inv_tau - b_lsek) - b_pu)
         if HAS_ENT:
             b_logp = b_z * inv_tau_h - b_lseh
-            b_g += w_ent * tl.exp(b_logp) * (b_logp + b_ent)
+            b_g += w_ent * _xlogx_term(tl.exp(b_logp), b_logp + b_ent)
         if NEED_MEAN:
             b_zm = tl.sum(b_z, axis=0)[None, :] * inv_T  # [1, BC]
             if not TS_CE:

@@ -17,9 +17,11 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backend import FLOAT_DTYPES, check_float_tensor, check_number, check_same_device, resolve_backend
+from ..backend import (FLOAT_DTYPES, check_float_tensor, check_number, check_same_device, interpreter_dtype,
+                       resolve_backend)
 from ..spec import NeuronSpec, kind_of, neuron_spec
 from . import spike_storage
+from ._autograd import once_differentiable
 from ._layout import as_time_major_like, is_dense_time_major, kernels_loader, time_major_like
 
 
@@ -147,6 +149,7 @@ class _BNNeuronFunction(torch.autograd.Function):
         return spikes
 
     @staticmethod
+    @once_differentiable("bn_lif")
     def backward(ctx, grad_spikes):
         x, weight, residual, stats, checkpoints = ctx.saved_tensors
         call = ctx.call
@@ -182,6 +185,7 @@ class _BNResidualBNFunction(torch.autograd.Function):
         return spikes
 
     @staticmethod
+    @once_differentiable("bn_lif")
     def backward(ctx, grad_spikes):
         x, weight, residual, r_weight, stats, checkpoints = ctx.saved_tensors
         n = ctx.needs_input_grad
@@ -323,16 +327,18 @@ def _compiled(x, weight, bias, residual, running_mean, running_var, spec, traini
 # ---- checks and the public functions ----
 
 def _channel_vectors_ok(x: Tensor, *vectors) -> bool:
-    """True when each of `vectors` is a float tensor of shape (C,) on x's device (C = x.shape[2])."""
+    """True when each of `vectors` is a dense float tensor of shape (C,) on x's device (C = x.shape[2])."""
     C, device = x.shape[2], x.device
     for t in vectors:
         if not (type(t) is Tensor or type(t) is torch.nn.Parameter) or t.dtype not in FLOAT_DTYPES \
-                or t.shape != (C,) or t.device != device:
+                or t.shape != (C,) or t.device != device or not t.is_contiguous():
             return False
     return True
 
 
-def _check_channel_vector(op: str, name: str, t, C: int, device):
+def _check_channel_vector(op: str, name: str, t, C: int, device, *, written: bool = False):
+    """`written`: the op updates t in place (a running statistic in training mode), so its elements must not
+    share memory (an expanded tensor)."""
     if t is None:
         return
     check_float_tensor(op, name, t)
@@ -341,6 +347,15 @@ def _check_channel_vector(op: str, name: str, t, C: int, device):
                          f"{tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{op}: {name} must be on x's device ({device}), got {t.device}")
+    if written and C > 1 and t.stride(0) == 0:
+        raise ValueError(f"{op}: {name} is updated in place in training mode, so it cannot be an expanded tensor "
+                         f"(stride 0: its {C} entries share one element); pass a tensor with its own {C} elements")
+
+
+def _dense_vectors(vectors: tuple) -> tuple:
+    """Each per-channel vector itself when dense, else a contiguous copy (the kernels read and write them with
+    stride 1); the copies of weights and biases pass their gradients back to the given tensors."""
+    return tuple(None if t is None or t.is_contiguous() else t.contiguous() for t in vectors)
 
 
 def _check(op, x, weight, bias, running_mean, running_var, residual, training, momentum, eps, repeat):
@@ -350,7 +365,7 @@ def _check(op, x, weight, bias, running_mean, running_var, residual, training, m
                                       and residual.shape == x.shape and residual.device == x.device)) \
             and type(momentum) is float and 0.0 <= momentum <= 1.0 and type(eps) is float and 0.0 < eps < math.inf \
             and 0 not in x.shape and x.numel() > x.shape[2]:
-        return momentum, eps  # the common call (a training step), checked in one expression
+        return momentum, eps, True  # the common call (a training step), checked in one expression
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: x must be a torch.Tensor of shape [T, B, C, ...], got {type(x).__name__}")
     if repeat is not None:
@@ -370,13 +385,13 @@ def _check(op, x, weight, bias, running_mean, running_var, residual, training, m
         raise ValueError(f"{op}: x must not be empty, got shape {shape} (time, batch, channel, ...)")
     C = shape[2]
     device = x.device
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
-        _check_channel_vector(op, name, t, C, device)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{op}: running_mean and running_var must be given together (or both None)")
     if not isinstance(training, bool):
         raise TypeError(f"{op}: training must be True or False, got {training!r}")
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        _check_channel_vector(op, name, t, C, device, written=training and name.startswith("running"))
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: running_mean and running_var must be given together (or both None)")
     if not training and running_mean is None:
         raise ValueError(f"{op}: training=False normalises with running_mean and running_var, which are None")
     momentum = check_number(op, "momentum", momentum, low=0.0, high=1.0, rule="a number in [0, 1]")
@@ -388,10 +403,10 @@ def _check(op, x, weight, bias, running_mean, running_var, residual, training, m
         check_same_device(op, x=x, residual=residual)
         if tuple(residual.shape) != shape:
             raise ValueError(f"{op}: residual must have x's shape {shape}, got {tuple(residual.shape)}")
-    return momentum, eps
+    return momentum, eps, False
 
 
-def _check_residual_bn(op: str, x: Tensor, residual, residual_bn, residual_storage) -> tuple:
+def _check_residual_bn(op: str, x: Tensor, residual, residual_bn, residual_storage, training: bool) -> tuple:
     if not isinstance(residual_bn, (tuple, list)) or len(residual_bn) != 4:
         raise TypeError(f"{op}: residual_bn must be None or (weight, bias, running_mean, running_var) of the "
                         f"residual's BatchNorm, got {type(residual_bn).__name__}")
@@ -401,7 +416,8 @@ def _check_residual_bn(op: str, x: Tensor, residual, residual_bn, residual_stora
         raise ValueError(f"{op}: residual_storage packs spikes; a residual normalised by residual_bn is not spikes "
                          f"(got residual_storage={residual_storage!r})")
     for name, t in zip(("weight", "bias", "running_mean", "running_var"), residual_bn):
-        _check_channel_vector(op, f"residual_bn's {name}", t, x.shape[2], x.device)
+        _check_channel_vector(op, f"residual_bn's {name}", t, x.shape[2], x.device,
+                              written=training and name.startswith("running"))
     if (residual_bn[2] is None) != (residual_bn[3] is None):
         raise ValueError(f"{op}: residual_bn's running_mean and running_var must be given together (or both None)")
     return tuple(residual_bn)
@@ -413,23 +429,40 @@ def apply_bn_neuron(op: str, x: Tensor, weight, bias, running_mean, running_var,
                     backend: str = "auto") -> Tensor:
     """spikes [T, B, C, ...] of the neuron `spec` over BN(x) [+ residual, or + BN_r(residual) with residual_bn]
     (see bn_lif); the spec is trusted."""
-    momentum, eps = _check(op, x, weight, bias, running_mean, running_var, residual, training, momentum, eps, repeat)
+    momentum, eps, common = _check(op, x, weight, bias, running_mean, running_var, residual, training, momentum, eps,
+                                   repeat)
     if residual_storage is not None and residual_storage not in spike_storage.STORAGES:
         raise ValueError(f"{op}: residual_storage must be None or one of {spike_storage.STORAGES}, got "
                          f"{residual_storage!r}")
     if residual_bn is not None:
-        residual_bn = _check_residual_bn(op, x, residual, residual_bn, residual_storage)
+        residual_bn = _check_residual_bn(op, x, residual, residual_bn, residual_storage, training)
         if not training and residual_bn[2] is None:
             raise ValueError(f"{op}: training=False normalises the residual with residual_bn's running statistics, "
                              f"which are None")
-    if resolve_backend(op, backend, x.device) == "reference":
+    dtype = None if x.is_cuda else interpreter_dtype(x, residual, weight, bias, running_mean, running_var,
+                                                    *(residual_bn or ()))
+    if resolve_backend(op, backend, x.device, dtype) == "reference":
         return reference.bn_lif_multistep(x, weight, bias, running_mean, running_var, spec, training=training,
                                           momentum=momentum, eps=eps, residual=residual, residual_bn=residual_bn,
                                           repeat=repeat)
+    vectors = (weight, bias, running_mean, running_var) + (residual_bn or ())
+    copies = () if common and residual_bn is None else _dense_vectors(vectors)  # common: x's vectors are dense
+    if any(t is not None for t in copies):  # a strided or expanded vector: the kernels take dense copies
+        used = tuple(t if c is None else c for t, c in zip(vectors, copies))
+        spikes = apply_bn_neuron(op, x, *used[:4], spec, training=training, momentum=momentum, eps=eps,
+                                 residual=residual, residual_storage=residual_storage,
+                                 residual_bn=used[4:] or None, repeat=repeat, backend=backend)
+        if training:  # the running statistics' updates, written back where the caller keeps them
+            for k in (2, 3) if residual_bn is None else (2, 3, 6, 7):
+                if copies[k] is not None:
+                    vectors[k].copy_(copies[k])
+        return spikes
     if repeat:
         x = x if is_dense_time_major(x.unsqueeze(0)) else x.contiguous()
-    elif not (x.is_contiguous() or is_dense_time_major(x, allow_broadcast=residual_bn is None)):
-        x = x.contiguous()  # with residual_bn, x is read at every step (no time-broadcast)
+    elif not (x.is_contiguous() or is_dense_time_major(x)):
+        # a time-broadcast x (stride 0) too: its statistics count T·B·spatial values, and its gradient has T
+        # timesteps (repeat= is the form that reads one timestep in place)
+        x = x.contiguous()
     check = residual_storage is not None and spike_storage.CHECK_DEFAULT
     if torch.compiler.is_compiling():
         return _compiled(x, weight, bias, residual, running_mean, running_var, spec, training, momentum, eps,

@@ -13,8 +13,9 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backend import FLOAT_DTYPES, check_float_tensor, check_same_device, resolve_backend
+from ..backend import FLOAT_DTYPES, check_float_tensor, check_same_device, interpreter_dtype, resolve_backend
 from ..spec import NeuronSpec, kind_of, neuron_spec
+from ._autograd import once_differentiable
 from ._layout import as_time_major_like, is_dense_time_major, same_layout, time_major_like
 
 
@@ -91,6 +92,7 @@ class _LIFFunction(torch.autograd.Function):
         return spikes, v_final
 
     @staticmethod
+    @once_differentiable("lif_multistep")
     def backward(ctx, grad_spikes, grad_v_final):
         x, v_init, checkpoints = ctx.saved_tensors
         x_seq = _repeated(x, ctx.repeat) if ctx.repeat else x
@@ -117,6 +119,7 @@ class _LIFPlain(torch.autograd.Function):
         return spikes
 
     @staticmethod
+    @once_differentiable("lif_multistep")
     def backward(ctx, grad_spikes):
         x, checkpoints = ctx.saved_tensors
         grad_x = time_major_like(x)
@@ -227,7 +230,8 @@ def apply_neuron(op: str, x: Tensor, spec: NeuronSpec, *, v_init: Tensor | None 
     or (spikes, v_final) with return_v. The spec is trusted (validated where it was built)."""
     device = _check_input(op, x, v_init, repeat)
     # an empty x has nothing to launch (its strides do not describe a dense block: a kernel would write past it)
-    if resolve_backend(op, backend, device) == "reference" or x.numel() == 0:
+    dtype = None if x.is_cuda else interpreter_dtype(x, v_init)
+    if resolve_backend(op, backend, device, dtype) == "reference" or x.numel() == 0:
         x_seq = _repeated(x, repeat) if repeat else x
         return reference.lif_multistep(x_seq, spec, v_init=v_init, return_v=return_v)
     if repeat:

@@ -15,7 +15,8 @@ Exactness is a contract: storage "bits" holds 0/1 only, "uint8" integers 0…255
 `check` argument, or FASTSNN_CHECK_SPIKES=1 in the environment, which the test suite sets) a value that is
 not representable raises ValueError, at the cost of one host sync per call. Unchecked mode is safe when the
 input is the output of a fastsnn neuron (always 0/1) or of a SEW ADD connect of such spikes (integers ≤ the
-number of blocks + 1); anything else stored unchecked is silently rounded (bits: any nonzero value → 1).
+number of blocks + 1); anything else stored unchecked is silently changed: bits store any nonzero value as 1,
+uint8 truncates toward zero and wraps modulo 256 (2.7 → 2, 300 → 44, −1 → 255).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backend import resolve_backend
+from ._autograd import once_differentiable
 from ._layout import kernels_loader, same_layout
 
 STORAGES = ("bits", "uint8")
@@ -79,7 +81,7 @@ def pack(op: str, x: Tensor, storage: str, check: bool) -> Tensor:
                 raise ValueError(f"{op}: storage='uint8' holds integers 0..255, but the input has {bad} other "
                                  f"values; use a dense convolution (nn.Conv2d) for this input")
         return flat.to(torch.uint8)
-    if resolve_backend(op, "auto", x.device) == "triton":
+    if resolve_backend(op, "auto", x.device, x.dtype) == "triton":
         k = _kernels()
         bits = torch.empty(k.packed_bytes(flat.numel()), dtype=torch.uint8, device=x.device)
         bad = torch.zeros(1, dtype=torch.int32, device=x.device) if check else None
@@ -91,8 +93,10 @@ def pack(op: str, x: Tensor, storage: str, check: bool) -> Tensor:
         shifts = torch.arange(8, dtype=torch.uint8, device=x.device)
         bits = (ones.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8)
     if bad:
-        raise ValueError(f"{op}: storage='bits' holds spikes (0 or 1), but the input has {bad} other values; "
-                         f"use storage='uint8' for small integer sums, or a dense layer")
+        instead = ("use storage='uint8' for small integer sums, or a dense layer (nn.Conv2d)" if op == "SpikeConv2d"
+                   else "use nn.MaxPool2d for this input" if op == "SpikeMaxPool2d"
+                   else "use residual_storage='uint8' for small integer sums, or None")
+        raise ValueError(f"{op}: spikes are stored as bits (0 or 1), but the input has {bad} other values; {instead}")
     return bits
 
 
@@ -104,7 +108,7 @@ def unpack(op: str, packed: Tensor, storage: str, x_layout) -> Tensor:
     flat = _flat(out)
     if storage == "uint8":
         flat.copy_(packed)
-    elif resolve_backend(op, "auto", packed.device) == "triton":
+    elif resolve_backend(op, "auto", packed.device, dtype) == "triton":
         _kernels().unpack_bits(packed, flat)
     else:
         shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
@@ -139,6 +143,7 @@ class _SpikeConv2dFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable("SpikeConv2d")
     def backward(ctx, grad_out):
         weight, packed = ctx.saved_tensors
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
@@ -274,6 +279,7 @@ class _SpikeMaxPool2dFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable("SpikeMaxPool2d")
     def backward(ctx, grad_out):
         (packed,) = ctx.saved_tensors
         return _pool_backward(grad_out, packed, ctx.x_layout, ctx.pool), None, None

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._autograd import once_differentiable
 from .. import reference
-from ..backend import BACKENDS, FLOAT_DTYPES, check_float_tensor, check_number, check_same_device, resolve_backend
+from ..backend import (BACKENDS, FLOAT_DTYPES, check_float_tensor, check_number, check_same_device,
+                       interpreter_dtype, resolve_backend)
 
 _OP = "tser_loss"
 # τ (and τ_H) outside this range lose the loss to fp32 cancellation: KL·τ² is a difference of log-sum-exps
@@ -101,6 +103,7 @@ class _TSERLossFunction(torch.autograd.Function):
         return loss, terms
 
     @staticmethod
+    @once_differentiable("tser_loss")
     def backward(ctx, grad_loss, grad_terms):
         return _loss_backward(ctx, grad_loss), None, None, None
 
@@ -113,6 +116,7 @@ class _TSERLossOnly(torch.autograd.Function):
         return _forward_and_save(ctx, z, u, y, spec)[0]
 
     @staticmethod
+    @once_differentiable("tser_loss")
     def backward(ctx, grad_loss):
         return _loss_backward(ctx, grad_loss), None, None, None
 
@@ -120,23 +124,7 @@ class _TSERLossOnly(torch.autograd.Function):
 def _loss_backward(ctx, grad_loss: Tensor) -> Tensor:
     """grad_z of either Function (grad_loss is 0-d: autograd checks it has the loss's shape)."""
     z, u, y, stats = ctx.saved_tensors
-    if not torch.is_grad_enabled():
-        return _backward_impl(grad_loss, z, u, y, stats, ctx.spec)
-    # create_graph=True: a gradient that refuses to be differentiated
-    with torch.no_grad():
-        grad_z = _backward_impl(grad_loss, z, u, y, stats, ctx.spec)
-    return _NotTwiceDifferentiable.apply(grad_z, z)
-
-
-class _NotTwiceDifferentiable(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, grad_z, anchor):
-        return grad_z.view_as(grad_z)
-
-    @staticmethod
-    def backward(ctx, *_):
-        raise RuntimeError(f"{_OP}: the loss's gradient cannot be differentiated again (double backward through "
-                           "tser_loss is not supported)")
+    return _backward_impl(grad_loss, z, u, y, stats, ctx.spec)
 
 
 # ---- the same launchers as custom ops, for torch.compile ----
@@ -314,7 +302,8 @@ def tser_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, *,
                                                      ignore_index)
     if not student_logits.is_cuda:
         _check_labels_on_host(target, student_logits.shape[2], ignore_index)
-    if resolve_backend(_OP, backend, device) == "reference":
+    dtype = None if student_logits.is_cuda else interpreter_dtype(student_logits, teacher_logits)
+    if resolve_backend(_OP, backend, device, dtype) == "reference":
         return reference.tser_loss(student_logits, teacher_logits, target, alpha=alpha, tau=tau, lam=lam,
                                    ts_ce=ts_ce, ts_kl=ts_kl, entropy_tau=entropy_tau, ignore_index=ignore_index,
                                    return_terms=return_terms)
