@@ -17,8 +17,9 @@ import torch
 
 from . import checkpoint as ckpt
 from . import data as datasets
-from . import models
+from . import models, rundir
 from .training import TrainConfig, evaluate
+from .training.config import UsageError, check_saved
 from .training.report import strict_json, write_text
 from .training.setup import autocast, build_model, device_for
 
@@ -48,13 +49,21 @@ def _checked(args) -> tuple[dict, TrainConfig, str]:
     except ckpt.CheckpointError as e:
         raise _Refused(str(e)) from None
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+    problem = rundir.check(out, resuming=True, overwrite=False, flag="--out")  # a folder that can be written
+    if problem:
+        raise _Refused(problem)
     report_path = os.path.join(out, f"eval-{os.path.splitext(os.path.basename(args.checkpoint))[0]}.json")
     if os.path.exists(report_path) and not args.overwrite:
         raise _Refused(f"{report_path} exists; pass --overwrite to replace it or --out for another folder")
-    known = set(TrainConfig.__dataclass_fields__)
-    cfg = TrainConfig(**{k: v for k, v in state["config"].items() if k in known})
+    try:
+        cfg = TrainConfig(**check_saved(state["config"], f"--checkpoint {args.checkpoint}"))
+    except UsageError as e:
+        raise _Refused(str(e)) from None
     cfg.dataset = args.dataset or cfg.dataset
     cfg.data_dir = args.data_dir or cfg.data_dir
+    if cfg.dataset not in datasets.DATASETS:
+        raise _Refused(f"--checkpoint {args.checkpoint}: its data set {cfg.dataset!r} is none of "
+                       f"{', '.join(datasets.DATASETS)}; give --dataset")
     problem = datasets.check_data_dir(cfg.dataset, cfg.data_dir, False)
     if problem:
         raise _Refused(problem)
@@ -92,8 +101,14 @@ def main(argv=None) -> int:
         return 2
     device = device_for(TrainConfig(device=args.device))
     spec = datasets.load(cfg.dataset, cfg.data_dir)
-    model = build_model(cfg, state["num_classes"], state["in_channels"])
-    model.load_state_dict(state["model"])
+    try:
+        model = build_model(cfg, state["num_classes"], state["in_channels"])
+        model.load_state_dict(state["model"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        print(f"fastsnn.evaluate: error: --checkpoint {args.checkpoint}: its model does not fit its configuration "
+              f"({reason})", file=sys.stderr)
+        return 2
     model.to(device).eval()
     loader = torch.utils.data.DataLoader(spec.test, batch_size=args.batch_size, shuffle=False)
     report = measure(model, loader, device, cfg, len(spec.test))

@@ -39,6 +39,22 @@ def run_python(code: str, *, interpret: bool, timeout: float = 600, env_extra=No
                           cwd=cwd)
 
 
+def program_env(tmp_path):
+    """The environment of a training-program subprocess: the CPU reference path (fast), the cache in tmp_path."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["FASTSNN_CACHE"] = str(tmp_path / "cache")
+    return env
+
+
+def program(tmp_path, *args, cwd=None, timeout=600, module="fastsnn.train", env=None):
+    """`python -m module args` in tmp_path (or cwd) with program_env; returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          env=env or program_env(tmp_path), cwd=cwd or tmp_path, timeout=timeout)
+
+
 def _label(name, value):
     if isinstance(value, bool):
         return name if value else ""

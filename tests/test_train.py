@@ -16,20 +16,12 @@ import yaml
 
 from fastsnn import checkpoint as ckpt
 from fastsnn import models, train
-from helpers import run_python
+from helpers import program, program_env, run_python
 
 pytestmark = pytest.mark.slow
 
 
-def _env(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the CPU reference path, fast
-    env["FASTSNN_CACHE"] = str(tmp_path / "cache")
-    return env
-
-
-def _cli(tmp_path, *args, cwd=None, timeout=600, module="fastsnn.train"):
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                          env=_env(tmp_path), cwd=cwd or tmp_path, timeout=timeout)
+_env, _cli = program_env, program
 
 
 def _weights(path):

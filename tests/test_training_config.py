@@ -132,11 +132,13 @@ def test_the_checkpoint_round_trips_the_state_through_weights_only(tmp_path):
     loaded = S.read(str(tmp_path / "last.pt"), role="student", arch="digits_snn")
     other = torch.nn.Linear(3, 2)
     o2, s2, sc2 = setup.optimizer_for(cfg, other, torch.device("cpu"), steps_per_epoch=5)
-    back = S.restore(loaded, rank=0, world=1, model=other, optimizer=o2, scheduler=s2, scaler=sc2, device="cpu")
+    back = S.restore(loaded, rank=0, world=1, model=other, optimizer=o2, scheduler=s2, scaler=sc2, device="cpu",
+                     path="last.pt")
     assert torch.equal(other.weight, model.weight) and torch.equal(back.sums, state.sums)
     assert (back.epoch, back.step_in_epoch, back.images_seen, back.elapsed, back.best_epoch) == (1, 3, 9, 0.5, 1)
     with pytest.raises(ckpt.CheckpointError, match="written mid-epoch by 1 ranks and cannot continue on 2"):
-        S.restore(loaded, rank=0, world=2, model=other, optimizer=o2, scheduler=s2, scaler=sc2, device="cpu")
+        S.restore(loaded, rank=0, world=2, model=other, optimizer=o2, scheduler=s2, scaler=sc2, device="cpu",
+                  path="last.pt")
     del loaded["ranks"]
     ckpt.save_atomic(loaded, str(tmp_path / "partial.pt"))
     with pytest.raises(ckpt.CheckpointError, match="incomplete checkpoint, missing ranks"):

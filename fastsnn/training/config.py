@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 
 from .. import data as datasets
-from .. import models
+from .. import models, rundir
 from ..surrogate import SURROGATES
 
 METHODS = ("tser", "ts", "skd", "ce")
@@ -45,6 +45,14 @@ RESUME_COMPATIBLE = frozenset({
 RESUME_EPOCH_BOUNDARY = frozenset({"batch_size"})
 # invocation controls, never taken from a checkpoint or written to config.yaml
 CONTROLS = ("resume", "overwrite", "config", "stop_after_epochs", "quiet")
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+# the largest value of each integer setting: beyond it a number is a mistake (and some reach C code that
+# cannot take it: 1e20 timesteps)
+INT_LIMITS = {"T": 1024, "epochs": 100_000, "batch_size": 1 << 24, "workers": 256, "threads": 4096,
+              "seed": (1 << 32) - 1, "cutout": 4096, "save_every": 1 << 31, "max_bad_steps": 1 << 31,
+              "stop_after_epochs": 100_000}
 
 
 class UsageError(Exception):
@@ -262,10 +270,13 @@ def read_yaml(path: str, parser: argparse.ArgumentParser) -> dict:
     except ImportError:
         raise UsageError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml)") from None
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             loaded = yaml.safe_load(f)
     except OSError as e:
         raise UsageError(f"--config {path}: cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--config {path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                         f"save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise UsageError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if loaded is None:
@@ -286,9 +297,11 @@ def _typed(path, key, value, action):
     if value is None:
         return None
     if action.type in (int, float):
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 (PyYAML) reads 1e-3, without a dot, as a string
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if action.type is int:
-            ok = ok and float(value).is_integer()
+            ok = ok and math.isfinite(value) and float(value).is_integer()
         if not ok:
             raise UsageError(f"--config {path}: {key} must be a {action.type.__name__}, got {value!r}")
         return action.type(value)
@@ -361,6 +374,13 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
         if cfg.teacher != DEFAULTS[cfg.dataset]["teacher"]:
             raise UsageError(f"--teacher {cfg.teacher} needs --teacher-weights; without them the {cfg.dataset} "
                              f"teacher is {DEFAULTS[cfg.dataset]['teacher']}, trained and cached by the program")
+        from .teacher import cached_teacher_path
+
+        if not os.path.isfile(cached_teacher_path(cfg)):
+            problem = rundir.check(cfg.cache_dir, resuming=True, overwrite=False, flag="--cache-dir")
+            if problem:
+                raise UsageError(f"{problem}: the {cfg.dataset} teacher is trained and cached there (FASTSNN_CACHE "
+                                 f"or --cache-dir); give a writable one, or --teacher-weights")
 
 
 def check_file(flag: str, path: str) -> None:
@@ -403,7 +423,12 @@ def _validate_numbers(cfg: TrainConfig) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     low, high = TAU_RANGE
     entropy_tau = cfg.tau if cfg.entropy_tau is None else cfg.entropy_tau
+    for name, limit in INT_LIMITS.items():
+        value = getattr(cfg, name)
+        if value is not None and value > limit:
+            raise UsageError(f"--{name.replace('_', '-')} must be <= {limit}, got {value}")
     for name, value, ok, rule in [
+        ("--seed", cfg.seed, cfg.seed >= 0, ">= 0"),
         ("--tau", cfg.tau, low <= cfg.tau <= high, f"in [{low}, {high}]"),
         ("--entropy-tau", entropy_tau, low <= entropy_tau <= high, f"in [{low}, {high}]"),
         ("--momentum", cfg.momentum, 0 <= cfg.momentum < 1, "in [0, 1)"),
@@ -426,6 +451,45 @@ def _validate_numbers(cfg: TrainConfig) -> None:
     ]:
         if not ok:
             raise UsageError(f"{name} must be {rule}, got {value}")
+
+
+def _field_types() -> dict:
+    """{setting: the Python types its value may have}, read from TrainConfig's annotations."""
+    names = {"int": int, "float": (int, float), "str": str, "bool": bool, "None": type(None)}
+    types = {}
+    for f in dataclasses.fields(TrainConfig):
+        allowed = []
+        for part in str(f.type).split("|"):
+            allowed += list(names[part.strip()]) if isinstance(names[part.strip()], tuple) else [names[part.strip()]]
+        types[f.name] = tuple(allowed)
+    return types
+
+
+FIELD_TYPES = _field_types()
+
+
+def check_saved(saved, source: str) -> dict:
+    """A checkpoint's saved configuration: a mapping whose known settings have their field's type (unknown
+    ones, from another version, are left out). Raises UsageError naming `source` (e.g. "--resume last.pt")."""
+    if not isinstance(saved, dict):
+        raise UsageError(f"{source}: its config must be a mapping of settings, got a {type(saved).__name__}")
+    checked = {}
+    for key, value in saved.items():
+        allowed = FIELD_TYPES.get(key) if isinstance(key, str) else None
+        if allowed is None:
+            continue
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise UsageError(f"{source}: its config holds {key}={value!r}, not a "
+                             f"{' or '.join(t.__name__ for t in allowed)}; the file was not written by fastsnn.train")
+        checked[key] = value
+    return checked
+
+
+def check_method_settings(cfg: TrainConfig, given: set[str]) -> None:
+    """A λ given for a method without the entropy term would be silently dropped: refused."""
+    if "lam" in given and cfg.lam and cfg.method != "tser":
+        raise UsageError(f"--lam {cfg.lam:g} applies to --method tser only (the entropy term); this run's method "
+                         f"is {cfg.method}")
 
 
 def merge_resumed(cfg: TrainConfig, saved: dict, given: set[str], *, mid_epoch: bool) -> list[str]:

@@ -75,7 +75,12 @@ def epoch_line(role: str, spiking: bool, epochs: int, row: dict) -> str:
     if spiking:
         head += (f" per-timestep {' '.join(f'{a:.1f}' for a in row['per_timestep_acc'])}"
                  f" firing {row['firing_rate']:.4f}")
-    return head + f" lr {row['lr']:.4g} {row['images_per_s']:.0f} img/s"
+    return head + f" lr {row['lr']:.4g} {rate(row['images_per_s'])} img/s"
+
+
+def rate(per_second: float) -> str:
+    """A rate with the digits that matter: 4429, 12.5, 0.33 (a slow CPU run is not 0)."""
+    return f"{per_second:.0f}" if per_second >= 100 else f"{per_second:.3g}"
 
 
 class Reporter:

@@ -5,7 +5,6 @@ import dataclasses
 import math
 import os
 import sys
-import time
 from contextlib import ExitStack
 
 import torch
@@ -32,6 +31,7 @@ def prepare(argv=None, world: int = 1) -> tuple[TrainConfig, list[str]]:
     changes = []
     if cfg.resume:
         changes = _merge_resume(cfg, given)
+    config_mod.check_method_settings(cfg, given)
     config_mod.resolve(cfg)
     config_mod.validate(cfg, world)
     check_out(cfg)
@@ -46,21 +46,48 @@ def _merge_resume(cfg: TrainConfig, given: set[str]) -> list[str]:
     if "out" not in given:
         cfg.out = os.path.dirname(cfg.resume) or "."
     given = given - {"out"}
-    saved = {k: v for k, v in obj["config"].items() if k != "out"}
+    saved = {k: v for k, v in config_mod.check_saved(obj["config"], f"--resume {cfg.resume}").items() if k != "out"}
     return config_mod.merge_resumed(cfg, saved, given, mid_epoch=bool(obj["step_in_epoch"]))
 
 
 def check_out(cfg: TrainConfig) -> None:
-    """Resolve the default run folder and refuse one that cannot take this run, before anything is written."""
-    if not cfg.out:
-        cfg.out = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    """Refuse a run folder that cannot take this run, before anything is written (it is checked again when
+    the run takes its lock, see claim_out). Without --out the run gets a fresh folder under runs/ then."""
     if int(os.environ.get("RANK", "0")) != 0:
         return  # rank 0 owns the folder
-    resuming = bool(cfg.resume) and os.path.isdir(cfg.out) and os.path.samefile(
-        os.path.dirname(os.path.abspath(cfg.resume)), cfg.out)
-    problem = rundir.check(cfg.out, resuming=resuming, overwrite=cfg.overwrite)
+    if not cfg.out:
+        problem = rundir.check(rundir.DEFAULT_PARENT, resuming=True, overwrite=False)
+    else:
+        problem = rundir.check(cfg.out, resuming=_resuming_in_place(cfg), overwrite=cfg.overwrite)
     if problem:
         raise UsageError(problem)
+
+
+def _resuming_in_place(cfg: TrainConfig) -> bool:
+    return bool(cfg.resume) and bool(cfg.out) and os.path.isdir(cfg.out) and os.path.samefile(
+        os.path.dirname(os.path.abspath(cfg.resume)), cfg.out)
+
+
+def claim_out(cfg: TrainConfig, rank: int, world: int, hold, log) -> None:
+    """Rank 0 takes the run folder's lock (held through ``hold`` for the run's life) before any other work and
+    checks the folder again under it; ``cfg.out`` becomes the folder (a fresh one without --out) on every rank.
+    Raises RunFolderError on every rank when the folder is refused."""
+    folder, problem = cfg.out, None
+    if rank == 0:
+        try:
+            folder = hold(rundir.claim(cfg.out, resuming=_resuming_in_place(cfg), overwrite=cfg.overwrite, log=log))
+        except rundir.RunFolderError as e:
+            problem = str(e)
+        else:
+            for name in rundir.remove_partial_writes(folder):
+                log(f"removed {name}, a partial write of an interrupted run")
+    if world > 1:
+        shared = [folder, problem]
+        dist.broadcast_object_list(shared, src=0)
+        folder, problem = shared
+    if problem:
+        raise rundir.RunFolderError(problem)
+    cfg.out = folder
 
 
 def build_session(cfg: TrainConfig, rank: int, world: int, local_rank: int, hold) -> Session:
@@ -76,11 +103,6 @@ def build_session(cfg: TrainConfig, rank: int, world: int, local_rank: int, hold
     teacher = None
     if cfg.uses_teacher:
         teacher = load_teacher(cfg, spec.num_classes, spec.in_channels, device, log, train_nested)
-    if rank == 0:  # every input is checked: the folder is taken now
-        os.makedirs(cfg.out, exist_ok=True)
-        hold(rundir.RunLock(cfg.out))
-        for name in rundir.remove_partial_writes(cfg.out):
-            log(f"removed {name}, a partial write of an interrupted run")
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -112,10 +134,10 @@ def restore(s: Session, changes: list[str]) -> state_mod.TrainState:
         return state_mod.TrainState(sums=state_mod.zero_sums(s.device))
     obj = state_mod.read(cfg.resume, role=cfg.role, arch=cfg.arch)
     state = state_mod.restore(obj, rank=s.rank, world=s.world, model=s.model, optimizer=s.optimizer,
-                              scheduler=s.scheduler, scaler=s.scaler, device=s.device)
+                              scheduler=s.scheduler, scaler=s.scaler, device=s.device, path=cfg.resume)
     if any(c.split()[0] in ("epochs", "batch_size") for c in changes):
         setup.align_schedule(s.scheduler, state.epoch * len(s.loader) + state.step_in_epoch)
-    ckpt.set_rng_state(state.rng)
+    state_mod.set_rng(state, cfg.resume)
     s.log(f"resumed from {cfg.resume}: epoch {state.epoch + 1}, step {state.step_in_epoch}"
           + (f"; changed: {', '.join(changes)}" if changes else ""))
     return state
@@ -129,6 +151,7 @@ def run(cfg: TrainConfig, rank: int = 0, world: int = 1, local_rank: int = 0, ho
     if hold is None:
         with ExitStack() as held:
             return run(cfg, rank, world, local_rank, held.enter_context, changes)
+    claim_out(cfg, rank, world, hold, (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None))
     s = build_session(cfg, rank, world, local_rank, hold)
     state = restore(s, list(changes))
     teacher_acc = None

@@ -70,27 +70,90 @@ def to_checkpoint(state: TrainState, *, cfg, model, optimizer, scheduler, scaler
 def read(path: str, *, what: str = "--resume", role: str | None = None, arch: str | None = None) -> dict:
     """A whole training checkpoint of this role/architecture, loaded with ``weights_only=True``."""
     obj = ckpt.check_training_checkpoint(ckpt.load(path, what=what), path, what=what, role=role, arch=arch)
-    missing = [k for k in ("optimizer", "scheduler", "scaler", "epoch", "step_in_epoch", "ranks", "history")
-               if k not in obj]
+    missing = [k for k in ("optimizer", "scheduler", "scaler", "epoch", "step_in_epoch", "ranks", "history",
+                           "best_acc", "best_epoch") if k not in obj]
     if missing:
         raise ckpt.CheckpointError(f"{what} {path}: incomplete checkpoint, missing {', '.join(missing)}")
+    problem = _structure_problem(obj)
+    if problem:
+        raise ckpt.CheckpointError(f"{what} {path}: not a checkpoint fastsnn.train wrote: {problem}")
     return obj
 
 
-def restore(obj: dict, *, rank: int, world: int, model, optimizer, scheduler, scaler, device) -> TrainState:
-    """Loads the tensors into the given objects and returns the state; the caller sets the RNG last."""
-    model.load_state_dict(obj["model"])
-    optimizer.load_state_dict(obj["optimizer"])
-    scheduler.load_state_dict(obj["scheduler"])
-    scaler.load_state_dict(obj["scaler"])
+def _is_int(value, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _structure_problem(obj: dict) -> str | None:
+    """What in a training checkpoint has the wrong type or shape (the keys' values as to_checkpoint writes
+    them), or None."""
+    model = obj["model"]
+    if not isinstance(model, dict) or not model or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
+        return "model is not a state_dict of named tensors"
+    for key in ("optimizer", "scheduler", "scaler"):
+        if not isinstance(obj[key], dict):
+            return f"{key} is not a state_dict"
+    if not all(_is_number(v) for v in obj["scaler"].values()):  # GradScaler's state: numbers (none when disabled)
+        return "scaler holds values that are not numbers"
+    for key in ("num_classes", "in_channels"):
+        if not _is_int(obj[key], 1):
+            return f"{key} is {obj[key]!r}, not a count >= 1"
+    for key in ("epoch", "step_in_epoch"):
+        if not _is_int(obj[key]):
+            return f"{key} is {obj[key]!r}, not an integer >= 0"
+    if not _is_number(obj["best_acc"]) or not (obj["best_epoch"] is None or _is_int(obj["best_epoch"], 1)):
+        return "best_acc/best_epoch are not a number and an epoch"
+    if not isinstance(obj["history"], list) or len(obj["history"]) != obj["epoch"] or not all(
+            isinstance(row, dict) and _is_int(row.get("epoch"), 1) for row in obj["history"]):
+        return f"history is not {obj['epoch']} rows of epoch metrics"
+    ranks = obj["ranks"]
+    if not isinstance(ranks, list) or not ranks:
+        return "ranks is not a non-empty list"
+    for part in ranks:
+        if not isinstance(part, dict) or not isinstance(part.get("rng"), dict) or not _is_int(
+                part.get("images_seen")) or not _is_number(part.get("elapsed")):
+            return "ranks holds an entry without rng, images_seen and elapsed"
+        sums = part.get("sums")
+        if not isinstance(sums, torch.Tensor) or sums.shape != (len(SUMS),) or not sums.is_floating_point():
+            return f"a rank's running sums are not {len(SUMS)} numbers"
+    return None
+
+
+def _loaded(what: str, path: str, part: str, load) -> None:
+    """load(), a CheckpointError line naming the part of the checkpoint that does not fit."""
+    try:
+        load()
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ckpt.CheckpointError(f"{what} {path}: its {part} does not fit this run ({reason})") from None
+
+
+def restore(obj: dict, *, rank: int, world: int, model, optimizer, scheduler, scaler, device, path: str,
+            what: str = "--resume") -> TrainState:
+    """Loads the tensors into the given objects and returns the state; the caller sets the RNG last
+    (:func:`set_rng`). A part that does not fit is one CheckpointError line."""
+    _loaded(what, path, "model", lambda: model.load_state_dict(obj["model"]))
+    _loaded(what, path, "optimizer state", lambda: optimizer.load_state_dict(obj["optimizer"]))
+    _loaded(what, path, "scheduler state", lambda: scheduler.load_state_dict(obj["scheduler"]))
+    _loaded(what, path, "gradient scaler state", lambda: scaler.load_state_dict(obj["scaler"]))
     ranks = obj["ranks"]
     if obj["step_in_epoch"] and len(ranks) != world:
-        raise ckpt.CheckpointError(f"--resume: the checkpoint was written mid-epoch by {len(ranks)} ranks and "
+        raise ckpt.CheckpointError(f"{what}: the checkpoint was written mid-epoch by {len(ranks)} ranks and "
                                    f"cannot continue on {world}; resume from an end-of-epoch checkpoint")
     mine = ranks[min(rank, len(ranks) - 1)]
     mid = bool(obj["step_in_epoch"])
     return TrainState(epoch=obj["epoch"], step_in_epoch=obj["step_in_epoch"], best_acc=obj["best_acc"],
                       best_epoch=obj["best_epoch"], history=list(obj["history"]),
-                      sums=mine["sums"].to(device) if mid else zero_sums(device),
+                      sums=mine["sums"].to(device, torch.float64) if mid else zero_sums(device),
                       images_seen=mine["images_seen"] if mid else 0, elapsed=mine["elapsed"] if mid else 0.0,
                       rng=mine["rng"])
+
+
+def set_rng(state: TrainState, path: str, what: str = "--resume") -> None:
+    """The resumed rank's generator states, restored (last, after everything that draws from them)."""
+    _loaded(what, path, "random generator state", lambda: ckpt.set_rng_state(state.rng))

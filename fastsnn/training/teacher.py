@@ -24,7 +24,12 @@ def load_teacher(cfg: TrainConfig, num_classes: int, in_channels: int, device, l
         if dist.is_initialized():
             dist.barrier()
             path = cached_teacher_path(cfg)
-    state, header = ckpt.load_model_file(path, what="--teacher-weights", role="teacher", arch=cfg.teacher)
+        try:
+            state, header = ckpt.load_model_file(path, what="the cached teacher", role="teacher", arch=cfg.teacher)
+        except ckpt.CheckpointError as e:
+            raise ckpt.CheckpointError(f"{e}; delete it and the run trains a new {cfg.dataset} teacher") from None
+    else:
+        state, header = ckpt.load_model_file(path, what="--teacher-weights", role="teacher", arch=cfg.teacher)
     saved = header.get("config", {})
     imagenet = bool(saved.get("imagenet_stem", False)) or cfg.dataset == "imagenet"
     has_imagenet_stem = "imagenet" in models.model_spec(cfg.teacher).stems
@@ -68,8 +73,17 @@ def cached_teacher(cfg: TrainConfig, log, train_fn) -> str:
     """The teacher for this data set, seed and split, trained once into the cache; concurrent runs (the
     ablation, a user's parallel experiments) wait on one lock instead of training it side by side."""
     path = cached_teacher_path(cfg)
-    os.makedirs(cfg.cache_dir, exist_ok=True)
-    with rundir.RunLock(cfg.cache_dir, name=f".{os.path.basename(path)}.lock", wait=True):
+    if os.path.isfile(path) and not os.access(cfg.cache_dir, os.W_OK):  # a read-only cache: no lock to take
+        log(f"teacher: reusing the cached {cfg.dataset} teacher {path}")
+        return path
+    lock = rundir.RunLock(cfg.cache_dir, name=f".{os.path.basename(path)}.lock", wait=True)
+    try:
+        lock.__enter__()
+    except OSError as e:
+        raise UsageError(f"--cache-dir {cfg.cache_dir} (FASTSNN_CACHE) cannot be written ({e.strerror}): the "
+                         f"{cfg.dataset} teacher is cached there; give a writable --cache-dir, or --teacher-weights"
+                         ) from None
+    try:
         if os.path.isfile(path):
             log(f"teacher: reusing the cached {cfg.dataset} teacher {path}")
             return path
@@ -78,4 +92,6 @@ def cached_teacher(cfg: TrainConfig, log, train_fn) -> str:
         if train_fn(sub) != 0:
             raise RuntimeError(f"training the {cfg.dataset} teacher failed")
         ckpt.save_atomic(ckpt.load(os.path.join(sub.out, "best.pt"), what=f"{cfg.dataset} teacher"), path)
+    finally:
+        lock.__exit__(None, None, None)
     return path
