@@ -18,13 +18,11 @@ interval, wins/ties/losses and an exact sign-flip permutation p-value (two-sided
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import math
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 
 PAPER_TABLE3 = {"skd": 77.15, "ts_ce": 77.41, "ts_kl": 77.64, "ts": 77.99, "tser": 78.13}  # CIFAR-100, ResNet
@@ -59,18 +57,94 @@ def lam_rows(lams) -> list[Row]:
 
 # ------------------------------------------------------------------------------------------- running
 
-def run_state(folder: str, epochs: int) -> str:
-    """"done", "resume" (a checkpoint to continue from) or "new"."""
-    summary = os.path.join(folder, "metrics.json")
-    if os.path.isfile(summary):
-        with open(summary) as f:
-            if json.load(f).get("epochs") == epochs:
-                return "done"
-    return "resume" if os.path.isfile(os.path.join(folder, "last.pt")) else "new"
+IDENTITY = ("dataset", "seed", "method", "ts_ce", "ts_kl", "lam")  # what makes a run folder this row's seed
+
+
+class AblationError(Exception):
+    """An ablation folder that cannot be used as asked: one line naming the file."""
+
+
+def expected_identity(dataset: str, row: Row, seed: int) -> dict:
+    """The settings a run of `row` and `seed` has, as fastsnn.train resolves its flags."""
+    from .training import config as C
+
+    cfg, _ = C.parse(["--dataset", dataset, *row.flags, "--seed", str(seed)])
+    C.resolve(cfg)
+    return {key: getattr(cfg, key) for key in IDENTITY}
+
+
+def _run_identity(folder: str) -> dict | None:
+    """The identity settings of the run in `folder`, from its config.yaml (or, without one, its last.pt), or
+    None when neither can be read."""
+    path = os.path.join(folder, "config.yaml")
+    if os.path.isfile(path):
+        try:
+            import yaml
+
+            with open(path, encoding="utf-8") as f:
+                saved = yaml.safe_load(f)
+        except (OSError, ValueError, yaml.YAMLError):
+            saved = None
+    else:
+        from . import checkpoint as ckpt
+
+        try:
+            saved = ckpt.load(os.path.join(folder, "last.pt")).get("config")
+        except (ckpt.CheckpointError, AttributeError):
+            saved = None
+    if not isinstance(saved, dict):
+        return None
+    return {key: saved.get(key) for key in IDENTITY}
+
+
+def _history(folder: str, epochs: int) -> tuple[list | None, str]:
+    """(the run's epoch rows, "") when metrics.json and metrics.jsonl record all `epochs` epochs, else
+    (None, why not)."""
+    try:
+        with open(os.path.join(folder, "metrics.json"), encoding="utf-8") as f:
+            summary = json.load(f)
+    except FileNotFoundError:
+        return None, "no metrics.json"
+    except (OSError, ValueError) as e:
+        return None, f"metrics.json is not readable JSON ({type(e).__name__})"
+    if not isinstance(summary, dict) or summary.get("epochs") != epochs:
+        return None, f"metrics.json does not record {epochs} epochs"
+    try:
+        with open(os.path.join(folder, "metrics.jsonl"), encoding="utf-8") as f:
+            history = [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return None, "no metrics.jsonl"
+    except (OSError, ValueError) as e:
+        return None, f"metrics.jsonl is not readable JSON lines ({type(e).__name__})"
+    if [r.get("epoch") if isinstance(r, dict) else None for r in history] != list(range(1, epochs + 1)) or not all(
+            isinstance(r.get("test_acc"), (int, float)) for r in history):
+        return None, f"metrics.jsonl holds {len(history)} of {epochs} epoch rows"
+    return history, ""
+
+
+def run_state(folder: str, epochs: int, identity: dict | None = None) -> str:
+    """"done" (a finished run of this identity), "resume" (its checkpoint, to finish it or repair its metrics)
+    or "new" (nothing of it to keep). A folder holding something else raises AblationError."""
+    if not os.path.exists(folder):
+        return "new"
+    if not os.path.isdir(folder):
+        raise AblationError(f"{folder} is a file, not a run folder; move it away")
+    found = _run_identity(folder)
+    has_checkpoint = os.path.isfile(os.path.join(folder, "last.pt"))
+    if identity is not None and found is not None and found != identity:
+        differs = ", ".join(f"{k} {found[k]!r} (expected {identity[k]!r})" for k in IDENTITY if found[k] != identity[k])
+        raise AblationError(f"{folder} holds another run: {differs}; move it away or choose another --out")
+    if found is None and (has_checkpoint or os.path.exists(os.path.join(folder, "metrics.json"))):
+        raise AblationError(f"{folder} holds a run whose settings cannot be read (config.yaml and last.pt); move it "
+                            f"away or choose another --out")
+    history, _ = _history(folder, epochs)
+    if history is not None:
+        return "done"
+    return "resume" if has_checkpoint else "new"
 
 
 def job_argv(dataset: str, row: Row, seed: int, folder: str, epochs: int, cache_dir: str) -> list[str] | None:
-    state = run_state(folder, epochs)
+    state = run_state(folder, epochs, expected_identity(dataset, row, seed))
     if state == "done":
         return None
     if state == "resume":
@@ -79,68 +153,129 @@ def job_argv(dataset: str, row: Row, seed: int, folder: str, epochs: int, cache_
             "--overwrite", "--quiet", "--threads", "1", "--no-tensorboard", "--cache-dir", cache_dir]
 
 
-def _train_job(argv: list[str], log_path: str) -> tuple[list[str], int]:
-    """One training run in a worker process, its output in ``log_path``."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    from .training import main
-
-    with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        code = main(argv)
-    return argv, code
-
-
-def _teacher_job(dataset: str, seed: int, cache_dir: str, log_path: str) -> tuple[list[str], int]:
+def _teacher_main(argv: list[str]) -> int:
+    """``dataset seed cache_dir``: trains the seed's cached teacher (a child process of :func:`run_all`)."""
     from .training import config as C
     from .training.run import train_nested
     from .training.teacher import cached_teacher
 
-    cfg = C.TrainConfig(dataset=dataset, seed=seed, cache_dir=cache_dir, threads=1)
+    dataset, seed, cache_dir = argv
+    cfg = C.TrainConfig(dataset=dataset, seed=int(seed), cache_dir=cache_dir, threads=1)
     C.resolve(cfg)
-    with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    try:
         cached_teacher(cfg, print, train_nested)
-    return [f"teacher {dataset} seed {seed}"], 0
+    except C.UsageError as e:
+        print(f"fastsnn.ablation: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def plan(datasets, rows, seeds, epochs_for, out, cache_dir) -> list[tuple[list[str], str]]:
+    """(train argv, log path) of every run still to do; every run folder is checked first (AblationError)."""
+    jobs = []
+    for dataset, seed, row in itertools.product(datasets, seeds, rows):
+        folder = os.path.join(out, dataset, row.key, f"seed{seed}")
+        argv = job_argv(dataset, row, seed, folder, epochs_for[dataset], cache_dir)
+        if argv is not None:
+            jobs.append((argv, os.path.join(out, dataset, row.key, f"seed{seed}.log")))
+    return jobs
+
+
+GRACE_SECONDS = 10  # after Ctrl-C, what the runs in flight get to end on their own (each keeps its checkpoint)
+
+
+def run_processes(commands: list[tuple[list[str], str]], jobs: int, done=lambda command, code: None) -> None:
+    """Runs each (command, log path) as a child process, `jobs` at a time, calling done(command, exit code) as
+    each ends. Ctrl-C starts nothing more: the children get SIGINT (those of the terminal's process group have
+    it already), GRACE_SECONDS to end, then are killed; KeyboardInterrupt is raised again."""
+    import signal
+    import subprocess
+    import time
+
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    pending, running = list(commands), []
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                command, log_path = pending.pop(0)
+                with open(log_path, "a") as log_file:
+                    running.append((subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env),
+                                    command))
+            for child, command in list(running):
+                if child.poll() is not None:
+                    running.remove((child, command))
+                    done(command, child.returncode)
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        for child, _ in running:
+            if child.poll() is None:
+                child.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + GRACE_SECONDS
+        for child, _ in running:
+            try:
+                child.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        raise
 
 
 def run_all(datasets, rows, seeds, epochs_for, out, jobs, cache_dir, log=print) -> list[str]:
-    """Trains every missing run; returns the failures (argv and exit code)."""
-    import multiprocessing
-
+    """Trains every missing run (each seed's teacher first), in child processes; returns the failures
+    (command and exit code)."""
     failures = []
     for dataset in datasets:
         os.makedirs(os.path.join(out, dataset), exist_ok=True)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        teachers = [pool.submit(_teacher_job, d, s, cache_dir, os.path.join(out, d, "teachers.log"))
-                    for d in datasets for s in seeds]
-        for future in as_completed(teachers):
-            future.result()
-        futures = []
-        for dataset, seed, row in itertools.product(datasets, seeds, rows):
-            folder = os.path.join(out, dataset, row.key, f"seed{seed}")
-            argv = job_argv(dataset, row, seed, folder, epochs_for[dataset], cache_dir)
-            if argv is not None:
-                os.makedirs(folder, exist_ok=True)
-                futures.append(pool.submit(_train_job, argv, os.path.join(out, dataset, row.key, f"seed{seed}.log")))
-        log(f"ablation: {len(futures)} runs to train with {jobs} processes")
-        for i, future in enumerate(as_completed(futures), 1):
-            argv, code = future.result()
-            if code != 0:
-                failures.append(f"exit {code}: python -m fastsnn.train {' '.join(argv)}")
-            log(f"ablation: {i}/{len(futures)} runs finished" + (f" (failed: exit {code})" if code else ""))
+    todo = plan(datasets, rows, seeds, epochs_for, out, cache_dir)
+
+    def failed(command, code):
+        if code != 0:
+            failures.append(f"exit {code}: python {' '.join(command[1:])}")
+
+    def teacher_failed(command, code):
+        if code != 0:
+            dataset, seed = command[-3:-1]
+            failures.append(f"exit {code}: the {dataset} teacher of seed {seed} (see {out}/{dataset}/teachers.log)")
+
+    teacher = "import sys; from fastsnn.ablation import _teacher_main; sys.exit(_teacher_main(sys.argv[1:]))"
+    run_processes([([sys.executable, "-c", teacher, d, str(s), cache_dir], os.path.join(out, d, "teachers.log"))
+                   for d in datasets for s in seeds], jobs, teacher_failed)
+    if failures:
+        return failures
+    for _, log_path in todo:
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    log(f"ablation: {len(todo)} runs to train with {jobs} processes")
+    finished = 0
+
+    def trained(command, code):
+        nonlocal finished
+        finished += 1
+        failed(command, code)
+        log(f"ablation: {finished}/{len(todo)} runs finished" + (f" (failed: exit {code})" if code else ""))
+    run_processes([([sys.executable, "-m", "fastsnn.train", *argv], log_path) for argv, log_path in todo], jobs,
+                  trained)
     return failures
 
 
 # ---------------------------------------------------------------------------------------- statistics
 
-def run_metrics(folder: str) -> dict | None:
-    """The four metrics of a finished run folder, or None when it has not finished."""
+def run_metrics(folder: str, epochs: int | None = None, identity: dict | None = None) -> dict | None:
+    """The four metrics of a finished run folder (of `epochs` epochs and, when given, this identity), or None
+    when it has not finished or is another run."""
     try:
-        with open(os.path.join(folder, "metrics.json")) as f:
+        with open(os.path.join(folder, "metrics.json"), encoding="utf-8") as f:
             summary = json.load(f)
-        with open(os.path.join(folder, "metrics.jsonl")) as f:
-            history = [json.loads(line) for line in f if line.strip()]
-    except (OSError, ValueError):
+        if epochs is None:
+            epochs = summary.get("epochs")
+    except (OSError, ValueError, AttributeError):
         return None
-    if not history or summary.get("epochs") != len(history):
+    if not isinstance(epochs, int) or epochs < 1:
+        return None
+    history, _ = _history(folder, epochs)
+    if history is None or (identity is not None and _run_identity(folder) != identity):
         return None
     last = history[-1]
     per_t = last.get("per_timestep_acc") or [last["test_acc"]]
@@ -203,10 +338,20 @@ def paired(a: list[float], b: list[float]) -> dict:
             "losses": sum(d < -1e-9 for d in diffs), "p": sign_flip_p(diffs), "p_t": t_test_p(mean, sd, len(diffs))}
 
 
-def analyse(folder: str, rows: list[Row], seeds: list[int]) -> dict:
+def analyse(folder: str, rows: list[Row], seeds: list[int], epochs: int | None = None, dataset: str | None = None,
+            log=None) -> dict:
     """Per row and metric the values by seed (seeds where every row finished), mean and sd; the paired
-    comparisons; the comparisons of each λ row against TS."""
-    runs = {r.key: {s: run_metrics(os.path.join(folder, r.key, f"seed{s}")) for s in seeds} for r in rows}
+    comparisons; the comparisons of each λ row against TS. With `dataset`, each run must be its row's and seed's;
+    `log` is told of every run left out, and why."""
+    runs = {}
+    for r in rows:
+        runs[r.key] = {}
+        for s in seeds:
+            path = os.path.join(folder, r.key, f"seed{s}")
+            identity = expected_identity(dataset, r, s) if dataset else None
+            runs[r.key][s] = run_metrics(path, epochs, identity)
+            if runs[r.key][s] is None and log is not None:
+                log(f"ablation: {path} left out of the report: {_why_unfinished(path, epochs, identity)}")
     complete = [s for s in seeds if all(runs[r.key][s] is not None for r in rows)]
     table = {}
     for r in rows:
@@ -224,6 +369,19 @@ def analyse(folder: str, rows: list[Row], seeds: list[int]) -> dict:
         comparisons.append({"a": a, "b": b, **{m: paired(table[a][m]["values"], table[b][m]["values"])
                                                for m in METRICS}})
     return {"seeds": complete, "rows": table, "comparisons": comparisons}
+
+
+def _why_unfinished(folder: str, epochs: int | None, identity: dict | None) -> str:
+    if not os.path.isdir(folder):
+        return "no run folder"
+    if epochs is not None:
+        _, why = _history(folder, epochs)
+        if why:
+            return why
+    found = _run_identity(folder)
+    if identity is not None and found != identity:
+        return "its settings are not this row's and seed's" if found else "its config.yaml cannot be read"
+    return "not finished"
 
 
 # ------------------------------------------------------------------------------------------ reporting
@@ -292,7 +450,7 @@ def report(out: str, dataset: str, rows: list[Row], seeds: list[int], epochs: in
     from .training.report import strict_json, write_text
 
     folder = os.path.join(out, dataset)
-    result = analyse(folder, rows, seeds)
+    result = analyse(folder, rows, seeds, epochs, dataset, log=lambda line: print(line, file=sys.stderr))
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, one thread per run"
     text = markdown(dataset, result, epochs, command, machine)
     write_text(os.path.join(folder, "ablation.md"), text)
@@ -311,9 +469,16 @@ def check_settings(out: str, epochs_for: dict, *, write: bool) -> str | None:
 
     for dataset, epochs in epochs_for.items():
         path = os.path.join(out, dataset, "settings.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                saved = json.load(f).get("epochs")
+        for folder in (out, os.path.join(out, dataset)):
+            if os.path.exists(folder) and not os.path.isdir(folder):
+                return f"{folder} is a file, not an ablation folder"
+        if os.path.exists(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    saved = json.load(f)["epochs"]
+            except (OSError, ValueError, TypeError, KeyError) as e:
+                return (f"{path} cannot be read ({type(e).__name__}); it records the runs' length: restore it, or "
+                        f"choose another --out")
             if saved != epochs:
                 return (f"{os.path.join(out, dataset)} holds {saved}-epoch runs; --epochs {epochs} needs another "
                         f"--out (or --epochs {saved})")
@@ -353,18 +518,30 @@ def main(argv=None) -> int:
     if any(not (math.isfinite(lam) and lam >= 0) for lam in args.lams):
         print(f"fastsnn.ablation: error: --lams must be finite and >= 0, got {args.lams}", file=sys.stderr)
         return 2
+    twice = sorted({lam for lam in args.lams if args.lams.count(lam) > 1})
+    if twice:
+        print(f"fastsnn.ablation: error: --lams lists {', '.join(f'{lam:g}' for lam in twice)} more than once (each "
+              f"value is one run folder)", file=sys.stderr)
+        return 2
     rows = [r for r in TABLE3 if args.rows is None or r.key in args.rows] + lam_rows(args.lams)
     seeds = list(range(args.seeds))
     epochs_for = {d: args.epochs or DEFAULTS[d]["epochs"] for d in args.dataset}
     command = "python -m fastsnn.ablation " + " ".join(sys.argv[1:] if argv is None else argv)
     failures = []
-    problem = check_settings(args.out, epochs_for, write=not args.report_only)
+    try:  # everything checked before anything is written
+        problem = check_settings(args.out, epochs_for, write=False)
+        if problem is None and not args.report_only:
+            plan(args.dataset, rows, seeds, epochs_for, args.out, args.cache_dir)
+            problem = check_settings(args.out, epochs_for, write=True)
+    except AblationError as e:
+        problem = str(e)
     if problem:
         print(f"fastsnn.ablation: error: {problem}", file=sys.stderr)
         return 2
     if not args.report_only:
         try:
-            failures = run_all(args.dataset, rows, seeds, epochs_for, args.out, args.jobs, args.cache_dir)
+            failures = run_all(args.dataset, rows, seeds, epochs_for, args.out, args.jobs, args.cache_dir,
+                               log=lambda line: print(line, flush=True))
         except KeyboardInterrupt:
             print("\nfastsnn.ablation: interrupted; run the same command again to continue (finished runs are "
                   "kept, interrupted ones resume)", file=sys.stderr)

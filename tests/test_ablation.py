@@ -28,8 +28,11 @@ def test_paired_statistics_against_hand_computed_values():
     assert ablation.sign_flip_p([0.0, 0.0]) == 1.0
 
 
-def _fake_run(folder, accs, per_t, best_epoch):
+def _fake_run(folder, accs, per_t, best_epoch, row=None, seed=None):
     folder.mkdir(parents=True)
+    if row is not None:  # the settings fastsnn.train writes, which identify the run
+        identity = ablation.expected_identity("digits", row, seed)
+        (folder / "config.yaml").write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in identity.items()))
     rows = [{"epoch": i + 1, "test_acc": a, "per_timestep_acc": per_t} for i, a in enumerate(accs)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "metrics.json").write_text(json.dumps({"epochs": len(rows), "student_acc": accs[best_epoch - 1]}))
@@ -41,7 +44,7 @@ def test_analysis_and_report_of_finished_runs(tmp_path):
     for seed in range(3):
         for k, row in enumerate(rows):
             _fake_run(tmp_path / "digits" / row.key / f"seed{seed}", [80.0, 85.0 + k, 90.0 + k + seed],
-                      [88.0 + k, 92.0 + k], best_epoch=2)
+                      [88.0 + k, 92.0 + k], best_epoch=2, row=row, seed=seed)
     (tmp_path / "digits" / "ts" / "seed3").mkdir(parents=True)  # an unfinished seed is left out everywhere
     result = ablation.analyse(str(tmp_path / "digits"), rows, [0, 1, 2, 3])
     assert result["seeds"] == [0, 1, 2]
@@ -62,17 +65,112 @@ def test_analysis_and_report_of_finished_runs(tmp_path):
     json.loads((tmp_path / "digits" / "ablation.json").read_text(), parse_constant=pytest.fail)
 
 
+def _config_yaml(folder, dataset="digits", seed=3, method="skd", ts_ce=False, ts_kl=False, lam=0.0):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(f"dataset: {dataset}\nseed: {seed}\nmethod: {method}\nts_ce: "
+                                        f"{str(ts_ce).lower()}\nts_kl: {str(ts_kl).lower()}\nlam: {lam}\nT: 4\n")
+
+
+def _metrics(folder, epochs, rows=None):
+    rows = epochs if rows is None else rows
+    (folder / "metrics.jsonl").write_text("".join(json.dumps({"epoch": i + 1, "test_acc": 90.0}) + "\n"
+                                                  for i in range(rows)))
+    (folder / "metrics.json").write_text(json.dumps({"epochs": epochs, "student_acc": 90.0}))
+
+
 def test_jobs_skip_finished_runs_and_resume_interrupted_ones(tmp_path):
     row = ablation.TABLE3[1]
     folder = tmp_path / "run"
     argv = ablation.job_argv("digits", row, 3, str(folder), 5, "cache")
     assert argv[:2] == ["--dataset", "digits"] and "--seed" in argv and "3" in argv and "--overwrite" in argv
-    folder.mkdir()
+    _config_yaml(folder)
     (folder / "last.pt").write_bytes(b"")
     assert ablation.job_argv("digits", row, 3, str(folder), 5, "cache")[:2] == ["--resume", str(folder / "last.pt")]
-    (folder / "metrics.json").write_text(json.dumps({"epochs": 5}))
+    _metrics(folder, 5)
     assert ablation.job_argv("digits", row, 3, str(folder), 5, "cache") is None
     assert ablation.job_argv("digits", row, 3, str(folder), 6, "cache")[-2:] == ["--epochs", "6"]
+
+
+@pytest.mark.parametrize("damage", ["metrics.jsonl missing", "metrics.jsonl truncated", "metrics.jsonl garbage",
+                                    "metrics.json empty", "metrics.json garbage", "metrics.json missing"])
+def test_a_run_whose_files_do_not_verify_is_repaired_from_its_checkpoint(tmp_path, damage):
+    """A run counts as done only when metrics.json and every row of metrics.jsonl are there and its settings are
+    its row's; damaged metrics with a checkpoint are resumed (fastsnn.train rewrites them from it), without one
+    the run is redone; the report says which runs it leaves out and why."""
+    row = ablation.TABLE3[1]
+    folder = tmp_path / "digits" / row.key / "seed3"
+    _config_yaml(folder)
+    _metrics(folder, 5)
+    name = damage.split()[0]
+    if damage.endswith("missing"):
+        (folder / name).unlink()
+    elif damage.endswith("truncated"):
+        (folder / name).write_text((folder / name).read_text()[:-30])
+    elif damage.endswith("empty"):
+        (folder / name).write_text("")
+    else:
+        (folder / name).write_bytes(b"\x00\xff garbage {")
+    assert ablation.job_argv("digits", row, 3, str(folder), 5, "cache")[:2] == ["--dataset", "digits"]
+    (folder / "last.pt").write_bytes(b"")
+    assert ablation.job_argv("digits", row, 3, str(folder), 5, "cache")[:2] == ["--resume", str(folder / "last.pt")]
+    said = []
+    result = ablation.analyse(str(tmp_path / "digits"), [row], [3], 5, "digits", log=said.append)
+    assert result["seeds"] == [] and len(said) == 1 and str(folder) in said[0] and "left out" in said[0]
+
+
+@pytest.mark.parametrize("other", [dict(method="ts", ts_ce=True, ts_kl=True), dict(seed=4), dict(dataset="mnist5k"),
+                                   dict(method="tser", ts_ce=True, ts_kl=True, lam=0.1)])
+def test_a_folder_holding_another_rows_run_is_refused_not_counted(tmp_path, other):
+    row = ablation.TABLE3[1]  # skd, seed 3
+    folder = tmp_path / "digits" / row.key / "seed3"
+    _config_yaml(folder, **other)
+    _metrics(folder, 5)
+    with pytest.raises(ablation.AblationError, match="holds another run"):
+        ablation.job_argv("digits", row, 3, str(folder), 5, "cache")
+    said = []
+    assert ablation.analyse(str(tmp_path / "digits"), [row], [3], 5, "digits", log=said.append)["seeds"] == []
+    assert "not this row's and seed's" in said[0]
+    proc = subprocess.run([sys.executable, "-m", "fastsnn.ablation", "--out", str(tmp_path), "--seeds", "4",
+                           "--rows", "skd", "--lams", "--epochs", "5"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "holds another run" in proc.stderr and proc.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "digits" / "settings.json").exists()  # nothing written
+
+
+@pytest.mark.parametrize("corrupt", ["settings garbage", "settings empty", "settings a list", "dataset is a file",
+                                     "out is a file", "seed folder is a file", "run without settings"])
+def test_corrupt_ablation_files_are_one_line(tmp_path, corrupt):
+    out = tmp_path / "abl"
+    (out / "digits").mkdir(parents=True)
+    settings = out / "digits" / "settings.json"
+    if corrupt.startswith("settings"):
+        settings.write_text({"garbage": "{not json", "empty": "", "a list": "[15]"}[corrupt.split(" ", 1)[1]])
+    elif corrupt == "dataset is a file":
+        (out / "digits").rmdir()
+        (out / "digits").write_text("")
+    elif corrupt == "out is a file":
+        (out / "digits").rmdir()
+        out.rmdir()
+        out.write_text("")
+    elif corrupt == "seed folder is a file":
+        (out / "digits" / "skd").mkdir()
+        (out / "digits" / "skd" / "seed0").write_text("")
+    else:  # metrics and a checkpoint, but no config.yaml and an unreadable last.pt
+        folder = out / "digits" / "skd" / "seed0"
+        folder.mkdir(parents=True)
+        _metrics(folder, 5)
+        (folder / "last.pt").write_bytes(b"junk")
+    proc = subprocess.run([sys.executable, "-m", "fastsnn.ablation", "--out", str(out), "--seeds", "1", "--rows",
+                           "skd", "--lams", "--epochs", "5"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("fastsnn.ablation: error: ") and proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def test_duplicate_lambdas_are_refused(tmp_path):
+    for lams in (["0.1", "0.1"], ["0.1", "0.10", "0.2"]):
+        proc = subprocess.run([sys.executable, "-m", "fastsnn.ablation", "--out", str(tmp_path / "x"), "--lams",
+                               *lams], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "--lams lists 0.1 more than once" in proc.stderr, proc.stderr
+        assert not (tmp_path / "x").exists()
 
 
 def test_an_ablation_folder_keeps_one_run_length(tmp_path):
@@ -163,3 +261,38 @@ def test_validation_and_teacher_flags(argv, words):
     cfg, _ = C.parse(["--dataset", "cifar10", "--data-dir", "."])
     C.resolve(cfg)
     assert cfg.val_fraction == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("to", ["group", "main"])
+def test_ctrl_c_stops_within_seconds_and_starts_nothing_queued(tmp_path, to):
+    """Ctrl-C (SIGINT to the terminal's process group, or to the ablation process alone): the run in flight ends
+    with its checkpoint, nothing queued is started, and the command exits 130 within seconds."""
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"FASTSNN_CACHE": str(tmp_path / "c")}
+    out = tmp_path / "abl"
+    proc = subprocess.Popen([sys.executable, "-m", "fastsnn.ablation", "--seeds", "1", "--epochs", "40", "--rows",
+                             "ce", "skd", "ts", "--lams", "--jobs", "1", "--out", str(out), "--cache-dir",
+                             str(tmp_path / "c")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert "runs to train" in proc.stdout.readline()
+        deadline = time.monotonic() + 120
+        while not list(out.glob("digits/*/seed0/last.pt")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        started = time.monotonic()
+        if to == "group":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert time.monotonic() - started < 20
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err
+    folders = [p for p in out.glob("digits/*/seed0") if p.is_dir()]
+    assert len(folders) == 1 and (folders[0] / "last.pt").is_file()  # the queued two never started
