@@ -11,9 +11,6 @@ import torch
 if not torch.cuda.is_available():
     # without a GPU the kernels run under Triton's interpreter (must be chosen before fastsnn is imported)
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# SpikingJelly 2.0 picks its CUDA LIF implementation from this variable: force its Triton kernels, so that a
-# call that would fall back to its PyTorch loop raises instead of timing the wrong thing
-os.environ["SJ_LIF_CUDA_IMPLEMENTATION"] = "triton"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytest  # noqa: E402
@@ -25,16 +22,25 @@ for _name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_lim
     if hasattr(torch._dynamo.config, _name):
         setattr(torch._dynamo.config, _name, 4096)
 
-from common import HAS_CUDA, copy_bandwidth_gbs, environment  # noqa: E402
+from common import GPU_ROWS, append_row, copy_bandwidth_gbs, environment  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def copy_gbs():
-    return copy_bandwidth_gbs() if HAS_CUDA else None
+    """The copy bandwidth the rows' floors use: the device's, or in a rehearsal the host's memcpy."""
+    return copy_bandwidth_gbs() if GPU_ROWS else None
+
+
+def pytest_sessionstart(session):
+    """The rows file (FASTSNN_BENCH_ROWS) starts each session with its environment: versions, the device."""
+    env = environment()
+    if GPU_ROWS:
+        env["copy_GB/s"] = round(copy_bandwidth_gbs(), 1)
+    append_row({"op": "environment", **env})
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     env = environment()
-    if HAS_CUDA:
+    if GPU_ROWS:
         env["copy_GB/s"] = round(copy_bandwidth_gbs(), 1)
     output_json["fastsnn_environment"] = env

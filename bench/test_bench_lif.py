@@ -70,4 +70,5 @@ def test_lif(benchmark, copy_gbs, provider, pass_, T, shape, dtype):
                     requires_grad=pass_ != "fwd")
     fn, path = _provider(provider, DTYPES[dtype])
     run_benchmark(benchmark, _case(fn, pass_, x), bytes_moved=_bytes(pass_, x), copy_gbs=copy_gbs, path=path,
-                  provider=provider, op="lif", pass_=pass_, T=T, shape=shape, dtype=dtype)
+                  count_kernel_bytes=provider in ("fastsnn", "spikingjelly"), provider=provider, op="lif",
+                  pass_=pass_, T=T, shape=shape, dtype=dtype)

@@ -61,5 +61,5 @@ def test_tser_loss(benchmark, copy_gbs, provider, T, B, C, dtype):
     floor_bytes = 2 * z.numel() * z.element_size() + u.numel() * u.element_size()
     launches = _launches(provider, fn, z, u, y)
     run_benchmark(benchmark, lambda: torch.autograd.grad(fn(z, u, y), z), bytes_moved=floor_bytes,
-                  copy_gbs=copy_gbs, path=path, provider=provider, op="tser_loss", pass_="fwdbwd", T=T, B=B, C=C,
-                  dtype=dtype, launches=launches)
+                  copy_gbs=copy_gbs, path=path, count_kernel_bytes=provider == "fastsnn", provider=provider,
+                  op="tser_loss", pass_="fwdbwd", T=T, B=B, C=C, dtype=dtype, launches=launches)

@@ -1,27 +1,35 @@
 """One training step (forward, TSER loss, backward, SGD step) of fastsnn's network against the same network
-with SpikingJelly 2.0 LIFNode neurons on its Triton kernels and the eager loss; and the bytes each saves for
-backward. Rows record; bench/report.py writes."""
+with SpikingJelly 2.0 LIFNode neurons on its Triton kernels, the same loss (fastsnn.tser_loss) on every side;
+fastsnn also unfused (BatchNorm then neuron, dense convolutions: the gain of fusion and of packing each show) and
+compiled (torch.compile mode="reduce-overhead": CUDA graphs); and the bytes each saves for backward. Rows record;
+bench/report.py writes."""
 import pytest
 import torch
 
 import fastsnn
-from common import DEVICE, GPU_ROWS, fastsnn_path, prepare_spikingjelly, run_benchmark, saved_bytes, size, \
-    spikingjelly_path
-from fastsnn import models, reference
+from common import DEVICE, GPU_ROWS, fastsnn_path, prepare_spikingjelly, record, run_benchmark, saved_bytes, \
+    size, spikingjelly_path
+from fastsnn import models
 
 CASES = {"sew_resnet34": dict(image=224, batch=32, classes=1000, tiny=(32, 1)),
          "spiking_resnet19": dict(image=32, batch=128, classes=100, tiny=(8, 1))}
+PROVIDERS = ["fastsnn", "fastsnn-unfused", "spikingjelly", "fastsnn-compiled"]
 
 
 def build(arch, provider, device, dtype=torch.float32, T=4):
     """(model, loss_fn, path): fastsnn's (fused BatchNorm + neuron, spikes saved as bits; "fastsnn-unfused":
-    BatchNorm then neuron, nn.Conv2d/nn.MaxPool2d), or that network (same weights) with SpikingJelly neurons."""
+    BatchNorm then neuron, nn.Conv2d/nn.MaxPool2d; "fastsnn-compiled": fastsnn's under torch.compile with
+    mode="reduce-overhead"), or the unfused network (same weights) with SpikingJelly neurons. The loss is
+    fastsnn.tser_loss for every provider."""
     torch.manual_seed(0)
-    fastsnn_own = provider == "fastsnn"  # the others: nn.Conv2d, nn.MaxPool2d, BatchNorm then neuron
+    fastsnn_own = provider in ("fastsnn", "fastsnn-compiled")  # the others: nn.Conv2d, nn.MaxPool2d, BN then neuron
     model = models.create(arch, CASES[arch]["classes"], T=T, surrogate="atan", detach_reset=True,
                           fuse_bn=fastsnn_own, pack_spikes=fastsnn_own)
     if provider in ("fastsnn", "fastsnn-unfused"):
         return model.to(device), fastsnn.tser_loss, fastsnn_path(device)
+    if provider == "fastsnn-compiled":
+        return (torch.compile(model.to(device), mode="reduce-overhead"), fastsnn.tser_loss,
+                fastsnn_path(device) + "+torch.compile(reduce-overhead)")
     sj_neuron = pytest.importorskip("spikingjelly.activation_based.neuron")
     sj_surrogate = pytest.importorskip("spikingjelly.activation_based.surrogate")
     for name in list(models.spiking_neurons(model)):
@@ -30,7 +38,7 @@ def build(arch, provider, device, dtype=torch.float32, T=4):
                 sj_neuron.LIFNode(tau=2.0, surrogate_function=sj_surrogate.ATan(), detach_reset=True, step_mode="m"))
     model = model.to(device)
     prepare_spikingjelly(model, dtype, device)
-    return model, reference.tser_loss, spikingjelly_path(device, dtype)
+    return model, fastsnn.tser_loss, spikingjelly_path(device, dtype)
 
 
 def _reset(model):
@@ -39,12 +47,16 @@ def _reset(model):
             m.reset()
 
 
+def _forward_loss(model, loss_fn, images, teacher_logits, target, amp):
+    _reset(model)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        logits = model(images)
+    return loss_fn(logits.float(), teacher_logits, target)
+
+
 def _step_fn(model, loss_fn, images, teacher_logits, target, optimizer, amp):
     def step():
-        _reset(model)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            logits = model(images)
-        loss = loss_fn(logits.float(), teacher_logits, target)
+        loss = _forward_loss(model, loss_fn, images, teacher_logits, target, amp)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -54,8 +66,10 @@ def _step_fn(model, loss_fn, images, teacher_logits, target, optimizer, amp):
 @pytest.mark.skipif(not GPU_ROWS, reason="GPU rows need CUDA (or FASTSNN_BENCH_DRY_RUN=1)")
 @pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
 @pytest.mark.parametrize("arch", list(CASES))
-@pytest.mark.parametrize("provider", ["fastsnn", "spikingjelly"])
-def test_train_step(benchmark, provider, arch, channels_last):
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_train_step(benchmark, copy_gbs, provider, arch, channels_last):
+    if provider == "fastsnn-compiled" and not (arch == "spiking_resnet19" and channels_last):
+        pytest.skip("one compiled row: spiking_resnet19, channels_last")
     case = CASES[arch]
     image, batch = size((case["image"], case["batch"]), case["tiny"])
     amp = DEVICE == "cuda"  # bf16 autocast on the GPU
@@ -68,11 +82,14 @@ def test_train_step(benchmark, provider, arch, channels_last):
     teacher_logits = torch.randn(batch, case["classes"], device=DEVICE)
     target = torch.randint(0, case["classes"], (batch,), device=DEVICE)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    run_benchmark(benchmark, _step_fn(model, loss_fn, images, teacher_logits, target, optimizer, amp),
-                  bytes_moved=None, copy_gbs=None, path=path, rounds=10, warmup=3, provider=provider,
-                  op="train_step", arch=arch, image=image, batch=batch, channels_last=channels_last,
-                  dtype="bf16" if amp else "fp32")
-    benchmark.extra_info["images/s"] = round(batch / benchmark.stats.stats.median, 1)
+    step = _step_fn(model, loss_fn, images, teacher_logits, target, optimizer, amp)
+    # floor: every activation saved for backward written once in the forward and read once in the backward
+    # (counted on the eager module: a compiled fastsnn student saves what the eager one does, tests/test_bn_lif.py)
+    eager_model = getattr(model, "_orig_mod", model)
+    activations = saved_bytes(lambda: _forward_loss(eager_model, loss_fn, images, teacher_logits, target, amp))
+    run_benchmark(benchmark, step, bytes_moved=None, floor_bytes=2 * activations, copy_gbs=copy_gbs, path=path,
+                  items=batch, provider=provider, op="train_step", arch=arch, image=image, batch=batch,
+                  channels_last=channels_last, dtype="bf16" if amp else "fp32", saved_bytes=activations)
 
 
 SAVED_CASES = [("sew_resnet34", 4), ("spiking_resnet19", 2), ("spiking_resnet19", 4)]
@@ -106,6 +123,5 @@ def test_saved_activation_bytes(benchmark, arch, T, monkeypatch):
                                                                                  target))
     row["ratio"] = round(row["fastsnn_bytes"] / row["spikingjelly_bytes"], 3)
     row["ratio_unfused"] = round(row["fastsnn_unfused_bytes"] / row["spikingjelly_bytes"], 3)
-    benchmark.extra_info.update(row)
     benchmark.group = "saved bytes"
-    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    record(benchmark, dict(row, gpu_row=False))

@@ -89,9 +89,7 @@ def pack(op: str, x: Tensor, storage: str, check: bool) -> Tensor:
         bad = int(bad.item()) if check else 0
     else:
         bad = int(((flat != 0) & (flat != 1)).sum()) if check else 0
-        ones = torch.nn.functional.pad((flat != 0).to(torch.uint8), (0, (-flat.numel()) % 8))
-        shifts = torch.arange(8, dtype=torch.uint8, device=x.device)
-        bits = (ones.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8)
+        bits = pack_bits_torch(flat)
     if bad:
         instead = ("use storage='uint8' for small integer sums, or a dense layer (nn.Conv2d)" if op == "SpikeConv2d"
                    else "use nn.MaxPool2d for this input" if op == "SpikeMaxPool2d"
@@ -111,9 +109,22 @@ def unpack(op: str, packed: Tensor, storage: str, x_layout) -> Tensor:
     elif resolve_backend(op, "auto", packed.device, dtype) == "triton":
         _kernels().unpack_bits(packed, flat)
     else:
-        shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-        flat.copy_(((packed.unsqueeze(1) >> shifts) & 1).view(-1)[:flat.numel()])
+        unpack_bits_torch(packed, flat)
     return out
+
+
+def pack_bits_torch(flat: Tensor) -> Tensor:
+    """The bits of a 1-D tensor (nonzero → 1), 8 per byte, in PyTorch ops: the CPU path (and the benchmarks'
+    baseline)."""
+    ones = torch.nn.functional.pad((flat != 0).to(torch.uint8), (0, (-flat.numel()) % 8))
+    shifts = torch.arange(8, dtype=torch.uint8, device=flat.device)
+    return (ones.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits_torch(packed: Tensor, flat: Tensor) -> Tensor:
+    """flat (1-D, numel values) written 0/1 from `packed`, in PyTorch ops."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return flat.copy_(((packed.unsqueeze(1) >> shifts) & 1).view(-1)[:flat.numel()])
 
 
 @torch.library.custom_op("fastsnn::unpack_spikes", mutates_args=())
