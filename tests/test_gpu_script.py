@@ -77,6 +77,15 @@ def test_an_overrun_costs_only_the_step_that_overran():
             assert stormy.limits[name] >= next(s for s in plan if s.name == name).min_s
 
 
+def test_kernel_time_is_summed_per_call_between_the_flushes():
+    import common
+
+    flush = common.FLUSH_OP + "_kernel"
+    events = [(9, 4.0, "lif_bwd"), (1, 50.0, "before"), (2, 0.5, flush), (3, 2.0, "lif_fwd"), (4, 3.0, "lif_bwd"),
+              (5, 0.5, flush), (6, 1.0, "memset"), (7, 2.5, "lif_fwd"), (8, 0.5, flush), (10, 7.0, "after")]
+    assert common.per_round_us(sorted(events, reverse=True)) == [5.0, 3.5]  # two calls; nothing outside them
+
+
 def test_the_budget_refuses_what_cannot_fit():
     plan = _plan()
     assert "minima need" in budget.check(plan, 100)
