@@ -25,12 +25,14 @@ f32 = np.float32
 def _round_f32(q: Fraction) -> f32:
     lo = f32(float(q))  # within an ulp; step to the nearest fp32 with ties to even
     candidates = [np.nextafter(lo, f32(-np.inf)), lo, np.nextafter(lo, f32(np.inf))]
-    best = min(candidates, key=lambda c: (abs(Fraction(float(c)) - q), int(np.frombuffer(np.float32(c).tobytes(), np.uint32)[0]) & 1))
+    best = min(candidates, key=lambda c: (abs(Fraction(float(c)) - q),
+                                          int(np.frombuffer(np.float32(c).tobytes(), np.uint32)[0]) & 1))
     return f32(best)
 
 
 def quotients(a, tau):
-    exact = (a.astype(np.float64) / np.float64(tau)).astype(f32)  # RN32 of the exact quotient (fp64 is exact enough: checked below)
+    # RN32 of the exact quotient (fp64 is exact enough: checked below)
+    exact = (a.astype(np.float64) / np.float64(tau)).astype(f32)
     r = f32(1.0) / f32(tau)
     mul = (a * r).astype(f32)
     e = fma32(-mul, np.full_like(a, tau), a)
@@ -57,7 +59,8 @@ def main():
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     taus = [1.5, 2.0, 3.0, 1.1, 7.0, 10.0 / 3, 1.9999999]
-    print("| tau | quotients differing: multiply | multiply + 2 fma | spikes flipped (random / adversarial): multiply | multiply + 2 fma |")
+    print("| tau | quotients differing: multiply | multiply + 2 fma | spikes flipped (random / adversarial): multiply "
+          "| multiply + 2 fma |")
     print("|---|---|---|---|---|")
     for tau in taus:
         tau = f32(tau)

@@ -46,14 +46,16 @@ TRAIN_HEADLINE = "test_train_step and channels_last"
 
 
 def _bench(name: str, kind: str, min_s: float, max_s: float, expression: str) -> Step:
-    return Step(name, kind, min_s, max_s, (PY, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider",
-                                           "--benchmark-only", "--benchmark-columns=rounds", "-rfs", "-k", expression), log="bench.log")
+    command = (PY, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider", "--benchmark-only",
+               "--benchmark-columns=rounds", "-rfs", "-k", expression)
+    return Step(name, kind, min_s, max_s, command, log="bench.log")
 
 
 def steps(rehearse: bool) -> list[Step]:
     """The run's steps, in order, with their minimum and maximum seconds on a GPU. A rehearsal runs the same
     steps; only its extras are a sample (the whole grid under the interpreter would take hours)."""
-    kernel_files = ("test_lif.py", "test_bn_lif.py", "test_spike_storage.py", "test_tser_loss.py", "test_cuda.py")
+    kernel_files = ("test_lif.py", "test_bn_lif.py", "test_plif.py", "test_spike_storage.py", "test_tser_loss.py",
+                    "test_cuda.py")
     if rehearse:
         correctness = (PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfs", "--quick", "--maxfail=20",
                        "-k", "cpu or test_cuda", *kernel_files)

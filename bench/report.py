@@ -160,7 +160,8 @@ def markdown(env: dict, rows: list[dict]) -> str:
     if groups["train_step"]:
         lines += ["## Training step (the same loss, fastsnn.tser_loss, for every provider; floor: the activations "
                   "saved for backward written once and read once)", "",
-                  "| arch | image | batch | dtype | channels_last | provider | path | images/s | kernel_us | eager_us | "
+                  "| arch | image | batch | dtype | channels_last | provider | path | images/s | kernel_us | "
+                  "eager_us | "
                   "host_us | floor_us | saved MB | peak MB |", "|---" * 14 + "|"]
         for key, cells in sorted(groups["train_step"].items(), key=lambda kv: tuple(str(v) for v in kv[0])):
             for provider in [p for p in PROVIDERS if p in cells]:
@@ -177,7 +178,8 @@ def markdown(env: dict, rows: list[dict]) -> str:
     saved = [r for r in rows if r["op"] == "saved_bytes"]
     if saved:
         lines += ["## Activation bytes saved for backward in one training step (fp32, parameters left out)", "",
-                  "| network | T | batch | image | fastsnn (fused BN) MB | fastsnn unfused MB | SpikingJelly neurons MB "
+                  "| network | T | batch | image | fastsnn (fused BN) MB | fastsnn unfused MB | "
+                  "SpikingJelly neurons MB "
                   "| ratio fused | ratio unfused |", "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['arch']} | {r.get('T', 4)} | {r['batch']} | {r['image']} | {r['fastsnn_bytes'] / 2**20:.1f} | "
                   f"{_mb(r.get('fastsnn_unfused_bytes'))} | {r['spikingjelly_bytes'] / 2**20:.1f} | {r['ratio']} | "
@@ -192,7 +194,8 @@ def _mb(nbytes) -> str:
 def summary(env: dict, rows: list[dict]) -> str:
     groups = grouped(rows)
     lines = [f"fastsnn on {env.get('gpu')} (torch {env.get('torch')}, triton {env.get('triton')}), "
-             f"copy {env.get('copy_GB/s', '—')} GB/s" + (" -- DRY RUN, times meaningless" if env.get("dry_run") else "")]
+             f"copy {env.get('copy_GB/s', '—')} GB/s"
+             + (" -- DRY RUN, times meaningless" if env.get("dry_run") else "")]
     for op in ("lif", "tser_loss", "bn_lif", "spike_pack"):
         for key, cells in sorted(groups[op].items(), key=lambda kv: tuple(str(v) for v in kv[0])):
             if "fastsnn" not in cells:
@@ -201,7 +204,8 @@ def summary(env: dict, rows: list[dict]) -> str:
             others = ", ".join(f"{p} {_ratio(cells, p):.2f}x" for p in PROVIDERS[1:] if _ratio(cells, p))
             lines.append(f"{op} {' '.join(str(k) for k in key)}: kernel {_fmt(f.get('kernel_us'))} us (floor "
                          f"{_fmt(f.get('floor_us'))}, {_fmt(f.get('copy_fraction'), 2)} of copy), eager "
-                         f"{_fmt(f.get('eager_us'))}, host {_fmt(f.get('host_us'))}; kernel speed-up vs {others or '—'}")
+                         f"{_fmt(f.get('eager_us'))}, host {_fmt(f.get('host_us'))}; kernel speed-up vs "
+                         f"{others or '—'}")
     for t, r in targets(groups, _measured(env)):
         lines.append(f"target: {t}: {r}")
     return "\n".join(lines)

@@ -1,10 +1,10 @@
 """fastsnn: fused Triton kernels and a training program for spiking neural networks (SNNs) distilled
 from ANN teachers with the TSER loss."""
-from .neuron import BNIF, BNLIF, IF, LIF, BNNeuron, MultistepNeuron
+from .neuron import BNIF, BNLIF, BNPLIF, IF, LIF, PLIF, BNNeuron, MultistepNeuron
 from .loss import TSERLoss
-from .ops.bn_lif import bn_if, bn_lif
-from .ops.lif import if_multistep, lif_multistep
-from .ops.spike_storage import SpikeConv2d, SpikeMaxPool2d
+from .ops.bn_lif import bn_if, bn_lif, bn_plif
+from .ops.lif import if_multistep, lif_multistep, plif_multistep
+from .spike_layers import SpikeConv2d, SpikeMaxPool2d
 from .ops.tser_loss import tser_loss
 from .spec import NeuronSpec
 
@@ -20,6 +20,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'fastsnn' has no attribute {name!r}")
 
 
-__all__ = ["lif_multistep", "if_multistep", "LIF", "IF", "MultistepNeuron", "bn_lif", "bn_if", "BNLIF", "BNIF",
-           "BNNeuron", "SpikeConv2d", "SpikeMaxPool2d", "NeuronSpec", "tser_loss", "TSERLoss",
+__all__ = ["lif_multistep", "if_multistep", "plif_multistep", "LIF", "IF", "PLIF", "MultistepNeuron", "bn_lif", "bn_if",
+           "bn_plif", "BNLIF", "BNIF", "BNPLIF", "BNNeuron", "SpikeConv2d", "SpikeMaxPool2d", "NeuronSpec", "tser_loss",
+           "TSERLoss",
            "convert_spikingjelly", "neuron_from_spikingjelly"]

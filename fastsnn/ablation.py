@@ -358,7 +358,8 @@ def analyse(folder: str, rows: list[Row], seeds: list[int], epochs: int | None =
         table[r.key] = {"label": r.label, "paper": PAPER_TABLE3.get(r.key)}
         for m in METRICS:
             values = [runs[r.key][s][m] for s in complete]
-            table[r.key][m] = {"values": values, **dict(zip(("mean", "sd"), mean_sd(values) if values else (None,) * 2))}
+            stats = mean_sd(values) if values else (None,) * 2
+            table[r.key][m] = {"values": values, **dict(zip(("mean", "sd"), stats))}
     keys = {r.key for r in rows}
     pairs = [p for p in COMPARISONS if set(p) <= keys]
     pairs += [(r.key, "ts") for r in rows if r.key.startswith("lam") and "ts" in keys]
@@ -434,7 +435,8 @@ def plot(path: str, dataset: str, result: dict) -> None:
     for i, metric in enumerate(("final", "per_t")):
         ys = [j + (i - 0.5) * 0.3 for j in range(len(comps))]
         means = [c[metric]["mean"] for c in comps]
-        err = [[c[metric]["mean"] - c[metric]["low"] for c in comps], [c[metric]["high"] - c[metric]["mean"] for c in comps]]
+        err = [[c[metric]["mean"] - c[metric]["low"] for c in comps],
+               [c[metric]["high"] - c[metric]["mean"] for c in comps]]
         ax2.errorbar(means, ys, xerr=err, fmt="o", capsize=3, label=METRICS[metric])
     ax2.axvline(0, color="grey", lw=0.8)
     ax2.set_yticks(range(len(comps)), [f"{c['a']} − {c['b']}" for c in comps])

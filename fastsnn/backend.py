@@ -1,6 +1,7 @@
 """The one place that decides which implementation runs an op, and the checks every op shares."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -82,7 +83,8 @@ def check_float_tensor(op: str, name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
         allowed = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
-        raise TypeError(f"{op}: {name} must have a floating dtype ({allowed}), got {str(t.dtype).replace('torch.', '')}")
+        got = str(t.dtype).replace("torch.", "")
+        raise TypeError(f"{op}: {name} must have a floating dtype ({allowed}), got {got}")
 
 
 def check_number(op: str, name: str, value, *, low: float | None = None, low_inclusive: bool = True,
@@ -98,3 +100,18 @@ def check_number(op: str, name: str, value, *, low: float | None = None, low_inc
     if not ok:
         raise ValueError(f"{op}: {name} must be {rule or 'a finite number'}, got {value!r}")
     return float(value)
+
+
+def memoised(maxsize: int = 256, typed: bool = False):
+    """functools.lru_cache for the ops' per-call validation and layout answers, bypassed while torch.compile
+    traces (Dynamo would trace through the cache wrapper and warn that this may be silently incorrect)."""
+    def decorate(fn):
+        cached = functools.lru_cache(maxsize=maxsize, typed=typed)(fn)
+        compiling = torch.compiler.is_compiling
+
+        @functools.wraps(fn)
+        def call(*args):
+            return fn(*args) if compiling() else cached(*args)
+        call.cache_info, call.cache_clear = cached.cache_info, cached.cache_clear
+        return call
+    return decorate

@@ -192,7 +192,8 @@ def _safe_cifar_class(base, verify: bool):
             if not self._check_integrity():
                 raise DataError(f"{root}: CIFAR files missing or corrupted (--download fetches them)")
             folder = os.path.join(self.root, self.base_folder)
-            entries = [load_cifar_batch(os.path.join(folder, f)) for f, _ in (self.train_list if train else self.test_list)]
+            batches = self.train_list if train else self.test_list
+            entries = [load_cifar_batch(os.path.join(folder, f)) for f, _ in batches]
             self.data = np.vstack([e["data"] for e in entries]).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
             self.targets = [int(t) for e in entries for t in e.get("labels", e.get("fine_labels", []))]
             self.classes = load_cifar_batch(os.path.join(folder, self.meta["filename"]))[self.meta["key"]]

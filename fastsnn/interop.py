@@ -1,6 +1,7 @@
-"""Swap fastsnn's kernels into SpikingJelly models: every multi-step LIFNode / IFNode that fastsnn can
-represent exactly becomes a fastsnn.LIF / fastsnn.IF with the same parameters; anything else stays and is
-reported. SpikingJelly is imported only here, and only when a conversion is asked for."""
+"""Swap fastsnn's kernels into SpikingJelly models: every multi-step LIFNode / IFNode / ParametricLIFNode that
+fastsnn can represent exactly becomes a fastsnn.LIF / fastsnn.IF / fastsnn.PLIF with the same parameters (a
+PLIF keeps the node's own w Parameter); anything else stays and is reported. SpikingJelly is imported only here,
+and only when a conversion is asked for."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +9,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .neuron import IF, LIF, MultistepNeuron
+from .neuron import IF, LIF, PLIF, MultistepNeuron
 
 log = logging.getLogger("fastsnn.interop")
 
@@ -32,8 +33,9 @@ def _unsupported(node) -> str | None:
     from spikingjelly.activation_based import neuron as sj_neuron
 
     kind = type(node)
-    if kind not in (sj_neuron.LIFNode, sj_neuron.IFNode):
-        return f"{kind.__name__} has no fastsnn equivalent (only LIFNode and IFNode are converted)"
+    if kind not in (sj_neuron.LIFNode, sj_neuron.IFNode, sj_neuron.ParametricLIFNode):
+        return (f"{kind.__name__} has no fastsnn equivalent (LIFNode, IFNode and ParametricLIFNode are "
+                f"converted)")
     if getattr(node, "step_mode", "s") != "m":
         return f"step_mode={node.step_mode!r}: fastsnn neurons are multi-step only"
     if getattr(node, "store_v_seq", False):
@@ -47,12 +49,17 @@ def _unsupported(node) -> str | None:
         return "the surrogate is in non-spiking mode"
     if kind is sj_neuron.LIFNode and not isinstance(node.tau, (int, float)):
         return "tau is not a plain number (learnable?)"
+    if kind is sj_neuron.ParametricLIFNode:
+        w = getattr(node, "w", None)
+        if not isinstance(w, nn.Parameter) or w.numel() != 1 or not w.is_floating_point():
+            return "its w is not a one-element floating-point Parameter"
     return None
 
 
 def neuron_from_spikingjelly(node) -> MultistepNeuron:
-    """The fastsnn neuron (LIF or IF, stateful like SpikingJelly's) equivalent to a multi-step SpikingJelly
-    LIFNode/IFNode; ValueError naming what cannot be represented exactly if there is none."""
+    """The fastsnn neuron (LIF, IF or PLIF, stateful like SpikingJelly's) equivalent to a multi-step
+    SpikingJelly LIFNode/IFNode/ParametricLIFNode; ValueError naming what cannot be represented exactly if there
+    is none. A PLIF takes the node's w Parameter itself (an optimizer holding it keeps training it)."""
     from spikingjelly.activation_based import neuron as sj_neuron
 
     why = _unsupported(node)
@@ -63,18 +70,23 @@ def neuron_from_spikingjelly(node) -> MultistepNeuron:
                   alpha=float(node.surrogate_function.alpha), detach_reset=bool(node.detach_reset), stateful=True)
     if type(node) is sj_neuron.LIFNode:
         return LIF(tau=float(node.tau), decay_input=bool(node.decay_input), **common)
+    if type(node) is sj_neuron.ParametricLIFNode:
+        plif = PLIF(decay_input=bool(node.decay_input), **common)
+        plif.w = node.w
+        return plif
     return IF(**common)
 
 
 def convert_spikingjelly(model: nn.Module, *, inplace: bool = True, return_summary: bool = False):
-    """Replaces every SpikingJelly LIFNode / IFNode in multi-step mode by fastsnn.LIF / fastsnn.IF.
+    """Replaces every SpikingJelly LIFNode / IFNode / ParametricLIFNode in multi-step mode by fastsnn.LIF /
+    fastsnn.IF / fastsnn.PLIF.
 
-    The replacement carries the node's tau, decay_input, v_threshold, v_reset, detach_reset and surrogate
-    (ATan, Sigmoid, PiecewiseQuadratic, Erf with their alpha), and keeps SpikingJelly's convention that the
-    membrane persists across forwards until functional.reset_net. A node that cannot be represented
-    exactly (another surrogate, single-step mode, store_v_seq, a learnable tau, another neuron type) stays
-    in place and is listed in the summary, which is logged as a warning when anything is kept: behaviour
-    never changes silently.
+    The replacement carries the node's tau (a ParametricLIFNode's w Parameter itself), decay_input,
+    v_threshold, v_reset, detach_reset and surrogate (ATan, Sigmoid, PiecewiseQuadratic, Erf with their alpha),
+    and keeps SpikingJelly's convention that the membrane persists across forwards until functional.reset_net.
+    A node that cannot be represented exactly (another surrogate, single-step mode, store_v_seq, a LIFNode tau
+    that is not a number, another neuron type) stays in place and is listed in the summary, which is logged as a
+    warning when anything is kept: behaviour never changes silently.
 
     Returns the model (a converted deep copy when inplace=False), or (model, ConversionSummary) with
     return_summary=True.

@@ -10,7 +10,8 @@ class TSERLoss(nn.Module):
     """fastsnn.tser_loss as a module: forward(student_logits[T, B, C], teacher_logits[B, C], target[B]).
 
     Same arguments and defaults as fastsnn.tser_loss (alpha=0.5, tau=5.0, lam=0.01, ts_ce=True,
-    ts_kl=True, entropy_tau=None, ignore_index=-100). With return_terms=True, forward returns (loss, {"ce", "kl", "entropy"}).
+    ts_kl=True, entropy_tau=None, ignore_index=-100). With return_terms=True, forward returns
+    (loss, {"ce", "kl", "entropy"}).
     """
 
     def __init__(self, alpha: float = 0.5, tau: float = 5.0, lam: float = 0.01, ts_ce: bool = True,

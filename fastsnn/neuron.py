@@ -7,7 +7,7 @@ from torch import nn
 from .backend import BACKENDS
 from .ops.bn_lif import apply_bn_neuron
 from .ops.lif import apply_neuron
-from .spec import NeuronSpec, kind_of
+from .spec import NeuronSpec, init_w, kind_of
 
 
 class MultistepNeuron(nn.Module):
@@ -33,9 +33,13 @@ class MultistepNeuron(nn.Module):
 
     @staticmethod
     def from_spec(spec: NeuronSpec, *, backend: str = "auto", stateful: bool = False) -> "MultistepNeuron":
-        """The LIF module of a spec (IF for kind "if"), built without validating the spec again."""
-        module = (IF if spec.kind == "if" else LIF).__new__(IF if spec.kind == "if" else LIF)
+        """The module of a spec (IF for kind "if", PLIF for the parametric kinds, with w at 1/sigmoid(w) = tau,
+        LIF otherwise), built without validating the spec again."""
+        cls = IF if spec.kind == "if" else PLIF if spec.parametric else LIF
+        module = cls.__new__(cls)
         MultistepNeuron.__init__(module, spec, backend=backend, stateful=stateful)
+        if spec.parametric:
+            module.w = nn.Parameter(torch.tensor(init_w(spec.tau)))
         return module
 
     def __getattr__(self, name):
@@ -66,15 +70,20 @@ class MultistepNeuron(nn.Module):
                 raise ValueError(f"{op}: bn= (the fused BatchNorm + neuron) needs a stateless neuron; this one "
                                  f"is stateful=True")
             return batch_norm_fire(op, bn, self.spec, x, residual=residual, residual_storage=residual_storage,
-                                   residual_bn=residual_bn, repeat=repeat, backend=self.backend)
+                                   residual_bn=residual_bn, repeat=repeat, backend=self.backend, w=self.learned_w)
         if residual is not None or residual_bn is not None:
             raise ValueError(f"{op}: residual and residual_bn are only taken with bn= (add the residual to x "
                              f"instead)")
         if self.stateful:
             spikes, self.v = apply_neuron(op, x, self.spec, v_init=self.v, return_v=True, repeat=repeat,
-                                          backend=self.backend)
+                                          backend=self.backend, w=self.learned_w)
             return spikes
-        return apply_neuron(op, x, self.spec, repeat=repeat, backend=self.backend)
+        return apply_neuron(op, x, self.spec, repeat=repeat, backend=self.backend, w=self.learned_w)
+
+    @property
+    def learned_w(self) -> torch.Tensor | None:
+        """A parametric neuron's weight w (rate sigmoid(w)); None for the others."""
+        return self._parameters.get("w")
 
     def reset(self) -> None:
         """Clears the membrane kept by a stateful neuron (SpikingJelly's functional.reset_net calls this)."""
@@ -82,7 +91,11 @@ class MultistepNeuron(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.spec
-        tau = "" if s.kind == "if" else f"tau={s.tau}, decay_input={s.kind == 'lif'}, "
+        if s.parametric:
+            tau = f"tau={1.0 / float(torch.sigmoid(self.w.detach().float())):.4g} (learnable), " \
+                  f"decay_input={s.decay_input}, "
+        else:
+            tau = "" if s.kind == "if" else f"tau={s.tau}, decay_input={s.decay_input}, "
         return (tau + f"v_threshold={s.v_threshold}, v_reset={s.v_reset}, surrogate={s.surrogate!r}, "
                 f"alpha={s.alpha}, detach_reset={s.detach_reset}" + (", stateful=True" if self.stateful else ""))
 
@@ -96,6 +109,21 @@ class LIF(MultistepNeuron):
         spec = NeuronSpec.create("LIF", kind=kind_of(decay_input, "LIF"), tau=tau, v_threshold=v_threshold,
                                  v_reset=v_reset, surrogate=surrogate, alpha=alpha, detach_reset=detach_reset)
         super().__init__(spec, backend=backend, stateful=stateful)
+
+
+class PLIF(MultistepNeuron):
+    """Parametric leaky integrate-and-fire neuron (SpikingJelly's ParametricLIFNode): LIF whose rate
+    k = sigmoid(w) is learnt, w one nn.Parameter (state_dict key "w", SpikingJelly's) initialised to
+    −log(init_tau − 1). forward(x[T, ...]) → spikes [T, ...]; see fastsnn.plif_multistep."""
+
+    def __init__(self, init_tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
+                 v_reset: float | None = 0.0, surrogate: str = "atan", alpha: float | None = None,
+                 detach_reset: bool = False, backend: str = "auto", stateful: bool = False):
+        spec = NeuronSpec.create("PLIF", kind=kind_of(decay_input, "PLIF", parametric=True), tau=init_tau,
+                                 v_threshold=v_threshold, v_reset=v_reset, surrogate=surrogate, alpha=alpha,
+                                 detach_reset=detach_reset)
+        super().__init__(spec, backend=backend, stateful=stateful)
+        self.w = nn.Parameter(torch.tensor(init_w(spec.tau)))
 
 
 class IF(MultistepNeuron):
@@ -128,7 +156,7 @@ def _batch_norm_args(op: str, name: str, bn: nn.Module):
 
 def batch_norm_fire(op: str, bn: nn.Module, spec: NeuronSpec, x: torch.Tensor, *, residual=None,
                     residual_storage=None, residual_bn: nn.Module | None = None, repeat=None,
-                    backend: str = "auto") -> torch.Tensor:
+                    backend: str = "auto", w: torch.Tensor | None = None) -> torch.Tensor:
     """spec's neuron over bn(x) [+ residual, or + residual_bn(residual)], fused, with nn.BatchNorm's bookkeeping
     (see _batch_norm_args). A residual_bn that normalises differently from bn (another mode, momentum factor or
     eps) is applied on its own first, and its output is the residual."""
@@ -146,7 +174,7 @@ def batch_norm_fire(op: str, bn: nn.Module, spec: NeuronSpec, x: torch.Tensor, *
                 r_eps).unflatten(0, residual.shape[:2])
     return apply_bn_neuron(op, x, *params, spec, training=training, momentum=factor, eps=eps, residual=residual,
                            residual_storage=residual_storage, residual_bn=residual_params, repeat=repeat,
-                           backend=backend)
+                           backend=backend, w=w)
 
 
 class BNNeuron(nn.modules.batchnorm._BatchNorm):
@@ -172,7 +200,7 @@ class BNNeuron(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, repeat: int | None = None,
                 residual_bn: nn.Module | None = None) -> torch.Tensor:
         return batch_norm_fire(type(self).__name__, self, self.spec, x, residual=residual, residual_bn=residual_bn,
-                               repeat=repeat, backend=self.backend)
+                               repeat=repeat, backend=self.backend, w=self._parameters.get("w"))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", neuron={self.spec}"
@@ -188,6 +216,21 @@ class BNLIF(BNNeuron):
         spec = NeuronSpec.create("BNLIF", kind=kind_of(decay_input, "BNLIF"), tau=tau, v_threshold=v_threshold,
                                  v_reset=v_reset, surrogate=surrogate, alpha=alpha, detach_reset=detach_reset)
         super().__init__(num_features, spec, eps, momentum, affine, track_running_stats, backend)
+
+
+class BNPLIF(BNNeuron):
+    """BatchNorm + PLIF (see BNNeuron, fastsnn.bn_plif): nn.BatchNorm2d's keys plus the neuron's "w"; the neuron
+    arguments are fastsnn.PLIF's."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, init_tau: float = 2.0, decay_input: bool = True,
+                 v_threshold: float = 1.0, v_reset: float | None = 0.0, surrogate: str = "atan",
+                 alpha: float | None = None, detach_reset: bool = False, backend: str = "auto"):
+        spec = NeuronSpec.create("BNPLIF", kind=kind_of(decay_input, "BNPLIF", parametric=True), tau=init_tau,
+                                 v_threshold=v_threshold, v_reset=v_reset, surrogate=surrogate, alpha=alpha,
+                                 detach_reset=detach_reset)
+        super().__init__(num_features, spec, eps, momentum, affine, track_running_stats, backend)
+        self.w = nn.Parameter(torch.tensor(init_w(spec.tau)))
 
 
 class BNIF(BNNeuron):

@@ -29,11 +29,13 @@ class _HeavisideSurrogate(torch.autograd.Function):
 
 def lif_multistep(x, spec: NeuronSpec | None = None, *, v_init=None, return_v=False, compute_dtype=torch.float32,
                   neuron="lif", tau=2.0, decay_input=True, v_threshold=1.0, v_reset=0.0, surrogate="atan",
-                  alpha=None, detach_reset=False):
+                  alpha=None, detach_reset=False, rate=None):
     """The multistep neuron `spec` over x[T, ...], computed in `compute_dtype` (without a spec, one is made,
     unvalidated, from the keyword arguments: neuron "lif" or "if", tau, decay_input, ...).
 
     charge  lif: h = v + (x − (v − v_reset)) / tau;  lif_no_decay: h = v − (v − v_reset)/tau + x;  if: h = v + x
+            plif: h = v + (x − (v − v_reset))·k;  plif_no_decay: h = v − (v − v_reset)·k + x,  k = `rate` (a
+            tensor, e.g. sigmoid(w): its gradient is autograd's)
     fire    s = Θ(h − v_threshold)
     reset   hard: v = v_reset·s + h·(1 − s);  soft (v_reset=None): v = h − v_threshold·s
     Returns spikes in x's dtype, and with return_v the final membrane in fp32 as well.
@@ -50,8 +52,12 @@ def lif_multistep(x, spec: NeuronSpec | None = None, *, v_init=None, return_v=Fa
             h = v + xc[t]
         elif spec.kind == "lif":
             h = v + (xc[t] - (v - spec.v_rest)) / spec.tau
-        else:
+        elif spec.kind == "lif_no_decay":
             h = v - (v - spec.v_rest) / spec.tau + xc[t]
+        elif spec.kind == "plif":
+            h = v + (xc[t] - (v - spec.v_rest)) * rate
+        else:  # plif_no_decay
+            h = v - (v - spec.v_rest) * rate + xc[t]
         s = _HeavisideSurrogate.apply(h - spec.v_threshold, spec)
         s_reset = s.detach() if spec.detach_reset else s
         if spec.hard_reset:
@@ -66,7 +72,7 @@ def lif_multistep(x, spec: NeuronSpec | None = None, *, v_init=None, return_v=Fa
 
 
 def bn_lif_multistep(x, weight, bias, running_mean, running_var, spec: NeuronSpec, *, training, momentum=0.1,
-                     eps=1e-5, residual=None, residual_bn=None, repeat=None, compute_dtype=torch.float32):
+                     eps=1e-5, residual=None, residual_bn=None, repeat=None, compute_dtype=torch.float32, rate=None):
     """BatchNorm over T·B·(spatial) per channel (torch.nn.functional.batch_norm on the folded batch, updating
     the running statistics in training mode), then + residual, then the multistep neuron `spec`.
 
@@ -83,7 +89,7 @@ def bn_lif_multistep(x, weight, bias, running_mean, running_var, spec: NeuronSpe
                                momentum, eps, compute_dtype).unflatten(0, residual.shape[:2])
     if residual is not None:
         y = y + residual.to(compute_dtype)
-    return lif_multistep(y, spec, compute_dtype=compute_dtype).to(x.dtype)
+    return lif_multistep(y, spec, compute_dtype=compute_dtype, rate=rate).to(x.dtype)
 
 
 def _batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, compute_dtype):

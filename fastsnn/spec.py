@@ -2,13 +2,13 @@
 kernels' launchers and the ahead-of-time variant list all take. Validated once, where it is built."""
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
-from .backend import check_number
+from .backend import check_number, memoised
 from .surrogate import SURROGATES, resolve_surrogate
 
-KINDS = ("if", "lif", "lif_no_decay")
+KINDS = ("if", "lif", "lif_no_decay", "plif", "plif_no_decay")
+PARAMETRIC = ("plif", "plif_no_decay")  # kinds whose rate k = sigmoid(w) is a learnable tensor
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,9 @@ class NeuronSpec:
         charge  if:            h = v + x_t
                 lif:           h = v + (x_t − (v − v_reset)) / tau      (SpikingJelly's decay_input=True)
                 lif_no_decay:  h = v − (v − v_reset) / tau + x_t        (decay_input=False)
+                plif:          h = v + (x_t − (v − v_reset))·k          (ParametricLIFNode, k = sigmoid(w), w a
+                plif_no_decay: h = v − (v − v_reset)·k + x_t             learnable tensor given with each call;
+                                                                          tau is then the initial 1/k)
         fire    s_t = Θ(h − v_threshold)
         reset   hard (v_reset a number): v = v_reset where s_t = 1, else h;  soft (None): v = h − v_threshold·s_t
 
@@ -41,6 +44,16 @@ class NeuronSpec:
                            self.detach_reset))
             object.__setattr__(self, "_hash", cached)
         return cached
+
+    @property
+    def parametric(self) -> bool:
+        """Whether the charge's rate is a learnable tensor (PLIF) rather than the number 1/tau."""
+        return self.kind in PARAMETRIC
+
+    @property
+    def decay_input(self) -> bool:
+        """SpikingJelly's name for the charge: False for the "_no_decay" kinds, True otherwise ("if" included)."""
+        return not self.kind.endswith("_no_decay")
 
     @property
     def hard_reset(self) -> bool:
@@ -78,13 +91,22 @@ class NeuronSpec:
         return SURROGATES[self.surrogate].grad(u, self.alpha)
 
 
-def kind_of(decay_input: bool, op: str) -> str:
+def kind_of(decay_input: bool, op: str, parametric: bool = False) -> str:
+    """The kind of a LIF (or, `parametric`, PLIF) neuron with SpikingJelly's decay_input switch."""
     if not isinstance(decay_input, bool):
         raise TypeError(f"{op}: decay_input must be True or False, got {decay_input!r}")
-    return "lif" if decay_input else "lif_no_decay"
+    base = "plif" if parametric else "lif"
+    return base if decay_input else base + "_no_decay"
 
 
-@functools.lru_cache(maxsize=256, typed=True)  # typed: True and 1 are different arguments
+def init_w(tau: float) -> float:
+    """The PLIF weight w whose rate sigmoid(w) is 1/tau (SpikingJelly's init_w = −log(init_tau − 1))."""
+    import math
+
+    return -math.log(tau - 1.0)
+
+
+@memoised(maxsize=256, typed=True)  # typed: True and 1 are different arguments
 def _cached(op, kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset):
     return NeuronSpec.create(op, kind=kind, tau=tau, v_threshold=v_threshold, v_reset=v_reset, surrogate=surrogate,
                              alpha=alpha, detach_reset=detach_reset)

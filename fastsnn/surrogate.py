@@ -2,7 +2,7 @@
 
 Each surrogate replaces dΘ/du of the Heaviside step Θ(u) = [u ≥ 0] in the backward pass, with
 u = h − v_threshold. The formulas and default alphas are SpikingJelly's (the kernels' SURROGATE_* codes in
-fastsnn/kernels/lif.py implement the same table):
+fastsnn/kernels/neuron.py implement the same table):
 
     atan                 (α=2)  α/2 / (1 + (π/2·α·u)²)
     sigmoid              (α=4)  α·σ(αu)·(1 − σ(αu))
@@ -61,5 +61,6 @@ def resolve_surrogate(op: str, surrogate: str, alpha: float | None) -> tuple[Sur
     if alpha is None:
         return entry, entry.default_alpha
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"{op}: alpha must be a finite number > 0 (or None for the surrogate's default), got {alpha!r}")
+        raise ValueError(f"{op}: alpha must be a finite number > 0 (or None for the surrogate's default), "
+                         f"got {alpha!r}")
     return entry, float(alpha)

@@ -74,7 +74,7 @@ def gpu_arithmetic():
     from triton.runtime import interpreter
     from triton.runtime.jit import KernelInterface
 
-    from .kernels.lif import DIVIDE_FMA
+    from .kernels.neuron import DIVIDE_FMA
 
     original_fma, original_getitem = interpreter.InterpreterBuilder.create_fma, KernelInterface.__getitem__
 
@@ -87,7 +87,7 @@ def gpu_arithmetic():
         launch = original_getitem(kernel, grid)
 
         def gpu_launch(*args, **kwargs):
-            if "DIVIDE" in kwargs:
+            if "DIVIDE" in kwargs:  # (MULTIPLY stays the interpreter's: it rounds a product once, as mul.rn does)
                 kwargs["DIVIDE"] = DIVIDE_FMA.value
             return launch(*args, **kwargs)
         return gpu_launch

@@ -55,26 +55,34 @@ def lif_variants(aligned: bool):
     from fastsnn.spec import NeuronSpec
 
     N = 4096 if aligned else 4095
-    kinds, resets = ("if", "lif", "lif_no_decay"), (0.0, None)
+    kinds, resets = ("if", "lif", "lif_no_decay", "plif", "plif_no_decay"), (0.0, None)
     for dtype_name, kind, v_reset, T in itertools.product(DTYPES, kinds, resets, (4, 8)):
         spec = NeuronSpec(kind, 2.0, 1.0, v_reset)
 
         def call(T=T, dtype=DTYPES[dtype_name], spec=spec):
             x = _tensor((T, N), dtype, aligned)
-            lif.lif_forward(x, torch.empty_like(x), None, None, None, spec)
+            lif.lif_forward(x, torch.empty_like(x), None, None, None, spec, _rate(spec))
         yield "_lif_fwd_kernel", dict(dtype=dtype_name, T=T, kind=kind, hard_reset=v_reset is not None), T, call
     backward = [(T, s, d) for T in (2 * lif.MAX_CHUNK,) for s in lif.SURROGATE_CODES for d in (True, False)]
     backward += [(4, "atan", True), (8, "atan", True)]
     for dtype_name, kind, v_reset, (T, surrogate, detach) in itertools.product(DTYPES, kinds, resets, backward):
+        if kind.startswith("plif") and surrogate != "atan":  # the surrogates' arithmetic: the LIF variants have it
+            continue
         spec = NeuronSpec(kind, 2.0, 1.0, v_reset, surrogate, 2.0, detach)
 
         def call(T=T, dtype=DTYPES[dtype_name], spec=spec):
             x = _tensor((T, N), dtype, aligned)
             n = lif.checkpoints_for(T)
             checkpoints = _tensor((n, N), torch.float32, aligned) if n else None
-            lif.lif_backward(x, torch.empty_like(x), None, checkpoints, None, torch.empty_like(x), None, spec)
+            lif.lif_backward(x, torch.empty_like(x), None, checkpoints, None, torch.empty_like(x), None, spec,
+                             rate=_rate(spec))
         yield "_lif_bwd_kernel", dict(dtype=dtype_name, T=T, kind=kind, hard_reset=v_reset is not None,
                                       surrogate=surrogate, detach_reset=detach), T, call
+
+
+def _rate(spec):
+    """A parametric neuron's rate k (one fp32 element); None for the others."""
+    return torch.full((), 0.5) if spec.parametric else None
 
 
 def element_step_costs(rows) -> list[dict]:
@@ -83,7 +91,8 @@ def element_step_costs(rows) -> list[dict]:
     by_key = {}
     for r in rows:
         if "elements_per_thread" in r and r["variant"]["T"] in (4, 8):
-            key = (r["kernel"], r["arch"], r["aligned"], json.dumps({k: v for k, v in r["variant"].items() if k != "T"}))
+            others = json.dumps({k: v for k, v in r["variant"].items() if k != "T"})
+            key = (r["kernel"], r["arch"], r["aligned"], others)
             by_key.setdefault(key, {})[r["variant"]["T"]] = r
     costs = []
     for (kernel, arch, aligned, variant), pair in sorted(by_key.items()):
@@ -162,11 +171,12 @@ def bn_lif_variants(aligned: bool):
             yield "_bn_finalize_fwd_kernel", dict(labels, training=False), None, partial_call(stats, training=False)
             yield "_bn_finalize_bwd_kernel", labels, None, grad_input
     specs = [NeuronSpec("lif", 2.0, 1.0, 0.0, "atan", 2.0, True)]
-    specs += [NeuronSpec("if", 1.0, 1.0, None, "sigmoid", 4.0, False), NeuronSpec("lif_no_decay", 2.0, 1.0, 0.0)]
+    specs += [NeuronSpec("if", 1.0, 1.0, None, "sigmoid", 4.0, False), NeuronSpec("lif_no_decay", 2.0, 1.0, 0.0),
+              NeuronSpec("plif", 2.0, 1.0, 0.0, "atan", 2.0, True)]
     # residual: none, added (True), or normalised by its own BatchNorm in the same op ("bn")
     for dtype_name, layout, T, residual, spec in itertools.product(DTYPES, layouts, (4, 16), (True, False, "bn"),
                                                                    specs):
-        if spec.kind != "lif" and (T != 4 or residual is not True):
+        if spec.kind not in ("lif", "plif") and (T != 4 or residual is not True):
             continue
 
         def buffers(T=T, dtype=DTYPES[dtype_name], layout=layout, residual=residual):
@@ -178,7 +188,8 @@ def bn_lif_variants(aligned: bool):
 
         def fire(buffers=buffers, spec=spec):
             x, r, stats, checkpoints, r_stats = buffers()
-            k.bn_fire(x, r, stats, torch.empty_like(x), checkpoints, _geometry(x), spec, residual_stats=r_stats)
+            k.bn_fire(x, r, stats, torch.empty_like(x), checkpoints, _geometry(x), spec, residual_stats=r_stats,
+                      rate=_rate(spec))
 
         def backward(buffers=buffers, spec=spec):
             x, r, stats, checkpoints, r_stats = buffers()
@@ -187,7 +198,7 @@ def bn_lif_variants(aligned: bool):
                                                  torch.empty_like(x))
             k.bn_fire_backward(x, r, torch.empty_like(x), stats, checkpoints, torch.empty_like(x), torch.ones(C),
                                torch.empty(C), torch.empty(C), None, _geometry(x), spec, training=True,
-                               residual_bn=r_bn)
+                               residual_bn=r_bn, rate=_rate(spec))
         labels = dict(dtype=dtype_name, layout=layout, T=T, residual=residual, kind=spec.kind,
                       hard_reset=spec.hard_reset, surrogate=spec.surrogate, detach_reset=spec.detach_reset)
         yield "_bn_lif_fwd_kernel", labels, None, fire
@@ -360,10 +371,10 @@ def compile_one(job):
     index, arch, aligned = job
     name, labels, steps, call = variants(aligned)[index]
     kernel, args, kwargs = next((k, a, kw) for k, a, kw in capture_launches(call) if k.fn.__name__ == name)
-    if "DIVIDE" in kwargs:  # the launchers choose div_rn for CPU tensors (the interpreter); compile the GPU's choice
-        from fastsnn.kernels.lif import DIVIDE_FMA
+    if "DIVIDE" in kwargs:  # the launchers choose the interpreter's arithmetic for CPU tensors; compile the GPU's
+        from fastsnn.kernels.neuron import arithmetic_modes
 
-        kwargs = dict(kwargs, DIVIDE=DIVIDE_FMA)
+        kwargs = dict(kwargs, **arithmetic_modes(cuda=True))
     compiled, options = jit_compile(kernel, args, kwargs, arch)
     row = {"kernel": name, "arch": f"sm_{arch}", "aligned": aligned, "variant": labels,
            "num_warps": options.num_warps}

@@ -19,7 +19,8 @@ def test_paired_statistics_against_hand_computed_values():
     p = ablation.paired(a, b)
     sd = math.sqrt(((1 - 1) ** 2 + (0 - 1) ** 2 + 0 + (2 - 1) ** 2) / 3)
     half = 3.182446305284263 * sd / 2  # t(0.975, 3)
-    assert p["mean"] == pytest.approx(1.0) and p["low"] == pytest.approx(1 - half) and p["high"] == pytest.approx(1 + half)
+    assert p["mean"] == pytest.approx(1.0)
+    assert p["low"] == pytest.approx(1 - half) and p["high"] == pytest.approx(1 + half)
     assert (p["wins"], p["ties"], p["losses"], p["n"]) == (3, 1, 0, 4)
     # sign flips of (1, 0, 1, 2): |sum| >= 4 for (+,±,+,+) and (-,±,-,-): 4 of 16
     assert p["p"] == pytest.approx(4 / 16)

@@ -206,7 +206,7 @@ def test_backward_tiling_follows_unaligned_pointers(device, unaligned, monkeypat
     assert (g.data_ptr() | r.data_ptr()) % 16 == 4
     tilings = {"forward": [], "backward": []}
     fire, fire_backward = kernels.bn_fire, kernels.bn_fire_backward
-    monkeypatch.setattr(kernels, "bn_fire", lambda *a: (tilings["forward"].append(a[5]), fire(*a))[1])
+    monkeypatch.setattr(kernels, "bn_fire", lambda *a, **kw: (tilings["forward"].append(a[5]), fire(*a, **kw))[1])
     monkeypatch.setattr(kernels, "bn_fire_backward", lambda *a, **kw: (tilings["backward"].append(a[10]),
                                                                        fire_backward(*a, **kw))[1])
     xl, wl, bl, rl = (t.clone().requires_grad_() for t in (x, weight, bias, r))
@@ -526,14 +526,15 @@ def test_ops_pass_opcheck(device):
     w, b = torch.rand(4, device=device, requires_grad=True), torch.randn(4, device=device, requires_grad=True)
     stats = torch.ops.fastsnn.bn_statistics(x.detach(), w.detach(), b.detach(), None, None, True, 0.1, 1e-5, 0)
     fire = torch.ops.fastsnn.bn_neuron_fire.default
-    torch.library.opcheck(fire, (x, w, b, None, stats, None, None, None, *args, True, 0, None, False))
+    torch.library.opcheck(fire, (x, w, b, None, stats, None, None, None, None, *args, True, 0, None, False))
     spike_residual = (torch.rand(x.shape, device=device) < 0.3).float().requires_grad_()
-    torch.library.opcheck(fire, (x, w, b, spike_residual, stats, None, None, None, *args, True, 0, "bits", True))
+    torch.library.opcheck(fire, (x, w, b, spike_residual, stats, None, None, None, None, *args, True, 0, "bits",
+                                 True))
     residual = torch.randn(x.shape, device=device, requires_grad=True)
     wr, br = torch.rand(4, device=device, requires_grad=True), torch.randn(4, device=device, requires_grad=True)
     residual_stats = torch.ops.fastsnn.bn_statistics(residual.detach(), wr.detach(), br.detach(), None, None, True,
                                                      0.1, 1e-5, 0)
-    torch.library.opcheck(fire, (x, w, b, residual, stats, wr, br, residual_stats, *args, True, 0, None, False))
+    torch.library.opcheck(fire, (x, w, b, residual, stats, wr, br, residual_stats, None, *args, True, 0, None, False))
     torch.library.opcheck(torch.ops.fastsnn.bn_statistics.default,
                           (x.detach(), w.detach(), b.detach(), torch.zeros(4, device=device),
                            torch.ones(4, device=device), True, 0.1, 1e-5, 0))
@@ -756,3 +757,27 @@ def test_every_tensor_argument_in_every_layout(device, argument, layout, trainin
         outside.as_strided(given[argument].shape, given[argument].stride(), given[argument].storage_offset()).fill_(
             False)
         assert (buffer.detach()[outside] == SENTINEL).all()
+
+
+@pytest.mark.parametrize("running", [True, False], ids=["running-stats", "no-running-stats"])
+def test_torch_compile_of_the_op_alone(device, running):
+    """bn_lif compiled on its own (no other op in the graph), with and without running statistics: Inductor
+    failed on the mutating statistics op when it had nothing to mutate."""
+    torch._dynamo.reset()
+    x = torch.randn(4, 2, 3, 5, device=device) * 2
+    g = torch.randn(x.shape, device=device)
+    weight, bias = torch.rand(3, device=device) + 0.5, torch.randn(3, device=device)
+    results = []
+    for compile_it in (False, True):
+        stats = (torch.zeros(3, device=device), torch.ones(3, device=device)) if running else (None, None)
+
+        def fn(t):
+            return fastsnn.bn_lif(t, weight, bias, *stats, training=True)
+        xl = x.clone().requires_grad_()
+        out = (torch.compile(fn, fullgraph=True) if compile_it else fn)(xl)
+        results.append((out, torch.autograd.grad((out * g).sum(), xl)[0], stats))
+    (eager, g_eager, s_eager), (compiled, g_compiled, s_compiled) = results
+    assert torch.equal(eager, compiled)
+    assert_close(g_compiled, g_eager, scale=10.0)
+    if running:
+        assert_close(s_compiled[1], s_eager[1])

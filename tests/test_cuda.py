@@ -16,7 +16,7 @@ from fastsnn.backend import INTERPRET
 HERE = os.path.dirname(os.path.abspath(__file__))
 HAS_CUDA = torch.cuda.is_available()
 compiled_only = pytest.mark.skipif(not HAS_CUDA or INTERPRET, reason="needs CUDA and compiled Triton")
-DEVICE_TEST_FILES = ["test_lif.py", "test_bn_lif.py", "test_spike_storage.py", "test_tser_loss.py",
+DEVICE_TEST_FILES = ["test_lif.py", "test_bn_lif.py", "test_plif.py", "test_spike_storage.py", "test_tser_loss.py",
                      "test_properties.py", "test_cuda.py"]
 
 

@@ -42,10 +42,16 @@ def _loss(backend, terms=False):
     return torch.randn(3, 2, 10), lambda z: fastsnn.tser_loss(z, u, y, backend=backend)
 
 
-OPS = {"lif_multistep": _lif, "lif_multistep-v_init": lambda b: _lif(b, plain=False),
+def _plif(backend):
+    w = torch.tensor(0.1, requires_grad=True)
+    return torch.randn(3, 2, 8) * 2, lambda t: fastsnn.plif_multistep(t, w, backend=backend)
+
+
+OPS = {"lif_multistep": _lif, "plif_multistep": _plif, "lif_multistep-v_init": lambda b: _lif(b, plain=False),
        "bn_lif": lambda b: _bn(b, residual_bn=True), "bn_if-residual": _bn, "SpikeConv2d": _conv,
        "SpikeMaxPool2d": _pool, "tser_loss": _loss, "tser_loss-terms": lambda b: _loss(b, terms=True)}
-NAMES = {"lif_multistep-v_init": "lif_multistep", "bn_if-residual": "bn_lif", "tser_loss-terms": "tser_loss"}
+NAMES = {"lif_multistep-v_init": "lif_multistep", "plif_multistep": "lif_multistep", "bn_if-residual": "bn_lif",
+         "tser_loss-terms": "tser_loss"}
 
 
 @pytest.mark.parametrize("op", list(OPS))

@@ -94,23 +94,40 @@ def test_the_budget_refuses_what_cannot_fit():
         budget.Step("x", "later", 0, 1)
 
 
+_SLOW_GROUP = """
+import time
+
+import pytest
+from common import run_benchmark
+
+
+@pytest.mark.parametrize("i", range(6))
+def test_row(benchmark, i):
+    if i == 3:
+        time.sleep(600)  # the group's budget ends here
+    run_benchmark(benchmark, lambda: sum(range(1000)), bytes_moved=8000, copy_gbs=10.0, path="python",
+                  provider="fastsnn", op="lif", pass_="fwd", T=i, shape="x", dtype="fp32")
+"""
+
+
 def test_a_step_stopped_at_its_limit_keeps_its_finished_rows(tmp_path):
-    """The LIF grid under the interpreter takes minutes: stopped after 40 s, the rows it finished are lines of
-    rows.jsonl, which report.py reads (a torn last line skipped)."""
+    """A benchmark group stopped by its limit part-way: the rows it finished are lines of rows.jsonl (each
+    appended as it is measured), which report.py reads (a torn last line skipped)."""
+    (tmp_path / "test_slow_group.py").write_text(_SLOW_GROUP)
     rows = tmp_path / "rows.jsonl"
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTSNN_COMPILED")}
-    env.update(FASTSNN_BENCH_DRY_RUN="1", FASTSNN_BENCH_ROWS=str(rows), PYTHONPATH=REPO)
+    env.update(FASTSNN_BENCH_ROWS=str(rows), PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "bench")]))
+    step = budget.Step("slow-group", "extra", 0, 60, (sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                                      "--benchmark-only", str(tmp_path / "test_slow_group.py")))
     run = gpu._runner(str(tmp_path), env)
-    step = gpu._bench("lif-grid", "extra", 0, 40, "test_lif and fp32")
-    assert run(step, 40) is None  # stopped at its limit
-    lines = rows.read_text().splitlines()
-    measured = [json.loads(line) for line in lines if '"op": "lif"' in line]
-    assert measured, (tmp_path / "bench.log").read_text()[-3000:]
+    assert run(step, 40) is None  # stopped at its limit, inside row 3
+    measured = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert [r["T"] for r in measured] == [0, 1, 2], (tmp_path / "steps.log").read_text()[-3000:]
     with open(rows, "a") as f:
         f.write('{"op": "lif", "provider": "fastsnn", "kern')  # a row cut mid-write
-    env_, loaded = report.load([str(rows)])
-    assert env_["dry_run"] is True and len([r for r in loaded if r["op"] == "lif"]) == len(measured)
-    for r in measured:
+    _, loaded = report.load([str(rows)])
+    assert sorted(r["T"] for r in loaded) == [0, 1, 2]
+    for r in loaded:
         assert all(r[c] is not None for c in report.CLOCKS), r
 
 

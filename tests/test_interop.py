@@ -29,13 +29,18 @@ def _pair(name, node, fn):
 
 
 @pytest.mark.parametrize("fn", ["ATan", "Sigmoid"])
-@pytest.mark.parametrize("node", ["LIFNode", "IFNode"])
+@pytest.mark.parametrize("node", ["LIFNode", "IFNode", "ParametricLIFNode"])
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_converted_model_gives_the_same_outputs_and_gradients(name, node, fn):
     model, converted, summary = _pair(name, node, fn)
     assert not summary.kept and summary.converted
     assert not any(isinstance(m, neuron.BaseNode) for m in converted.modules())
-    expected_type = fastsnn.LIF if node == "LIFNode" else fastsnn.IF
+    expected_type = {"LIFNode": fastsnn.LIF, "IFNode": fastsnn.IF, "ParametricLIFNode": fastsnn.PLIF}[node]
+    if node == "ParametricLIFNode":  # each PLIF's w is a tau of its own, not the initial one
+        for i, m in enumerate(m for m in model.modules() if isinstance(m, neuron.ParametricLIFNode)):
+            with torch.no_grad():
+                m.w.fill_(0.1 * (i % 5) - 0.2)
+        model, converted, summary = model, fastsnn.convert_spikingjelly(copy.deepcopy(model)), summary
     assert sum(isinstance(m, expected_type) for m in converted.modules()) == len(summary.converted)
     x = torch.randn(2, 1, 3, 32, 32)
     torch.manual_seed(1)  # SpikingJelly's VGG has dropout: both forwards draw the same masks
@@ -72,7 +77,8 @@ def test_membrane_persists_until_reset_net_like_spikingjelly():
 
 def test_layer_wrappers_keep_working():
     net = nn.Sequential(layer.Conv2d(3, 8, 3, padding=1), layer.BatchNorm2d(8),
-                        neuron.LIFNode(tau=3.0, decay_input=False, v_reset=None, surrogate_function=surrogate.Erf(alpha=1.5)),
+                        neuron.LIFNode(tau=3.0, decay_input=False, v_reset=None,
+                                       surrogate_function=surrogate.Erf(alpha=1.5)),
                         layer.Flatten(), layer.Linear(8 * 8 * 8, 5))
     functional.set_step_mode(net, "m")
     converted = fastsnn.convert_spikingjelly(net, inplace=False)
@@ -88,14 +94,14 @@ def test_layer_wrappers_keep_working():
 
 def test_unsupported_nodes_are_kept_and_reported(caplog):
     net = nn.Sequential(layer.Linear(4, 4), neuron.LIFNode(surrogate_function=surrogate.SoftSign()),
-                        layer.Linear(4, 4), neuron.ParametricLIFNode(), layer.Linear(4, 4),
+                        layer.Linear(4, 4), neuron.QIFNode(), layer.Linear(4, 4),
                         neuron.IFNode(store_v_seq=True), layer.Linear(4, 4), neuron.LIFNode())
     functional.set_step_mode(net, "m")
     net[7].step_mode = "m"
     with caplog.at_level(logging.WARNING, logger="fastsnn.interop"):
         converted, summary = fastsnn.convert_spikingjelly(net, inplace=False, return_summary=True)
     assert set(summary.kept) == {"1", "3", "5"} and summary.converted == ["7"]
-    assert "SoftSign" in summary.kept["1"] and "ParametricLIFNode" in summary.kept["3"]
+    assert "SoftSign" in summary.kept["1"] and "QIFNode" in summary.kept["3"]
     assert "store_v_seq" in summary.kept["5"]
     assert "3 kept" in caplog.text
     x = torch.randn(2, 3, 4)
@@ -150,3 +156,18 @@ def test_the_core_does_not_import_the_adapter():
     proc = run_python(code, interpret=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
+
+
+def test_a_converted_plif_keeps_the_nodes_w():
+    """convert_spikingjelly gives each PLIF the ParametricLIFNode's own w Parameter: an optimizer built on the
+    SpikingJelly model trains the converted one."""
+    model = nn.Sequential(layer.Linear(6, 5), neuron.ParametricLIFNode(init_tau=3.0, step_mode="m"))
+    functional.set_step_mode(model, "m")
+    w = model[1].w
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    converted = fastsnn.convert_spikingjelly(model)
+    assert isinstance(converted[1], fastsnn.PLIF) and converted[1].w is w and converted[1].stateful
+    before = w.detach().clone()
+    converted(torch.randn(4, 2, 6) * 3).sum().backward()
+    optimizer.step()
+    assert w.grad is not None and not torch.equal(w.detach(), before)

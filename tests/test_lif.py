@@ -275,25 +275,25 @@ def test_ops_are_registered_with_fake_kernels(device):
     args = ("lif", 2.0, 1.0, 0.0, "atan", 2.0, False)
     with FakeTensorMode():
         x = torch.empty(4, 2, 3, device=device)
-        spikes, v, checkpoints = torch.ops.fastsnn.lif_forward(x, None, *args, True, 0)
+        spikes, v, checkpoints = torch.ops.fastsnn.lif_forward(x, None, None, *args, True, 0)
     assert spikes.shape == (4, 2, 3) and v.shape == (2, 3) and checkpoints.numel() == 0
     for x, repeat in ((torch.randn(3, 2, 5, device=device, requires_grad=True), 0),
                       (torch.randn(2, 5, device=device, requires_grad=True), 12)):
-        torch.library.opcheck(torch.ops.fastsnn.lif_forward.default, (x, None, *args, True, repeat))
+        torch.library.opcheck(torch.ops.fastsnn.lif_forward.default, (x, None, None, *args, True, repeat))
 
 
 def test_host_path_constants_match_the_kernels():
-    """ops.lif and ops.bn_lif decide "no membrane checkpoints" without calling into the kernels module; they
-    agree with it."""
-    import sys
+    """The neuron ops decide "no membrane checkpoints" without calling into the kernels module; they agree
+    with it. The kinds the spec knows are the kernels' codes."""
+    from fastsnn import spec
+    from fastsnn.kernels import neuron as kernels
+    from fastsnn.ops import _common
 
-    from fastsnn.kernels import lif as kernels
-
-    for ops in (sys.modules["fastsnn.ops.lif"], sys.modules["fastsnn.ops.bn_lif"]):
-        assert ops._MAX_CHUNK == kernels.MAX_CHUNK
-        for T in (1, 7, 8, 9, 17):
-            x = torch.zeros(T, 2, 3)
-            checkpoints = ops._checkpoints(x)
-            assert (checkpoints is None) == (kernels.checkpoints_for(T) == 0)
-            if checkpoints is not None:
-                assert checkpoints.shape == (kernels.checkpoints_for(T), 2, 3)
+    assert _common.MAX_CHUNK == kernels.MAX_CHUNK
+    assert spec.KINDS == tuple(kernels.NEURON_CODES) and spec.PARAMETRIC == kernels.PARAMETRIC
+    for T in (1, 7, 8, 9, 17):
+        x = torch.zeros(T, 2, 3)
+        checkpoints = _common.membrane_checkpoints(x)
+        assert (checkpoints is None) == (kernels.checkpoints_for(T) == 0)
+        if checkpoints is not None:
+            assert checkpoints.shape == (kernels.checkpoints_for(T), 2, 3)

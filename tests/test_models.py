@@ -178,7 +178,7 @@ def test_neurons_carry_the_model_arguments():
     (("spiking_resnet18", 1), dict(T=2), "num_classes must be an integer >= 2, got 1"),
     (("spiking_resnet18", 10), dict(T=0), "T must be an integer >= 1"),
     (("spiking_resnet18", 10), {}, "T must be an integer >= 1"),
-    (("spiking_resnet18", 10), dict(T=2, neuron="relu"), "neuron must be one of ('if', 'lif', 'lif_no_decay')"),
+    (("spiking_resnet18", 10), dict(T=2, neuron="relu"), "neuron must be one of ('if', 'lif', 'lif_no_decay', 'plif',"),
     (("sew_resnet18", 10), dict(T=2, connect="OR"), "connect must be one of ('ADD', 'AND', 'IAND')"),
     (("spiking_resnet18", 10), dict(T=2, tau=0.5), "tau must be"),
 ])

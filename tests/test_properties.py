@@ -111,9 +111,9 @@ def lif_cases(draw):
                    alpha=draw(st.sampled_from([None, 0.7, 3.0])), detach_reset=draw(st.booleans()))
     if kind != "if":
         options.update(tau=draw(st.sampled_from([1.5, 2.0, 7.0])), decay_input=kind == "lif")
-    x_leaf, x_view = _laid_out(draw, (torch.randn(T, *shape) * 1.5 + 0.4).to(dtype),
-                               ["dense", "offset", "slice-dim1", "slice-last", "transposed", "strided-last",
-                                "expanded-dim0"] if len(shape) > 1 else ["dense", "offset", "transposed", "expanded-dim0"])
+    layouts = ["dense", "offset", "slice-dim1", "slice-last", "transposed", "strided-last", "expanded-dim0"] \
+        if len(shape) > 1 else ["dense", "offset", "transposed", "expanded-dim0"]
+    x_leaf, x_view = _laid_out(draw, (torch.randn(T, *shape) * 1.5 + 0.4).to(dtype), layouts)
     v_init = None
     if draw(st.booleans()):
         v_init = (torch.randn(*shape) * 0.5).to(draw(st.sampled_from([dtype, torch.float32]))).requires_grad_()

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from fastsnn import models
-from fastsnn.ops.spike_storage import SpikeConv2d, SpikeMaxPool2d, layout, pack, unpack
+from fastsnn import SpikeConv2d, SpikeMaxPool2d
+from fastsnn.ops.spike_storage import layout, pack, unpack
 from helpers import product_cases
 
 

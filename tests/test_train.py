@@ -198,7 +198,8 @@ def _write_cifar(root, name, n_train=40, n_test=20, classes=10):
     label_key = "labels" if name == "cifar10" else "fine_labels"
 
     def dump(fname, n):
-        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), label_key: rng.integers(0, classes, n).tolist()}
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 label_key: rng.integers(0, classes, n).tolist()}
         with open(folder / fname, "wb") as f:
             pickle.dump(batch, f)
 
@@ -343,9 +344,9 @@ def test_non_finite_losses(tmp_path):
     (["--ann", "--arch", "digits_snn"], "--arch with --ann must be a teacher"),
     (["--surrogate", "relu"], "--surrogate must be one of atan, sigmoid, piecewise_quadratic, erf, got 'relu'"),
     (["--entropy-tau", "0"], "--entropy-tau must be in [0.05, 100.0], got 0.0"),
-    (["--tau", "-1"], "--tau must be in [0.05, 100.0]"),
-    (["--tau", "nan"], "--tau must be a finite number"),
-    (["--lif-tau", "inf"], "--lif-tau must be a finite number"),
+    (["--kd-tau", "-1"], "--kd-tau must be in [0.05, 100.0]"),
+    (["--kd-tau", "nan"], "--kd-tau must be a finite number"),
+    (["--membrane-tau", "inf"], "--membrane-tau must be a finite number"),
     (["--momentum", "-0.5"], "--momentum must be in [0, 1)"),
     (["--workers", "-1"], "--workers must be >= 0"),
     (["--threads", "-1"], "--threads must be >= 0"),
@@ -394,7 +395,8 @@ def test_a_folder_holding_a_run_is_never_started_into_unasked(tmp_path):
 
 
 def test_a_second_run_on_a_busy_folder_is_refused(tmp_path):
-    first = subprocess.Popen([sys.executable, "-m", "fastsnn.train", "--method", "ce", "--epochs", "30", "--out", "run"],
+    first = subprocess.Popen([sys.executable, "-m", "fastsnn.train", "--method", "ce", "--epochs", "30", "--out",
+                              "run"],
                              cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
@@ -417,7 +419,8 @@ def test_ctrl_c_ends_with_how_to_resume(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
-    assert err.strip().splitlines()[-1] == "fastsnn.train: interrupted; resume with: python -m fastsnn.train --resume run/last.pt"
+    assert err.strip().splitlines()[-1] == ("fastsnn.train: interrupted; resume with: python -m fastsnn.train "
+                                            "--resume run/last.pt")
     resumed = _cli(tmp_path, "--resume", "run/last.pt", "--epochs", "2")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from fastsnn import checkpoint as ckpt
+from fastsnn import models
+from fastsnn.spec import KINDS
 from fastsnn.training import config as C
 from fastsnn.training import report, setup, state as S
 
@@ -37,12 +39,14 @@ def test_help_shows_choices_architectures_and_defaults():
 
 
 @pytest.mark.parametrize("argv,words", [
-    (["--neuron", "alif"], "--neuron must be one of lif, if, got 'alif'"),
+    (["--neuron", "alif"], "--neuron must be one of if, lif, lif_no_decay, plif, plif_no_decay, got 'alif'"),
     (["--dataset", "mnist"], "--dataset must be one of digits, mnist5k, cifar10, cifar100, imagenet, got 'mnist'"),
     (["--epochs", "ten"], "--epochs: invalid int value: 'ten'"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--epochs", "0"], "--epochs must be >= 1, got 0"),
-    (["--lif-tau", "1"], "--lif-tau must be > 1, got 1.0"),
+    (["--membrane-tau", "1"], "--membrane-tau must be > 1, got 1.0"),
+    (["--v-reset", "2"], "--v-threshold must be > --v-reset for a hard reset, got 1.0"),
+    (["--surrogate-alpha", "0"], "--surrogate-alpha must be > 0, got 0.0"),
     (["--lam", "-0.1"], "--lam must be >= 0"),
     (["--config", "missing.yaml"], "--config missing.yaml: cannot be read"),
     (["--teacher-weights", "."], "--teacher-weights .: is a folder; give a file (e.g. ./last.pt)"),
@@ -65,10 +69,11 @@ def test_resume_from_a_folder_names_the_file_to_give(tmp_path, monkeypatch):
 
 def test_config_file_sets_values_and_the_command_line_wins(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("method: ce\nepochs: 3\nbatch-size: 32\nlif_tau: 3.0\nts-ce: false\nseed: 7\n")
+    path.write_text("method: ce\nepochs: 3\nbatch-size: 32\nmembrane_tau: 3.0\nts-ce: false\nseed: 7\n")
     cfg, given = _parse("--config", str(path), "--epochs", "5")
-    assert (cfg.method, cfg.epochs, cfg.batch_size, cfg.lif_tau, cfg.ts_ce, cfg.seed) == ("ce", 5, 32, 3.0, False, 7)
-    assert {"method", "epochs", "batch_size", "lif_tau", "ts_ce", "seed"} <= given
+    assert (cfg.method, cfg.epochs, cfg.batch_size, cfg.membrane_tau, cfg.ts_ce, cfg.seed) == ("ce", 5, 32, 3.0, False,
+                                                                                               7)
+    assert {"method", "epochs", "batch_size", "membrane_tau", "ts_ce", "seed"} <= given
 
 
 @pytest.mark.parametrize("text,words", [
@@ -221,3 +226,43 @@ def test_tensorboard_after_a_resume_holds_each_epoch_once(tmp_path, last_epoch_l
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train_loss")] == [(1, 3.0), (2, 2.0), (3, 1.0)]
     assert [e.step for e in events.Scalars("per_timestep_acc/t2")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("neuron", list(KINDS))
+@pytest.mark.parametrize("v_reset", ["none", "-0.25"])
+def test_every_neuron_flag_round_trips_through_config_yaml(tmp_path, neuron, v_reset):
+    argv = ["--neuron", neuron, "--membrane-tau", "3.5", "--v-threshold", "0.75", "--v-reset", v_reset,
+            "--surrogate", "sigmoid", "--surrogate-alpha", "2.5", "--kd-tau", "4", "--no-detach-reset"]
+    cfg, _ = C.parse(argv)
+    C.resolve(cfg)
+    C.validate(cfg)
+    assert (cfg.neuron, cfg.membrane_tau, cfg.v_threshold, cfg.v_reset, cfg.surrogate_alpha, cfg.kd_tau,
+            cfg.detach_reset) == (neuron, 3.5, 0.75, None if v_reset == "none" else -0.25, 2.5, 4.0, False)
+    (tmp_path / "config.yaml").write_text(C.to_yaml(cfg))
+    again, given = C.parse(["--config", str(tmp_path / "config.yaml")])
+    C.resolve(again)
+    assert again.saved() == cfg.saved()
+    assert {"neuron", "membrane_tau", "v_threshold", "v_reset", "surrogate_alpha", "kd_tau"} <= given
+    model = setup.build_model(again, 10, 1)
+    neurons = list(models.spiking_neurons(model).values())
+    assert neurons and all(n.spec.kind == neuron and n.v_threshold == 0.75 and n.alpha == 2.5
+                           and n.v_reset == again.v_reset for n in neurons)
+    assert all(("w" in dict(n.named_parameters())) == neuron.startswith("plif") for n in neurons)
+
+
+def test_the_neuron_choices_are_the_specs_own():
+    parser = C.build_parser()
+    choices = {a.dest: a.choices for a in parser._actions}
+    assert tuple(choices["neuron"]) == KINDS
+
+
+def test_renamed_flags_and_settings_still_work_with_one_warning(tmp_path, capsys):
+    cfg, given = C.parse(["--tau", "4", "--lif-tau", "3"])
+    err = capsys.readouterr().err.splitlines()
+    assert (cfg.kd_tau, cfg.membrane_tau) == (4.0, 3.0) and {"kd_tau", "membrane_tau"} <= given
+    assert err == ["fastsnn.train: warning: --tau is deprecated; use --kd-tau",
+                   "fastsnn.train: warning: --lif-tau is deprecated; use --membrane-tau"]
+    (tmp_path / "old.yaml").write_text("tau: 3.0\nlif_tau: 2.5\nmethod: ce\n")  # a config.yaml of a previous version
+    cfg, _ = C.parse(["--config", str(tmp_path / "old.yaml")])
+    assert (cfg.kd_tau, cfg.membrane_tau) == (3.0, 2.5) and len(capsys.readouterr().err.splitlines()) == 2
+    assert C.check_saved({"tau": 6.0, "lif_tau": 1.5, "T": 2}, "x") == {"kd_tau": 6.0, "membrane_tau": 1.5, "T": 2}

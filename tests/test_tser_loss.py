@@ -41,7 +41,8 @@ def _compare(T, B, C, dtype, ts_ce, ts_kl, lam, scale=3.0, teacher_dtype=None, *
     magnitude = max(1.0, float(ref_loss.detach().abs()))
     assert_close(loss, ref_loss.float(), torch.float32, scale=magnitude * 10)
     for key in ("ce", "kl", "entropy"):
-        assert_close(terms[key], ref_terms[key].float(), torch.float32, scale=max(1.0, float(ref_terms[key].abs())) * 10)
+        assert_close(terms[key], ref_terms[key].float(), torch.float32,
+                     scale=max(1.0, float(ref_terms[key].abs())) * 10)
     assert_close(grad, ref_grad.to(dtype), dtype)
     assert ref_grad.abs().sum() > 0
 
@@ -242,7 +243,8 @@ Y = torch.tensor([0, 9, 4])
     ((Z, U, Y[:2]), {}, ValueError, "target must have shape [B] = [3]"),
     ((Z, U, torch.tensor([0, 10, 1])), {}, ValueError,
      "target must hold class indices in [0, 10) or ignore_index=-100, got min 0 and max 10"),
-    ((Z, U, torch.tensor([0, -1, 1])), {}, ValueError, "target must hold class indices in [0, 10) or ignore_index=-100, got min -1"),
+    ((Z, U, torch.tensor([0, -1, 1])), {}, ValueError,
+     "target must hold class indices in [0, 10) or ignore_index=-100, got min -1"),
     ((Z, U, torch.tensor([0, -100, 1])), dict(ignore_index=1), ValueError, "got min -100"),
     ((Z, U, Y.bool()), {}, TypeError, "target must be an integer tensor of class indices (int64, int32"),
     ((Z, U, Y), dict(tau=0.0), ValueError, "tau must be a number in [0.05, 100.0], got 0.0"),
@@ -284,7 +286,8 @@ def _check_against_reference(z, u, y, grad_output=3.0, leaves=None, **kw):
     magnitude = max(1.0, float(ref.detach().abs()))
     assert_close(loss, ref.float().detach(), torch.float32, scale=10 * magnitude)
     for key in terms:
-        assert_close(terms[key], ref_terms[key].float(), torch.float32, scale=10 * max(1.0, float(ref_terms[key].abs())))
+        assert_close(terms[key], ref_terms[key].float(), torch.float32,
+                     scale=10 * max(1.0, float(ref_terms[key].abs())))
     for got, want in zip(grads, ref_grads):
         assert got.shape == want.shape
         assert_close(got, want.to(got.dtype), got.dtype)

@@ -34,12 +34,15 @@ bit for bit; the neuron arithmetic is fastsnn.kernels.lif's.
 """
 import functools
 import math
+from typing import NamedTuple
 
 import triton
 import triton.language as tl
 
-from .lif import (DIVIDE_FMA, DIVIDE_RN, NEURON_IF, NEURON_LIF, NUM_WARPS, SURROGATE_CODES, UNALIGNED_ELEMENTS,
-                  _charge, _fire_and_reset, _launch_constants, _membrane_grad, checkpoints_for, chunk_for)
+from . import next_pow2
+from .neuron import (NEURON_PLIF, NEURON_PLIF_NO_DECAY, NUM_WARPS, PARAMETRIC, SURROGATE_CODES, UNALIGNED_ELEMENTS,
+                     arithmetic_modes, charge, charge_slopes, checkpoints_for, chunk_for, fire_and_reset,
+                     launch_constants, membrane_grad, parametric_charge, rate_slope)
 
 # rows of the per-channel fp32 table the forward writes and the backward reads: stats[k, c]
 MEAN: tl.constexpr = tl.constexpr(0)
@@ -175,14 +178,17 @@ def _bn_finalize_fwd_kernel(
 
 @triton.jit
 def _bn_lif_fwd_kernel(
-    p_x, p_r, p_stats, p_rstats, p_s, p_ck,
+    p_x, p_r, p_stats, p_rstats, p_s, p_ck, p_rate,
     stride_xt, N, OUTER, C, INNER, NUM_I_TILES, tau, inv_tau, v_threshold, v_reset,
     T: tl.constexpr, CHUNK: tl.constexpr, NEURON: tl.constexpr, HARD_RESET: tl.constexpr, DIVIDE: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RESIDUAL_BN: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_I: tl.constexpr,
+    MULTIPLY: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RESIDUAL_BN: tl.constexpr, BLOCK_O: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
-    """y = BN(x) [+ r, or + BN_r(r) with RESIDUAL_BN (p_rstats: r's table)], then the neuron."""
+    """y = BN(x) [+ r, or + BN_r(r) with RESIDUAL_BN (p_rstats: r's table)], then the neuron (p_rate: k of a
+    parametric neuron)."""
     NUM_CHUNKS: tl.constexpr = (T + CHUNK - 1) // CHUNK
+    PARAMETRIC: tl.constexpr = NEURON == NEURON_PLIF or NEURON == NEURON_PLIF_NO_DECAY
+    rate = tl.load(p_rate).to(tl.float32) if PARAMETRIC else 0.0
     offsets, mask, o_c, m_c = _tile(tl.program_id(0), tl.program_id(1), OUTER, C, INNER, NUM_I_TILES,
                                     BLOCK_O, BLOCK_C, BLOCK_I)
     mean = _per_channel(p_stats + MEAN * C, o_c, m_c, 0.0)
@@ -210,25 +216,28 @@ def _bn_lif_fwd_kernel(
             b_ys += (b_y,)
         for j in tl.static_range(CHUNK):
             t = i_c * CHUNK + j
-            b_h = _charge(b_v, b_ys[j], tau, inv_tau, v_reset, NEURON, DIVIDE)
-            b_fired, b_v_next = _fire_and_reset(b_h, v_threshold, v_reset, HARD_RESET)
+            b_h = charge(b_v, b_ys[j], tau, inv_tau, rate, v_reset, NEURON, DIVIDE, MULTIPLY)
+            b_fired, b_v_next = fire_and_reset(b_h, v_threshold, v_reset, HARD_RESET)
             tl.store(p_s + t * N + offsets, b_fired.to(p_s.dtype.element_ty), mask=mask & (t < T))
             b_v = tl.where(t < T, b_v_next, b_v)
 
 
 @triton.jit
 def _bn_lif_bwd_kernel(
-    p_x, p_r, p_gs, p_stats, p_rstats, p_ck, p_g, p_part,
+    p_x, p_r, p_gs, p_stats, p_rstats, p_ck, p_g, p_part, p_rate, p_rate_part,
     stride_xt, N, OUTER, C, INNER, NUM_I_TILES, P, tau, inv_tau, v_threshold, v_reset, alpha,
     T: tl.constexpr, CHUNK: tl.constexpr, NEURON: tl.constexpr, HARD_RESET: tl.constexpr,
-    SURROGATE: tl.constexpr, DETACH_RESET: tl.constexpr, DIVIDE: tl.constexpr, SUM_OVER_TIME: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RESIDUAL_BN: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_I: tl.constexpr,
+    SURROGATE: tl.constexpr, DETACH_RESET: tl.constexpr, DIVIDE: tl.constexpr, MULTIPLY: tl.constexpr,
+    SUM_OVER_TIME: tl.constexpr, HAS_RESIDUAL: tl.constexpr, RESIDUAL_BN: tl.constexpr, BLOCK_O: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     """g = dL/dy (y: the neuron input) in x's dtype (one timestep holding Σ_t g_t when x is broadcast over
     time), and per program and channel the fp32 partials Σg, Σg·x̂ (x̂ = (x − μ)/σ) and, with RESIDUAL_BN,
-    Σg·r̂ (r̂: r normalised by its own table p_rstats): p_part [2 or 3, P, C]."""
+    Σg·r̂ (r̂: r normalised by its own table p_rstats): p_part [2 or 3, P, C]; for a parametric neuron also the
+    program's Σ dL/dh·dh/dk in p_rate_part[pid_oi, pid_c]."""
     NUM_CHUNKS: tl.constexpr = (T + CHUNK - 1) // CHUNK
+    PARAMETRIC: tl.constexpr = NEURON == NEURON_PLIF or NEURON == NEURON_PLIF_NO_DECAY
+    rate = tl.load(p_rate).to(tl.float32) if PARAMETRIC else 0.0
     pid_oi = tl.program_id(0)
     offsets, mask, o_c, m_c = _tile(pid_oi, tl.program_id(1), OUTER, C, INNER, NUM_I_TILES,
                                     BLOCK_O, BLOCK_C, BLOCK_I)
@@ -241,15 +250,8 @@ def _bn_lif_bwd_kernel(
         rstd_r = _per_channel(p_rstats + RSTD * C, o_c, m_c, 0.0)
         scale_r = _per_channel(p_rstats + SCALE * C, o_c, m_c, 0.0)
         shift_r = _per_channel(p_rstats + SHIFT * C, o_c, m_c, 0.0)
-    if NEURON == NEURON_IF:
-        dh_dv = 1.0
-        dh_dy = 1.0
-    elif NEURON == NEURON_LIF:
-        dh_dv = 1.0 - inv_tau
-        dh_dy = inv_tau
-    else:  # NEURON_LIF_NO_DECAY
-        dh_dv = 1.0 - inv_tau
-        dh_dy = 1.0
+    dh_dv, dh_dy = charge_slopes(inv_tau, rate, NEURON)
+    b_gk = tl.zeros([BLOCK_O, BLOCK_C, BLOCK_I], tl.float32)  # Σ_t dL/dh·dh/dk (a parametric neuron)
     b_gv = tl.zeros([BLOCK_O, BLOCK_C, BLOCK_I], tl.float32)
     b_sum_g = tl.zeros([BLOCK_O, BLOCK_C, BLOCK_I], tl.float32)  # Σ_t g (per element; per channel at the end)
     b_sum_gx = tl.zeros([BLOCK_O, BLOCK_C, BLOCK_I], tl.float32)  # Σ_t g·x̂
@@ -274,6 +276,7 @@ def _bn_lif_bwd_kernel(
             if HAS_RESIDUAL:
                 b_rs += (tl.load(p_r + t * N + offsets, mask=m_t, other=0.0),)
         b_hs = ()  # the recomputed membrane before firing, CHUNK x fp32
+        b_ds = ()  # a parametric neuron's dh/dk per step
         for j in tl.static_range(CHUNK):
             b_y = _bn_affine(b_xs[j].to(tl.float32), mean, scale, shift)
             if HAS_RESIDUAL:
@@ -281,13 +284,20 @@ def _bn_lif_bwd_kernel(
                     b_y += _bn_affine(b_rs[j].to(tl.float32), mean_r, scale_r, shift_r)
                 else:
                     b_y += b_rs[j].to(tl.float32)
-            b_h = _charge(b_v, b_y, tau, inv_tau, v_reset, NEURON, DIVIDE)
+            if PARAMETRIC:  # dh/dk, the charge's own term
+                b_d = tl.where(i_c * CHUNK + j < T, rate_slope(b_v, b_y, v_reset, NEURON), 0.0)
+                b_ds += (b_d,)
+                b_h = parametric_charge(b_v, b_y, b_d, rate, NEURON, MULTIPLY)
+            else:
+                b_h = charge(b_v, b_y, tau, inv_tau, rate, v_reset, NEURON, DIVIDE, MULTIPLY)
             b_hs += (b_h,)
-            _, b_v = _fire_and_reset(b_h, v_threshold, v_reset, HARD_RESET)
+            _, b_v = fire_and_reset(b_h, v_threshold, v_reset, HARD_RESET)
         for j in tl.static_range(CHUNK - 1, -1, -1):
             t = i_c * CHUNK + j
-            b_gh = _membrane_grad(b_hs[j], b_gss[j].to(tl.float32), b_gv, v_threshold, v_reset, alpha, SURROGATE,
-                                  HARD_RESET, DETACH_RESET)
+            b_gh = membrane_grad(b_hs[j], b_gss[j].to(tl.float32), b_gv, v_threshold, v_reset, alpha, SURROGATE,
+                                 HARD_RESET, DETACH_RESET)
+            if PARAMETRIC:
+                b_gk += b_gh * b_ds[j]  # 0 past T
             b_g = tl.where(t < T, b_gh * dh_dy, 0.0)
             b_sum_g += b_g
             if not SUM_OVER_TIME:
@@ -305,6 +315,9 @@ def _bn_lif_bwd_kernel(
     tl.store(p_part + P * C + row, _channel_sum(tl.where(mask, b_sum_gx, 0.0)), mask=m_c)
     if RESIDUAL_BN:
         tl.store(p_part + 2 * P * C + row, _channel_sum(tl.where(mask, b_sum_gr, 0.0)), mask=m_c)
+    if PARAMETRIC:
+        b_gk_c = _channel_sum(tl.where(mask, b_gk, 0.0))  # [BC]
+        tl.store(p_rate_part + pid_oi.to(tl.int64) * tl.num_programs(1) + tl.program_id(1), tl.sum(b_gk_c, axis=0))
 
 
 @triton.jit
@@ -372,9 +385,6 @@ FINALIZE_BLOCK_P = 64
 MAX_BLOCK_C = 128  # channels per tile when the channel dim is innermost
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
 
 class Geometry:
     """The (outer, channel, inner) view of one timestep and the tiling of it that every kernel here shares."""
@@ -389,13 +399,13 @@ class Geometry:
         # the contiguous run first (H·W for NCHW, channels for channels_last), then outer rows, then (NCHW
         # with few rows, e.g. batch 1) more channels, so that a program holds `total` elements when it can
         if inner > 1:
-            block_i = min(_next_pow2(inner), total)
-            block_o = min(_next_pow2(self.outer), total // block_i)
-            block_c = max(1, min(_next_pow2(C), total // (block_i * block_o), MAX_BLOCK_C))
+            block_i = min(next_pow2(inner), total)
+            block_o = min(next_pow2(self.outer), total // block_i)
+            block_c = max(1, min(next_pow2(C), total // (block_i * block_o), MAX_BLOCK_C))
         else:
             block_i = 1
-            block_c = min(_next_pow2(C), MAX_BLOCK_C, total)
-            block_o = max(1, min(_next_pow2(self.outer), total // block_c))
+            block_c = min(next_pow2(C), MAX_BLOCK_C, total)
+            block_o = max(1, min(next_pow2(self.outer), total // block_c))
         self.block = (block_o, block_c, block_i)
         self.num_i_tiles = -(-inner // block_i)
         self.programs = -(-self.outer // block_o) * self.num_i_tiles  # P: programs along (outer, inner)
@@ -447,9 +457,6 @@ def _geometry_of(shape, strides, itemsize: int, aligned_pointers: bool) -> Geome
 _geometry = functools.lru_cache(maxsize=1024)(Geometry)
 
 
-def _divide_mode(cuda: bool) -> int:
-    """CPU tensors reach a kernel only under the interpreter, whose fma is not fused: div_rn there."""
-    return DIVIDE_FMA.value if cuda else DIVIDE_RN.value
 
 
 def _finalize_grid(C: int) -> tuple:
@@ -459,15 +466,23 @@ def _finalize_grid(C: int) -> tuple:
 # Launch plans: everything a launch needs besides the pointers (grid, scalar arguments, constexprs), decided
 # once per (Geometry, arguments) and then looked up: per call only the pointers are gathered.
 
+class StatisticsPlan(NamedTuple):
+    stats_args: tuple
+    stats_kw: dict
+    finalize_grid: tuple
+    finalize_args: tuple
+    finalize_kw: dict
+
+
 @functools.lru_cache(maxsize=1024)
 def _statistics_plan(g: Geometry, training: bool, has_weight: bool, has_bias: bool, update: bool, momentum: float,
-                     eps: float):
+                     eps: float) -> StatisticsPlan:
     stats_args = (g.steps, g.stride_xt, *g.view_args(), g.programs)
     stats_kw = dict(num_warps=NUM_WARPS, **g.blocks())
     finalize_args = (g.programs, g.C, float(momentum), float(eps))
     finalize_kw = dict(TRAINING=training, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, UPDATE_RUNNING=update,
                        BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C)
-    return stats_args, stats_kw, _finalize_grid(g.C), finalize_args, finalize_kw
+    return StatisticsPlan(stats_args, stats_kw, _finalize_grid(g.C), finalize_args, finalize_kw)
 
 
 def _warps(itemsize: int, T: int, heavy: bool) -> int:
@@ -476,13 +491,19 @@ def _warps(itemsize: int, T: int, heavy: bool) -> int:
     return 2 * NUM_WARPS if heavy and itemsize == 2 and chunk_for(T) > 4 else NUM_WARPS
 
 
+class FirePlan(NamedTuple):
+    args: tuple
+    kw: dict
+
+
 @functools.lru_cache(maxsize=1024)
-def _fire_plan(g: Geometry, spec, cuda: bool, has_residual: bool, residual_bn: bool):
-    scalars, codes = _launch_constants(spec)
-    args = (g.stride_xt, g.N, *g.view_args(), *scalars)
-    kw = dict(T=g.T, CHUNK=chunk_for(g.T), DIVIDE=_divide_mode(cuda), HAS_RESIDUAL=has_residual,
-              RESIDUAL_BN=residual_bn, num_warps=_warps(g.itemsize, g.T, residual_bn), **codes, **g.blocks())
-    return args, kw
+def _fire_plan(g: Geometry, spec, cuda: bool, has_residual: bool, residual_bn: bool) -> FirePlan:
+    constants = launch_constants(spec)
+    args = (g.stride_xt, g.N, *g.view_args(), *constants.scalars)
+    heavy = residual_bn or spec.kind in PARAMETRIC
+    kw = dict(T=g.T, CHUNK=chunk_for(g.T), HAS_RESIDUAL=has_residual, RESIDUAL_BN=residual_bn,
+              num_warps=_warps(g.itemsize, g.T, heavy), **arithmetic_modes(cuda), **constants.constexprs, **g.blocks())
+    return FirePlan(args, kw)
 
 
 def _finalize_kw(training: bool, has_weight: bool, grad_weight: bool, grad_bias: bool) -> dict:
@@ -490,28 +511,46 @@ def _finalize_kw(training: bool, has_weight: bool, grad_weight: bool, grad_bias:
                 BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C)
 
 
+class ResidualPlan(NamedTuple):
+    """The residual BatchNorm's finalisation (Σg·r̂ in row 2) and grad_input (time stride N)."""
+    finalize_args: tuple
+    finalize_kw: dict
+    input_args: tuple
+
+
+class BackwardPlan(NamedTuple):
+    neuron_args: tuple
+    neuron_kw: dict
+    finalize_grid: tuple
+    finalize_args: tuple
+    finalize_kw: dict
+    input_args: tuple
+    input_kw: dict
+    residual: ResidualPlan | None
+
+
 @functools.lru_cache(maxsize=1024)
 def _backward_plan(g: Geometry, spec, cuda: bool, training: bool, has_residual: bool, has_weight: bool,
-                   grad_weight: bool, grad_bias: bool, residual_bn=None):
+                   grad_weight: bool, grad_bias: bool, residual_bn=None) -> BackwardPlan:
     """residual_bn: None, or (has_weight, grad_weight, grad_bias) of the residual's own BatchNorm."""
-    scalars, codes = _launch_constants(spec)
+    constants = launch_constants(spec)
     # the backward holds per-channel sums besides the constants (8 channels per thread in channels_last)
     warps = _warps(g.itemsize, g.T, heavy=True)
-    neuron_args = (g.stride_xt, g.N, *g.view_args(), g.programs, *scalars, spec.alpha)
+    neuron_args = (g.stride_xt, g.N, *g.view_args(), g.programs, *constants.scalars, spec.alpha)
     neuron_kw = dict(T=g.T, CHUNK=chunk_for(g.T), SURROGATE=SURROGATE_CODES[spec.surrogate],
-                     DETACH_RESET=spec.detach_reset, DIVIDE=_divide_mode(cuda),
-                     SUM_OVER_TIME=g.stride_xt == 0 and g.T > 1, HAS_RESIDUAL=has_residual,
-                     RESIDUAL_BN=residual_bn is not None, num_warps=warps, **codes, **g.blocks())
+                     DETACH_RESET=spec.detach_reset, SUM_OVER_TIME=g.stride_xt == 0 and g.T > 1,
+                     HAS_RESIDUAL=has_residual, RESIDUAL_BN=residual_bn is not None, num_warps=warps,
+                     **arithmetic_modes(cuda), **constants.constexprs, **g.blocks())
     finalize_args = (g.programs, g.C, 1.0 / g.count, 1)
     finalize_kw = _finalize_kw(training, has_weight, grad_weight, grad_bias)
     input_args = (g.steps, g.stride_xt, g.N, *g.view_args())
     input_kw = dict(num_warps=NUM_WARPS, **g.blocks())
-    residual = None  # the residual BatchNorm's finalisation (Σg·r̂ in row 2) and grad_input (time stride N)
+    residual = None
     if residual_bn is not None:
-        residual = ((g.programs, g.C, 1.0 / (g.T * g.outer * g.inner), 2), _finalize_kw(training, *residual_bn),
-                    (g.T, g.N, g.N, *g.view_args()))
-    return (neuron_args, neuron_kw, _finalize_grid(g.C), finalize_args, finalize_kw, input_args, input_kw,
-            residual)
+        residual = ResidualPlan((g.programs, g.C, 1.0 / (g.T * g.outer * g.inner), 2),
+                                _finalize_kw(training, *residual_bn), (g.T, g.N, g.N, *g.view_args()))
+    return BackwardPlan(neuron_args, neuron_kw, _finalize_grid(g.C), finalize_args, finalize_kw, input_args, input_kw,
+                        residual)
 
 
 def bn_statistics(x, geometry, weight, bias, running_mean, running_var, stats, *, training, momentum, eps):
@@ -519,65 +558,69 @@ def bn_statistics(x, geometry, weight, bias, running_mean, running_var, stats, *
     running_mean/var in place when given; else from the running statistics (1 launch)."""
     g = geometry
     update = training and running_mean is not None
-    stats_args, stats_kw, finalize_grid, finalize_args, finalize_kw = _statistics_plan(
-        g, training, weight is not None, bias is not None, update, momentum, eps)
+    plan = _statistics_plan(g, training, weight is not None, bias is not None, update, momentum, eps)
     dummy = stats
     if training:
         partials = stats.new_empty(3, g.programs, g.C)
-        _bn_stats_kernel[g.grid](x, partials, *stats_args, **stats_kw)
+        _bn_stats_kernel[g.grid](x, partials, *plan.stats_args, **plan.stats_kw)
     else:
         partials = dummy
-    _bn_finalize_fwd_kernel[finalize_grid](
+    _bn_finalize_fwd_kernel[plan.finalize_grid](
         partials, dummy if weight is None else weight, dummy if bias is None else bias,
         dummy if running_mean is None else running_mean, dummy if running_var is None else running_var, stats,
-        *finalize_args, **finalize_kw)
+        *plan.finalize_args, **plan.finalize_kw)
 
 
-def bn_fire(x, residual, stats, spikes, checkpoints, geometry, spec, residual_stats=None):
+def bn_fire(x, residual, stats, spikes, checkpoints, geometry, spec, residual_stats=None, rate=None):
     """spikes [T, ...] (time stride N, x's layout) of the neuron `spec` over y = BN(x) [+ residual]; with
-    residual_stats (the residual's own [4, C] table, see bn_statistics) y = BN(x) + BN_r(residual)."""
+    residual_stats (the residual's own [4, C] table, see bn_statistics) y = BN(x) + BN_r(residual). rate: a
+    parametric neuron's k = sigmoid(w), fp32, one element."""
     g = geometry
-    args, kw = _fire_plan(g, spec, x.is_cuda, residual is not None, residual_stats is not None)
+    plan = _fire_plan(g, spec, x.is_cuda, residual is not None, residual_stats is not None)
     dummy = stats
     _bn_lif_fwd_kernel[g.grid](
         x, dummy if residual is None else residual, stats, dummy if residual_stats is None else residual_stats,
-        spikes, dummy if checkpoints is None else checkpoints, *args, **kw)
+        spikes, dummy if checkpoints is None else checkpoints, dummy if rate is None else rate, *plan.args,
+        **plan.kw)
 
 
 def bn_fire_backward(x, residual, grad_spikes, stats, checkpoints, grad_y, weight, grad_weight, grad_bias, grad_x,
-                     geometry, spec, *, training, residual_bn=None):
+                     geometry, spec, *, training, residual_bn=None, rate=None):
     """grad_y (= dL/d(residual); one timestep when x is broadcast over time), grad_weight/grad_bias (fp32 [C],
     or None) and grad_x (may be grad_y itself: each element is read before it is written): 3 launches
     (2 without grad_x). residual_bn: None, or (stats, weight, grad_weight, grad_bias, grad_input) of the
     residual's own BatchNorm (the forward's residual_stats; grad_input, dL/d(residual), may be None): 2 launches
-    more, and grad_y is then dL/d(BN_r(residual))."""
+    more, and grad_y is then dL/d(BN_r(residual)). For a parametric neuron (rate given) returns the programs'
+    partial sums of dL/dk, fp32 (their sum is dL/dk), else None."""
     g = geometry
     r_flags = None if residual_bn is None else tuple(t is not None for t in residual_bn[1:4])
-    (neuron_args, neuron_kw, finalize_grid, finalize_args, finalize_kw, input_args, input_kw,
-     residual_plan) = _backward_plan(g, spec, x.is_cuda, training, residual is not None, weight is not None,
-                                     grad_weight is not None, grad_bias is not None, r_flags)
+    plan = _backward_plan(g, spec, x.is_cuda, training, residual is not None, weight is not None,
+                          grad_weight is not None, grad_bias is not None, r_flags)
     dummy = stats
     partials = stats.new_empty(2 if residual_bn is None else 3, g.programs, g.C)
+    rate_partials = None if rate is None else stats.new_empty(g.grid[0] * g.grid[1])
     coef = stats.new_empty(3, g.C)
     _bn_lif_bwd_kernel[g.grid](
         x, dummy if residual is None else residual, grad_spikes, stats,
         dummy if residual_bn is None else residual_bn[0], dummy if checkpoints is None else checkpoints, grad_y,
-        partials, *neuron_args, **neuron_kw)
-    _bn_finalize_bwd_kernel[finalize_grid](
+        partials, dummy if rate is None else rate, dummy if rate_partials is None else rate_partials,
+        *plan.neuron_args, **plan.neuron_kw)
+    _bn_finalize_bwd_kernel[plan.finalize_grid](
         partials, stats, dummy if weight is None else weight, dummy if grad_weight is None else grad_weight,
-        dummy if grad_bias is None else grad_bias, coef, *finalize_args, **finalize_kw)
+        dummy if grad_bias is None else grad_bias, coef, *plan.finalize_args, **plan.finalize_kw)
     if residual_bn is not None:  # before grad_x, which may overwrite grad_y
         r_stats, r_weight, r_grad_weight, r_grad_bias, r_grad_input = residual_bn
-        r_finalize_args, r_finalize_kw, r_input_args = residual_plan
         r_coef = stats.new_empty(3, g.C)
-        _bn_finalize_bwd_kernel[finalize_grid](
+        _bn_finalize_bwd_kernel[plan.finalize_grid](
             partials, r_stats, dummy if r_weight is None else r_weight,
             dummy if r_grad_weight is None else r_grad_weight, dummy if r_grad_bias is None else r_grad_bias, r_coef,
-            *r_finalize_args, **r_finalize_kw)
+            *plan.residual.finalize_args, **plan.residual.finalize_kw)
         if r_grad_input is not None:
-            _bn_grad_input_kernel[g.grid](grad_y, residual, r_stats, r_coef, r_grad_input, *r_input_args, **input_kw)
+            _bn_grad_input_kernel[g.grid](grad_y, residual, r_stats, r_coef, r_grad_input, *plan.residual.input_args,
+                                          **plan.input_kw)
     if grad_x is not None:
-        _bn_grad_input_kernel[g.grid](grad_y, x, stats, coef, grad_x, *input_args, **input_kw)
+        _bn_grad_input_kernel[g.grid](grad_y, x, stats, coef, grad_x, *plan.input_args, **plan.input_kw)
+    return rate_partials
 
 
 __all__ = ["Geometry", "geometry", "bn_statistics", "bn_fire", "bn_fire_backward", "checkpoints_for", "MEAN", "RSTD",

@@ -21,6 +21,8 @@ import functools
 import triton
 import triton.language as tl
 
+from . import next_pow2
+
 ROW_STATS: tl.constexpr = tl.constexpr(4)  # per (t, b) row: lse(z), lse(z/τ), lse(z/τ_H), H(softmax(z/τ_H))
 SAMPLE_STATS: tl.constexpr = tl.constexpr(4)  # per sample: lse(u/τ), lse(z̄), lse(z̄/τ), labelled (1.0 / 0.0)
 PARTIALS: tl.constexpr = tl.constexpr(4)  # per (time tile, sample): CE sum, KL sum, entropy sum, bad label (1.0 / 0.0)
@@ -288,16 +290,13 @@ REDUCE_BLOCK = 1024
 MAXNREG = 128
 
 
-def _pow2_ceil(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
 
 @functools.lru_cache(maxsize=1024)
 def tile_for(T: int, C: int, ts_ce: bool, ts_kl: bool) -> tuple[int, int, int]:
     """(T_TILE, BLOCK_C, num_warps): one row per program when every term is separated over time, else
     every timestep of a sample; BLOCK_C fills the rest of MAX_TILE (at least 16 lanes)."""
-    t_tile = 1 if ts_ce and ts_kl else _pow2_ceil(T)
-    block_c = max(16, min(_pow2_ceil(C), MAX_TILE // t_tile))
+    t_tile = 1 if ts_ce and ts_kl else next_pow2(T)
+    block_c = max(16, min(next_pow2(C), MAX_TILE // t_tile))
     tile = t_tile * block_c
     return t_tile, block_c, 8 if tile >= 2048 else 4 if tile >= 512 else 2 if tile >= 128 else 1
 

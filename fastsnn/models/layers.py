@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..neuron import MultistepNeuron
-from ..ops.spike_storage import SpikeConv2d
+from ..spike_layers import SpikeConv2d
 
 SEW_CONNECTS = ("ADD", "AND", "IAND")
 NeuronFactory = Callable[[], nn.Module]  # a new neuron module (spiking) or nn.ReLU (teacher) per call

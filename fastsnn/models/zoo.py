@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.spike_storage import SpikeMaxPool2d
+from ..spike_layers import SpikeMaxPool2d
 from .layers import BasicBlock, NeuronFactory, SEWBlock, bn_fire, folded, spike_convs
 
 

@@ -1,12 +1,13 @@
 """Memory-layout helpers shared by the ops: kernels walk storage order, so every tensor of a call must
 share one dense layout. They sit on every call's host path, so the layout decisions are memoised."""
-import functools
 import math
 
 import torch
 
+from ..backend import memoised
 
-@functools.lru_cache(maxsize=1024)
+
+@memoised(maxsize=1024)
 def _dense_time_major(shape: tuple, strides: tuple, allow_broadcast: bool) -> bool:
     n = math.prod(shape[1:])
     if shape[0] > 1 and strides[0] != n and not (allow_broadcast and strides[0] == 0):

@@ -22,14 +22,14 @@ from ..backend import (FLOAT_DTYPES, check_float_tensor, check_number, check_sam
 from ..spec import NeuronSpec, kind_of, neuron_spec
 from . import spike_storage
 from ._autograd import once_differentiable
+from ._common import empty_f32, membrane_checkpoints, repeated, spec_args
 from ._layout import as_time_major_like, is_dense_time_major, kernels_loader, time_major_like
+from .lif import check_w, rate_of
 
 
 _kernels = kernels_loader("bn_lif")
 
 
-def _repeated(x: Tensor, repeat: int) -> Tensor:
-    return x.unsqueeze(0).expand(repeat, *x.shape)
 
 
 def _geometry(x_seq: Tensor, *tensors: Tensor | None):
@@ -40,7 +40,7 @@ def _geometry(x_seq: Tensor, *tensors: Tensor | None):
 
 def _statistics_impl(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat) -> Tensor:
     """stats [4, C] fp32 (mean, 1/std, scale, shift); the running statistics updated in training mode."""
-    x_seq = _repeated(x, repeat) if repeat else x
+    x_seq = repeated(x, repeat) if repeat else x
     geometry = _geometry(x_seq)
     stats = x.new_empty(4, geometry.C, dtype=torch.float32)
     _kernels().bn_statistics(x_seq, geometry, weight, bias, running_mean, running_var, stats, training=training,
@@ -48,33 +48,28 @@ def _statistics_impl(x, weight, bias, running_mean, running_var, training, momen
     return stats
 
 
-def _fire_impl(x, residual, stats, spec, repeat, residual_stats=None):
+def _fire_impl(x, residual, stats, spec, repeat, residual_stats=None, rate=None):
     """(spikes, checkpoints or None): 1 launch."""
-    x_seq = _repeated(x, repeat) if repeat else x
+    x_seq = repeated(x, repeat) if repeat else x
     spikes = time_major_like(x_seq)
-    checkpoints = _checkpoints(x_seq)
+    checkpoints = membrane_checkpoints(x_seq)
     residual = None if residual is None else as_time_major_like(residual, x_seq)
     _kernels().bn_fire(x_seq, residual, stats, spikes, checkpoints, _geometry(x_seq, residual), spec,
-                       residual_stats=residual_stats)
+                       residual_stats=residual_stats, rate=rate)
     return spikes, checkpoints
 
 
-def _checkpoints(x_seq: Tensor) -> Tensor | None:
-    if x_seq.shape[0] <= _MAX_CHUNK:  # the common case, decided without a call into the kernels module
-        return None
-    n = _kernels().checkpoints_for(x_seq.shape[0])
-    return time_major_like(x_seq[:n], dtype=torch.float32)
 
 
-_MAX_CHUNK = 8  # fastsnn.kernels.lif.MAX_CHUNK (asserted equal by tests/test_lif.py)
 
 
 def _backward_impl(grad_spikes, x, weight, residual, stats, checkpoints, spec, training, repeat, needs,
-                   geometry=None, residual_bn=None):
-    """(grad_x, grad_weight, grad_bias, grad_residual), None where `needs` (4 bools) says not needed; with
-    residual_bn = (the residual's statistics, its BatchNorm weight) also (grad_residual_weight,
-    grad_residual_bias), 6 needs. `geometry`: the forward's, reused when grad_spikes keeps its alignment."""
-    x_seq = _repeated(x, repeat) if repeat else x
+                   geometry=None, residual_bn=None, rate=None):
+    """(grad_x, grad_weight, grad_bias, grad_residual, grad_rate), None where `needs` (4 bools) says not needed
+    (grad_rate: None without rate); with residual_bn = (the residual's statistics, its BatchNorm weight) also
+    (grad_residual_weight, grad_residual_bias) before grad_rate, 6 needs. `geometry`: the forward's, reused when
+    grad_spikes keeps its alignment."""
+    x_seq = repeated(x, repeat) if repeat else x
     grad_spikes = as_time_major_like(grad_spikes, x_seq)
     addresses = grad_spikes.data_ptr()
     if residual is not None:
@@ -94,13 +89,16 @@ def _backward_impl(grad_spikes, x, weight, residual, stats, checkpoints, spec, t
                               time_major_like(residual) if needs[3] else None)
     elif needs[0]:
         grad_x = time_major_like(grad_y) if needs[3] else grad_y  # in place over g when g is not returned
-    _kernels().bn_fire_backward(x_seq, residual, grad_spikes, stats, checkpoints, grad_y, weight, grad_weight,
-                                grad_bias, grad_x, geometry, spec, training=training, residual_bn=launch_residual_bn)
+    partials = _kernels().bn_fire_backward(x_seq, residual, grad_spikes, stats, checkpoints, grad_y, weight,
+                                           grad_weight, grad_bias, grad_x, geometry, spec, training=training,
+                                           residual_bn=launch_residual_bn, rate=rate)
+    grad_rate = None if partials is None else partials.sum().reshape(rate.shape)
     if grad_x is not None and broadcast:
         grad_x = grad_x[0]
     if residual_bn is not None:
-        return grad_x, grad_weight, grad_bias, launch_residual_bn[4], launch_residual_bn[2], launch_residual_bn[3]
-    return grad_x, grad_weight, grad_bias, grad_y if needs[3] else None
+        return (grad_x, grad_weight, grad_bias, launch_residual_bn[4], launch_residual_bn[2], launch_residual_bn[3],
+                grad_rate)
+    return grad_x, grad_weight, grad_bias, grad_y if needs[3] else None, grad_rate
 
 
 def _cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
@@ -129,8 +127,8 @@ class _BNNeuronFunction(torch.autograd.Function):
     and unpacked for the backward. One Geometry (the kernels' view and tiling of x) serves every launch."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, running_mean, running_var, call):
-        x_seq = _repeated(x, call.repeat) if call.repeat else x
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, rate, call):
+        x_seq = repeated(x, call.repeat) if call.repeat else x
         fire_residual = None if residual is None else as_time_major_like(residual, x_seq)
         kernels = _kernels()
         geometry = kernels.geometry(x_seq, fire_residual)
@@ -138,27 +136,28 @@ class _BNNeuronFunction(torch.autograd.Function):
         kernels.bn_statistics(x_seq, geometry, weight, bias, running_mean, running_var, stats,
                               training=call.training, momentum=call.momentum, eps=call.eps)
         spikes = time_major_like(x_seq)
-        checkpoints = _checkpoints(x_seq)
-        kernels.bn_fire(x_seq, fire_residual, stats, spikes, checkpoints, geometry, call.spec)
+        checkpoints = membrane_checkpoints(x_seq)
+        kernels.bn_fire(x_seq, fire_residual, stats, spikes, checkpoints, geometry, call.spec, rate=rate)
         if residual is not None and call.residual_storage:
             residual = as_time_major_like(residual, x)
             ctx.residual_layout = spike_storage.layout(residual)
             residual = spike_storage.pack("bn_lif", residual, call.residual_storage, call.check)
-        ctx.save_for_backward(x, weight, residual, stats, checkpoints)
+        ctx.save_for_backward(x, weight, residual, stats, checkpoints, rate)
         ctx.call, ctx.geometry = call, geometry
         return spikes
 
     @staticmethod
     @once_differentiable("bn_lif")
     def backward(ctx, grad_spikes):
-        x, weight, residual, stats, checkpoints = ctx.saved_tensors
+        x, weight, residual, stats, checkpoints, rate = ctx.saved_tensors
         call = ctx.call
         if residual is not None and call.residual_storage:
             residual = spike_storage.unpack("bn_lif", residual, call.residual_storage, ctx.residual_layout)
-        grad_x, grad_weight, grad_bias, grad_residual = _backward_impl(
+        grad_x, grad_weight, grad_bias, grad_residual, grad_rate = _backward_impl(
             grad_spikes, x, weight, residual, stats, checkpoints, call.spec, call.training, call.repeat,
-            ctx.needs_input_grad, ctx.geometry)
-        return grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual), None, None, None
+            ctx.needs_input_grad, ctx.geometry, rate=rate)
+        return (grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual), None, None, grad_rate,
+                None)
 
 
 class _BNResidualBNFunction(torch.autograd.Function):
@@ -167,7 +166,7 @@ class _BNResidualBNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, running_mean, running_var, r_weight, r_bias, r_running_mean,
-                r_running_var, call):
+                r_running_var, rate, call):
         residual = as_time_major_like(residual, x)
         kernels = _kernels()
         geometry = kernels.geometry(x, residual)
@@ -178,33 +177,30 @@ class _BNResidualBNFunction(torch.autograd.Function):
             kernels.bn_statistics(t, g, w, b, rm, rv, stats[k], training=call.training, momentum=call.momentum,
                                   eps=call.eps)
         spikes = time_major_like(x)
-        checkpoints = _checkpoints(x)
-        kernels.bn_fire(x, residual, stats[0], spikes, checkpoints, geometry, call.spec, residual_stats=stats[1])
-        ctx.save_for_backward(x, weight, residual, r_weight, stats, checkpoints)
+        checkpoints = membrane_checkpoints(x)
+        kernels.bn_fire(x, residual, stats[0], spikes, checkpoints, geometry, call.spec, residual_stats=stats[1],
+                        rate=rate)
+        ctx.save_for_backward(x, weight, residual, r_weight, stats, checkpoints, rate)
         ctx.call, ctx.geometry = call, geometry
         return spikes
 
     @staticmethod
     @once_differentiable("bn_lif")
     def backward(ctx, grad_spikes):
-        x, weight, residual, r_weight, stats, checkpoints = ctx.saved_tensors
+        x, weight, residual, r_weight, stats, checkpoints, rate = ctx.saved_tensors
         n = ctx.needs_input_grad
         grads = _backward_impl(grad_spikes, x, weight, residual, stats[0], checkpoints, ctx.call.spec,
                                ctx.call.training, 0, (n[0], n[1], n[2], n[3], n[6], n[7]), ctx.geometry,
-                               residual_bn=(stats[1], r_weight))
-        grad_x, grad_weight, grad_bias, grad_residual, grad_r_weight, grad_r_bias = grads
+                               residual_bn=(stats[1], r_weight), rate=rate)
+        grad_x, grad_weight, grad_bias, grad_residual, grad_r_weight, grad_r_bias, grad_rate = grads
         return (grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual), None, None,
-                _cast(grad_r_weight, r_weight), grad_r_bias, None, None, None)
+                _cast(grad_r_weight, r_weight), grad_r_bias, None, None, grad_rate, None)
 
 
 # ---- the same launchers as custom ops, for torch.compile ----
 
-def _spec_args(spec: NeuronSpec) -> tuple:
-    return (spec.kind, spec.tau, spec.v_threshold, spec.v_reset, spec.surrogate, spec.alpha, spec.detach_reset)
 
 
-def _empty_f32(x: Tensor) -> Tensor:
-    return x.new_empty(0, dtype=torch.float32)
 
 
 @torch.library.custom_op("fastsnn::bn_statistics", mutates_args=("running_mean", "running_var"))
@@ -219,30 +215,51 @@ def _(x, weight, bias, running_mean, running_var, training, momentum, eps, repea
     return x.new_empty(4, x.shape[1] if repeat else x.shape[2], dtype=torch.float32)
 
 
+@torch.library.custom_op("fastsnn::bn_batch_statistics", mutates_args=())
+def _bn_batch_statistics_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                            repeat: int) -> Tensor:
+    """bn_statistics without running statistics (training mode): a pure op, which Inductor takes where a
+    mutating op with nothing to mutate fails."""
+    return _statistics_impl(x, weight, bias, None, None, True, 0.0, eps, repeat)
+
+
+@_bn_batch_statistics_op.register_fake
+def _(x, weight, bias, eps, repeat):
+    return x.new_empty(4, x.shape[1] if repeat else x.shape[2], dtype=torch.float32)
+
+
+def _statistics_op(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat) -> Tensor:
+    """The statistics custom op of a compiled call: the mutating one when there are running statistics."""
+    if running_mean is None:
+        return _bn_batch_statistics_op(x, weight, bias, eps, repeat)
+    return _bn_statistics_op(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat)
+
+
 @torch.library.custom_op("fastsnn::bn_neuron_fire", mutates_args=())
 def _bn_fire_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
                 stats: Tensor, residual_weight: Optional[Tensor], residual_bias: Optional[Tensor],
-                residual_stats: Optional[Tensor], kind: str, tau: float, v_threshold: float, v_reset: Optional[float],
-                surrogate: str, alpha: float, detach_reset: bool, training: bool, repeat: int,
-                residual_storage: Optional[str], check: bool) -> tuple[Tensor, Tensor, Tensor]:
+                residual_stats: Optional[Tensor], rate: Optional[Tensor], kind: str, tau: float, v_threshold: float,
+                v_reset: Optional[float], surrogate: str, alpha: float, detach_reset: bool, training: bool,
+                repeat: int, residual_storage: Optional[str], check: bool) -> tuple[Tensor, Tensor, Tensor]:
     """spikes, checkpoints and, with residual_storage, the residual packed for the backward. The weights and
     biases are inputs only for their gradients (the statistics tables hold their effect); residual_stats, when
-    given, normalises the residual (its BatchNorm's weight and bias are residual_weight and residual_bias)."""
+    given, normalises the residual (its BatchNorm's weight and bias are residual_weight and residual_bias);
+    rate: a parametric neuron's k."""
     spec = NeuronSpec(kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset)
-    spikes, checkpoints = _fire_impl(x, residual, stats, spec, repeat, residual_stats)
+    spikes, checkpoints = _fire_impl(x, residual, stats, spec, repeat, residual_stats, rate)
     packed = _no_bytes(x) if residual is None or not residual_storage else \
         spike_storage.pack("bn_lif", residual, residual_storage, check)
-    return spikes, _empty_f32(x) if checkpoints is None else checkpoints, packed
+    return spikes, empty_f32(x) if checkpoints is None else checkpoints, packed
 
 
 @_bn_fire_op.register_fake
-def _(x, weight, bias, residual, stats, residual_weight, residual_bias, residual_stats, kind, tau, v_threshold,
+def _(x, weight, bias, residual, stats, residual_weight, residual_bias, residual_stats, rate, kind, tau, v_threshold,
       v_reset, surrogate, alpha, detach_reset, training, repeat, residual_storage, check):
-    x_seq = _repeated(x, repeat) if repeat else x
-    checkpoints = _checkpoints(x_seq)
+    x_seq = repeated(x, repeat) if repeat else x
+    checkpoints = membrane_checkpoints(x_seq)
     packed = _no_bytes(x) if residual is None or not residual_storage else \
         x.new_empty(spike_storage.packed_size(residual.numel(), residual_storage), dtype=torch.uint8)
-    return time_major_like(x_seq), _empty_f32(x) if checkpoints is None else checkpoints, packed
+    return time_major_like(x_seq), empty_f32(x) if checkpoints is None else checkpoints, packed
 
 
 def _no_bytes(x: Tensor) -> Tensor:
@@ -252,22 +269,26 @@ def _no_bytes(x: Tensor) -> Tensor:
 @torch.library.custom_op("fastsnn::bn_neuron_backward", mutates_args=())
 def _bn_neuron_backward_op(grad_spikes: Tensor, x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor],
                            stats: Tensor, checkpoints: Tensor, residual_weight: Optional[Tensor],
-                           residual_stats: Optional[Tensor], kind: str, tau: float, v_threshold: float,
-                           v_reset: Optional[float], surrogate: str, alpha: float, detach_reset: bool,
-                           training: bool, repeat: int, needs: list[bool]) -> list[Tensor]:
-    """The gradients of x, weight, bias, residual (and, with residual_stats, of the residual's BatchNorm
-    weight and bias), empty where `needs` says not needed."""
+                           residual_stats: Optional[Tensor], rate: Optional[Tensor], kind: str, tau: float,
+                           v_threshold: float, v_reset: Optional[float], surrogate: str, alpha: float,
+                           detach_reset: bool, training: bool, repeat: int,
+                           needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of x, weight, bias, residual, the residual's BatchNorm weight and bias (with residual_stats)
+    and rate, empty where `needs` says not needed or the input is absent (a fixed tuple: Inductor takes no list
+    output whose elements the graph returns as they are)."""
     spec = NeuronSpec(kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset)
-    grads = _backward_impl(grad_spikes, x, weight, residual, stats, checkpoints if checkpoints.numel() else None,
-                           spec, training, repeat, needs,
-                           residual_bn=None if residual_stats is None else (residual_stats, residual_weight))
-    return [_empty_f32(x) if g is None else g for g in grads]
+    residual_bn = None if residual_stats is None else (residual_stats, residual_weight)
+    *grads, grad_rate = _backward_impl(grad_spikes, x, weight, residual, stats,
+                                       checkpoints if checkpoints.numel() else None, spec, training, repeat, needs,
+                                       residual_bn=residual_bn, rate=rate)
+    grads = (grads + [None, None])[:6] + [grad_rate]
+    return tuple(empty_f32(x) if g is None else g for g in grads)
 
 
 @_bn_neuron_backward_op.register_fake
-def _(grad_spikes, x, weight, residual, stats, checkpoints, residual_weight, residual_stats, kind, tau, v_threshold,
-      v_reset, surrogate, alpha, detach_reset, training, repeat, needs):
-    x_seq = _repeated(x, repeat) if repeat else x
+def _(grad_spikes, x, weight, residual, stats, checkpoints, residual_weight, residual_stats, rate, kind, tau,
+      v_threshold, v_reset, surrogate, alpha, detach_reset, training, repeat, needs):
+    x_seq = repeated(x, repeat) if repeat else x
     def channel():
         return torch.empty_like(stats[0])
     if residual_stats is None:
@@ -275,11 +296,13 @@ def _(grad_spikes, x, weight, residual, stats, checkpoints, residual_weight, res
     else:
         grads = (time_major_like(x), channel(), channel(), time_major_like(x_seq, dtype=residual.dtype), channel(),
                  channel())
-    return [g if need else _empty_f32(x) for g, need in zip(grads, needs)]
+    grads = [g if need else empty_f32(x) for g, need in zip(grads, needs)]
+    grads += [empty_f32(x)] * (6 - len(grads))
+    return tuple(grads + [empty_f32(x) if rate is None else torch.empty_like(rate)])
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, stats, r_weight, r_bias, r_stats, *params = inputs
+    x, weight, bias, residual, stats, r_weight, r_bias, r_stats, rate, *params = inputs
     ctx.params = params[:7]
     ctx.training, ctx.repeat, storage = params[7], params[8], params[9]
     ctx.has = (weight is not None, bias is not None, residual is not None, r_weight is not None, r_bias is not None)
@@ -288,38 +311,38 @@ def _setup_context(ctx, inputs, output):
     if ctx.residual_storage:
         ctx.residual_layout = spike_storage.layout(residual)
         residual = output[2]
-    ctx.save_for_backward(x, weight, residual, stats, output[1], r_weight, r_stats)
+    ctx.save_for_backward(x, weight, residual, stats, output[1], r_weight, r_stats, rate)
     ctx.mark_non_differentiable(output[1], output[2])
 
 
 def _backward(ctx, grad_spikes, _checkpoints, _packed):
-    x, weight, residual, stats, checkpoints, r_weight, r_stats = ctx.saved_tensors
+    x, weight, residual, stats, checkpoints, r_weight, r_stats, rate = ctx.saved_tensors
     if ctx.residual_storage:
         residual = spike_storage.unpack_op(residual, *ctx.residual_layout, ctx.residual_storage)
     wanted = ctx.needs_input_grad[:4] + (ctx.needs_input_grad[5:7] if ctx.residual_bn else ())
     needs = [bool(n) and h for n, h in zip(wanted, (True,) + ctx.has)]
-    grads = _bn_neuron_backward_op(grad_spikes, x, weight, residual, stats, checkpoints, r_weight, r_stats,
-                                   *ctx.params, ctx.training, ctx.repeat, needs)
-    grads = [g if need else None for g, need in zip(grads, needs)] + [None, None]
+    *grads, grad_rate = _bn_neuron_backward_op(grad_spikes, x, weight, residual, stats, checkpoints, r_weight,
+                                               r_stats, rate, *ctx.params, ctx.training, ctx.repeat, needs)
+    grads = [g if need else None for g, need in zip(grads, needs)] + [None, None]  # needs: 4 (or 6) long
     return (grads[0], _cast(grads[1], weight), grads[2], _cast(grads[3], residual), None,
-            _cast(grads[4], r_weight), grads[5]) + (None,) * 12
+            _cast(grads[4], r_weight), grads[5], None, None if rate is None else grad_rate) + (None,) * 11
 
 
 torch.library.register_autograd("fastsnn::bn_neuron_fire", _backward, setup_context=_setup_context)
 
 
 def _compiled(x, weight, bias, residual, running_mean, running_var, spec, training, momentum, eps, repeat,
-              residual_storage, check, residual_bn=None):
+              residual_storage, check, residual_bn=None, rate=None):
     """The op as custom ops for torch.compile: statistics (mutating the running ones; the residual's too when
     residual_bn normalises it), then fire."""
     detached = [None if t is None else t.detach() for t in (x, weight, bias)]
-    stats = _bn_statistics_op(*detached, running_mean, running_var, training, momentum, eps, repeat)
+    stats = _statistics_op(*detached, running_mean, running_var, training, momentum, eps, repeat)
     r_weight = r_bias = r_stats = None
     if residual_bn is not None:
         r_weight, r_bias, r_running_mean, r_running_var = residual_bn
-        r_stats = _bn_statistics_op(*[None if t is None else t.detach() for t in (residual, r_weight, r_bias)],
-                                    r_running_mean, r_running_var, training, momentum, eps, 0)
-    spikes, _, _ = _bn_fire_op(x, weight, bias, residual, stats, r_weight, r_bias, r_stats, *_spec_args(spec),
+        r_stats = _statistics_op(*[None if t is None else t.detach() for t in (residual, r_weight, r_bias)],
+                                 r_running_mean, r_running_var, training, momentum, eps, 0)
+    spikes, _, _ = _bn_fire_op(x, weight, bias, residual, stats, r_weight, r_bias, r_stats, rate, *spec_args(spec),
                                training, repeat, residual_storage, check)
     return spikes
 
@@ -426,11 +449,13 @@ def _check_residual_bn(op: str, x: Tensor, residual, residual_bn, residual_stora
 def apply_bn_neuron(op: str, x: Tensor, weight, bias, running_mean, running_var, spec: NeuronSpec, *,
                     training: bool, momentum: float = 0.1, eps: float = 1e-5, residual: Tensor | None = None,
                     residual_storage: str | None = None, residual_bn=None, repeat: int | None = None,
-                    backend: str = "auto") -> Tensor:
+                    backend: str = "auto", w: Tensor | None = None) -> Tensor:
     """spikes [T, B, C, ...] of the neuron `spec` over BN(x) [+ residual, or + BN_r(residual) with residual_bn]
-    (see bn_lif); the spec is trusted."""
+    (see bn_lif); w: a parametric neuron's weight. The spec is trusted."""
     momentum, eps, common = _check(op, x, weight, bias, running_mean, running_var, residual, training, momentum, eps,
                                    repeat)
+    if w is not None or spec.parametric:
+        check_w(op, w, spec, x.device)
     if residual_storage is not None and residual_storage not in spike_storage.STORAGES:
         raise ValueError(f"{op}: residual_storage must be None or one of {spike_storage.STORAGES}, got "
                          f"{residual_storage!r}")
@@ -441,17 +466,18 @@ def apply_bn_neuron(op: str, x: Tensor, weight, bias, running_mean, running_var,
                              f"which are None")
     dtype = None if x.is_cuda else interpreter_dtype(x, residual, weight, bias, running_mean, running_var,
                                                     *(residual_bn or ()))
+    rate = None if w is None else rate_of(w)
     if resolve_backend(op, backend, x.device, dtype) == "reference":
         return reference.bn_lif_multistep(x, weight, bias, running_mean, running_var, spec, training=training,
                                           momentum=momentum, eps=eps, residual=residual, residual_bn=residual_bn,
-                                          repeat=repeat)
+                                          repeat=repeat, rate=rate)
     vectors = (weight, bias, running_mean, running_var) + (residual_bn or ())
     copies = () if common and residual_bn is None else _dense_vectors(vectors)  # common: x's vectors are dense
     if any(t is not None for t in copies):  # a strided or expanded vector: the kernels take dense copies
         used = tuple(t if c is None else c for t, c in zip(vectors, copies))
         spikes = apply_bn_neuron(op, x, *used[:4], spec, training=training, momentum=momentum, eps=eps,
                                  residual=residual, residual_storage=residual_storage,
-                                 residual_bn=used[4:] or None, repeat=repeat, backend=backend)
+                                 residual_bn=used[4:] or None, repeat=repeat, backend=backend, w=w)
         if training:  # the running statistics' updates, written back where the caller keeps them
             for k in (2, 3) if residual_bn is None else (2, 3, 6, 7):
                 if copies[k] is not None:
@@ -466,11 +492,12 @@ def apply_bn_neuron(op: str, x: Tensor, weight, bias, running_mean, running_var,
     check = residual_storage is not None and spike_storage.CHECK_DEFAULT
     if torch.compiler.is_compiling():
         return _compiled(x, weight, bias, residual, running_mean, running_var, spec, training, momentum, eps,
-                         repeat or 0, residual_storage, check, residual_bn)
+                         repeat or 0, residual_storage, check, residual_bn, rate)
     call = _call(spec, training, momentum, eps, repeat or 0, residual_storage, check)
     if residual_bn is not None:
-        return _BNResidualBNFunction.apply(x, weight, bias, residual, running_mean, running_var, *residual_bn, call)
-    return _BNNeuronFunction.apply(x, weight, bias, residual, running_mean, running_var, call)
+        return _BNResidualBNFunction.apply(x, weight, bias, residual, running_mean, running_var, *residual_bn, rate,
+                                           call)
+    return _BNNeuronFunction.apply(x, weight, bias, residual, running_mean, running_var, rate, call)
 
 
 def bn_lif(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
@@ -526,3 +553,20 @@ def bn_if(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: T
     return apply_bn_neuron(op, x, weight, bias, running_mean, running_var, spec, training=training,
                            momentum=momentum, eps=eps, residual=residual, residual_storage=residual_storage,
                            residual_bn=residual_bn, repeat=repeat, backend=backend)
+
+
+def bn_plif(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+            running_var: Tensor | None, w: Tensor, *, training: bool, momentum: float = 0.1, eps: float = 1e-5,
+            residual: Tensor | None = None, residual_storage: str | None = None, residual_bn=None,
+            decay_input: bool = True, v_threshold: float = 1.0, v_reset: float | None = 0.0, surrogate: str = "atan",
+            alpha: float | None = None, detach_reset: bool = False, repeat: int | None = None,
+            backend: str = "auto") -> Tensor:
+    """bn_lif with the parametric LIF neuron (fastsnn.plif_multistep: rate k = sigmoid(w), w one learnable
+    element): same arguments with w in place of tau. dL/dw comes from the backward kernel's per-program partial
+    sums and one sum."""
+    op = "bn_plif"
+    spec = neuron_spec(op, kind=kind_of(decay_input, op, parametric=True), tau=2.0, v_threshold=v_threshold,
+                       v_reset=v_reset, surrogate=surrogate, alpha=alpha, detach_reset=detach_reset)
+    return apply_bn_neuron(op, x, weight, bias, running_mean, running_var, spec, training=training,
+                           momentum=momentum, eps=eps, residual=residual, residual_storage=residual_storage,
+                           residual_bn=residual_bn, repeat=repeat, backend=backend, w=w)

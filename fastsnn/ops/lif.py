@@ -16,7 +16,8 @@ from .. import reference
 from ..backend import FLOAT_DTYPES, check_float_tensor, check_same_device, interpreter_dtype, resolve_backend
 from ..spec import NeuronSpec, kind_of, neuron_spec
 from ._autograd import once_differentiable
-from ._layout import as_time_major_like, is_dense_time_major, same_layout, time_major_like
+from ._common import empty_f32, membrane_checkpoints, repeated, spec_args
+from ._layout import as_time_major_like, is_dense_time_major, kernels_loader, same_layout, time_major_like
 
 
 def _v_like(x: Tensor) -> Tensor:
@@ -29,64 +30,46 @@ def _v_state(v: Tensor | None, x: Tensor) -> Tensor | None:
     return None if v is None else same_layout(v.float(), x[0])
 
 
-def _kernels():
-    """fastsnn.kernels.lif, imported on first use (importing fastsnn does not import Triton) and then kept:
-    an import statement on every call would cost host time."""
-    global _KERNELS
-    if _KERNELS is None:
-        from ..kernels import lif as module
-
-        _KERNELS = module
-    return _KERNELS
+_kernels = kernels_loader("lif")  # imported on first use: importing fastsnn does not import Triton
 
 
-_KERNELS = None
 
 
-def _checkpoints(x: Tensor) -> Tensor | None:
-    """fp32 membrane checkpoints [n, ...] laid out like x's timesteps, or None when T needs none."""
-    if x.shape[0] <= _MAX_CHUNK:  # the common case, decided without a call into the kernels module
-        return None
-    n = _kernels().checkpoints_for(x.shape[0])
-    return time_major_like(x[:n], dtype=torch.float32)
 
 
-_MAX_CHUNK = 8  # fastsnn.kernels.lif.MAX_CHUNK (asserted equal by tests/test_lif.py), kept here to skip a call
-
-
-def _forward_impl(x: Tensor, v_init: Tensor | None, spec: NeuronSpec, return_v: bool):
-    """(spikes, v_final or None, checkpoints or None): one launch."""
+def _forward_impl(x: Tensor, v_init: Tensor | None, spec: NeuronSpec, return_v: bool, rate: Tensor | None = None):
+    """(spikes, v_final or None, checkpoints or None): one launch. rate: a parametric neuron's k (fp32)."""
     spikes = time_major_like(x)
     v_final = _v_like(x) if return_v else None
-    checkpoints = _checkpoints(x)
-    _kernels().lif_forward(x, spikes, _v_state(v_init, x), v_final, checkpoints, spec)
+    checkpoints = membrane_checkpoints(x)
+    _kernels().lif_forward(x, spikes, _v_state(v_init, x), v_final, checkpoints, spec, rate)
     return spikes, v_final, checkpoints
 
 
 def _backward_impl(grad_spikes: Tensor, grad_v_final: Tensor | None, x: Tensor, v_init: Tensor | None,
-                   checkpoints: Tensor | None, spec: NeuronSpec, sum_over_time: bool):
-    """(grad_x, grad_v_init or None): one launch. With sum_over_time grad_x is one timestep [1, ...]."""
+                   checkpoints: Tensor | None, spec: NeuronSpec, sum_over_time: bool, rate: Tensor | None = None):
+    """(grad_x, grad_v_init or None, grad_rate or None): one launch (and, for a parametric neuron, one sum of the
+    programs' partials). With sum_over_time grad_x is one timestep [1, ...]."""
     grad_x = time_major_like(x[:1] if sum_over_time else x)
     grad_v_init = None if v_init is None else _v_like(x)
     if not (grad_spikes.is_contiguous() and grad_x.is_contiguous() and not sum_over_time):
         grad_spikes = as_time_major_like(grad_spikes, x)
-    _kernels().lif_backward(x, grad_spikes, _v_state(v_init, x), checkpoints, _v_state(grad_v_final, x), grad_x,
-                            grad_v_init, spec, sum_over_time)
-    return grad_x, grad_v_init
+    partials = _kernels().lif_backward(x, grad_spikes, _v_state(v_init, x), checkpoints, _v_state(grad_v_final, x),
+                                       grad_x, grad_v_init, spec, sum_over_time, rate)
+    return grad_x, grad_v_init, None if partials is None else partials.sum().reshape(rate.shape)
 
 
-def _repeated(x_step: Tensor, repeat: int) -> Tensor:
-    return x_step.unsqueeze(0).expand(repeat, *x_step.shape)
 
 
 class _LIFFunction(torch.autograd.Function):
-    """x: [T, ...] or, with repeat = T, one timestep [...] presented at every step."""
+    """x: [T, ...] or, with repeat = T, one timestep [...] presented at every step; rate: a parametric neuron's
+    k = sigmoid(w), fp32 (its gradient dL/dk, the sigmoid's backward left to autograd)."""
 
     @staticmethod
-    def forward(ctx, x, v_init, spec, return_v, repeat):
-        x_seq = _repeated(x, repeat) if repeat else x
-        spikes, v_final, checkpoints = _forward_impl(x_seq, v_init, spec, return_v)
-        ctx.save_for_backward(x, v_init, checkpoints)
+    def forward(ctx, x, v_init, rate, spec, return_v, repeat):
+        x_seq = repeated(x, repeat) if repeat else x
+        spikes, v_final, checkpoints = _forward_impl(x_seq, v_init, spec, return_v, rate)
+        ctx.save_for_backward(x, v_init, checkpoints, rate)
         ctx.spec, ctx.repeat = spec, repeat
         ctx.set_materialize_grads(False)
         return spikes, v_final
@@ -94,15 +77,15 @@ class _LIFFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable("lif_multistep")
     def backward(ctx, grad_spikes, grad_v_final):
-        x, v_init, checkpoints = ctx.saved_tensors
-        x_seq = _repeated(x, ctx.repeat) if ctx.repeat else x
+        x, v_init, checkpoints, rate = ctx.saved_tensors
+        x_seq = repeated(x, ctx.repeat) if ctx.repeat else x
         if grad_spikes is None:
             grad_spikes = torch.zeros_like(x_seq)
-        grad_x, grad_v_init = _backward_impl(grad_spikes, grad_v_final, x_seq, v_init, checkpoints, ctx.spec,
-                                             bool(ctx.repeat))
+        grad_x, grad_v_init, grad_rate = _backward_impl(grad_spikes, grad_v_final, x_seq, v_init, checkpoints,
+                                                        ctx.spec, bool(ctx.repeat), rate)
         if ctx.repeat:
             grad_x = grad_x[0]
-        return grad_x, None if v_init is None else grad_v_init.to(v_init.dtype), None, None, None
+        return grad_x, None if v_init is None else grad_v_init.to(v_init.dtype), grad_rate, None, None, None
 
 
 class _LIFPlain(torch.autograd.Function):
@@ -112,7 +95,7 @@ class _LIFPlain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, spec):
         spikes = time_major_like(x)
-        checkpoints = _checkpoints(x)
+        checkpoints = membrane_checkpoints(x)
         _kernels().lif_forward(x, spikes, None, None, checkpoints, spec)
         ctx.save_for_backward(x, checkpoints)
         ctx.spec = spec
@@ -131,63 +114,65 @@ class _LIFPlain(torch.autograd.Function):
 
 # ---- the same launchers as custom ops, for torch.compile ----
 
-def _spec_args(spec: NeuronSpec) -> tuple:
-    return (spec.kind, spec.tau, spec.v_threshold, spec.v_reset, spec.surrogate, spec.alpha, spec.detach_reset)
 
 
-def _empty_f32(x: Tensor) -> Tensor:
-    return x.new_empty(0, dtype=torch.float32)
 
 
 @torch.library.custom_op("fastsnn::lif_forward", mutates_args=(), device_types=None)
-def _lif_forward_op(x: Tensor, v_init: Optional[Tensor], kind: str, tau: float, v_threshold: float,
-                    v_reset: Optional[float], surrogate: str, alpha: float, detach_reset: bool, return_v: bool,
-                    repeat: int) -> tuple[Tensor, Tensor, Tensor]:
+def _lif_forward_op(x: Tensor, v_init: Optional[Tensor], rate: Optional[Tensor], kind: str, tau: float,
+                    v_threshold: float, v_reset: Optional[float], surrogate: str, alpha: float, detach_reset: bool,
+                    return_v: bool, repeat: int) -> tuple[Tensor, Tensor, Tensor]:
     spec = NeuronSpec(kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset)
-    spikes, v_final, checkpoints = _forward_impl(_repeated(x, repeat) if repeat else x, v_init, spec, return_v)
-    return spikes, _empty_f32(x) if v_final is None else v_final, _empty_f32(x) if checkpoints is None else checkpoints
+    spikes, v_final, checkpoints = _forward_impl(repeated(x, repeat) if repeat else x, v_init, spec, return_v,
+                                                 rate)
+    return spikes, empty_f32(x) if v_final is None else v_final, empty_f32(x) if checkpoints is None else checkpoints
 
 
 @_lif_forward_op.register_fake
-def _(x, v_init, kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset, return_v, repeat):
-    x_seq = _repeated(x, repeat) if repeat else x
-    checkpoints = _checkpoints(x_seq)
-    return (time_major_like(x_seq), _v_like(x_seq) if return_v else _empty_f32(x),
-            _empty_f32(x) if checkpoints is None else checkpoints)
+def _(x, v_init, rate, kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset, return_v, repeat):
+    x_seq = repeated(x, repeat) if repeat else x
+    checkpoints = membrane_checkpoints(x_seq)
+    return (time_major_like(x_seq), _v_like(x_seq) if return_v else empty_f32(x),
+            empty_f32(x) if checkpoints is None else checkpoints)
 
 
 @torch.library.custom_op("fastsnn::lif_backward", mutates_args=())
 def _lif_backward_op(grad_spikes: Tensor, grad_v_final: Optional[Tensor], x: Tensor, v_init: Optional[Tensor],
-                     checkpoints: Tensor, kind: str, tau: float, v_threshold: float, v_reset: Optional[float],
-                     surrogate: str, alpha: float, detach_reset: bool, repeat: int) -> tuple[Tensor, Tensor]:
+                     checkpoints: Tensor, rate: Optional[Tensor], kind: str, tau: float, v_threshold: float,
+                     v_reset: Optional[float], surrogate: str, alpha: float, detach_reset: bool,
+                     repeat: int) -> tuple[Tensor, Tensor, Tensor]:
     spec = NeuronSpec(kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset)
-    x_seq = _repeated(x, repeat) if repeat else x
-    grad_x, grad_v_init = _backward_impl(grad_spikes, grad_v_final, x_seq, v_init,
-                                         checkpoints if checkpoints.numel() else None, spec, bool(repeat))
-    return grad_x[0] if repeat else grad_x, _empty_f32(x) if grad_v_init is None else grad_v_init
+    x_seq = repeated(x, repeat) if repeat else x
+    grad_x, grad_v_init, grad_rate = _backward_impl(grad_spikes, grad_v_final, x_seq, v_init,
+                                                    checkpoints if checkpoints.numel() else None, spec, bool(repeat),
+                                                    rate)
+    return (grad_x[0] if repeat else grad_x, empty_f32(x) if grad_v_init is None else grad_v_init,
+            empty_f32(x) if grad_rate is None else grad_rate)
 
 
 @_lif_backward_op.register_fake
-def _(grad_spikes, grad_v_final, x, v_init, checkpoints, kind, tau, v_threshold, v_reset, surrogate, alpha,
+def _(grad_spikes, grad_v_final, x, v_init, checkpoints, rate, kind, tau, v_threshold, v_reset, surrogate, alpha,
       detach_reset, repeat):
-    return torch.empty_like(x), _v_like(_repeated(x, repeat) if repeat else x) if v_init is not None else _empty_f32(x)
+    return (torch.empty_like(x), _v_like(repeated(x, repeat) if repeat else x) if v_init is not None else
+            empty_f32(x), empty_f32(x) if rate is None else torch.empty_like(rate))
 
 
 def _setup_context(ctx, inputs, output):
-    x, v_init, *params = inputs
+    x, v_init, rate, *params = inputs
     ctx.params = params[:7]  # the spec's fields
     ctx.return_v, ctx.repeat = params[7], params[8]
-    ctx.save_for_backward(x, v_init, output[2])
+    ctx.save_for_backward(x, v_init, output[2], rate)
     ctx.mark_non_differentiable(output[2])
 
 
 def _backward(ctx, grad_spikes, grad_v_final, _):
-    x, v_init, checkpoints = ctx.saved_tensors
+    x, v_init, checkpoints, rate = ctx.saved_tensors
     if grad_spikes is None:
-        grad_spikes = torch.zeros_like(_repeated(x, ctx.repeat) if ctx.repeat else x)
-    grad_x, grad_v_init = _lif_backward_op(grad_spikes, grad_v_final if ctx.return_v else None, x, v_init,
-                                           checkpoints, *ctx.params, ctx.repeat)
-    return (grad_x, None if v_init is None else grad_v_init.to(v_init.dtype)) + (None,) * 9
+        grad_spikes = torch.zeros_like(repeated(x, ctx.repeat) if ctx.repeat else x)
+    grad_x, grad_v_init, grad_rate = _lif_backward_op(grad_spikes, grad_v_final if ctx.return_v else None, x, v_init,
+                                                      checkpoints, rate, *ctx.params, ctx.repeat)
+    return (grad_x, None if v_init is None else grad_v_init.to(v_init.dtype),
+            None if rate is None else grad_rate) + (None,) * 9
 
 
 torch.library.register_autograd("fastsnn::lif_forward", _backward, setup_context=_setup_context)
@@ -224,26 +209,54 @@ def _check_input(op: str, x, v_init, repeat):
     return device
 
 
+def check_w(op: str, w, spec: NeuronSpec, device) -> None:
+    """A parametric neuron's w: a float tensor of one element on x's device; None for the other kinds."""
+    if not spec.parametric:
+        if w is not None:
+            raise ValueError(f"{op}: w is the learnable weight of a parametric neuron (plif); a {spec.kind} neuron "
+                             f"takes none")
+        return
+    if not isinstance(w, Tensor):
+        raise TypeError(f"{op}: w must be a torch.Tensor of one element (the PLIF weight, rate sigmoid(w)), got "
+                        f"{type(w).__name__}")
+    check_float_tensor(op, "w", w)
+    if w.numel() != 1:
+        raise ValueError(f"{op}: w must hold one element (one learnable time constant per layer), got shape "
+                         f"{tuple(w.shape)}")
+    if w.device != device:
+        raise ValueError(f"{op}: w must be on x's device ({device}), got {w.device}")
+
+
+def rate_of(w: Tensor) -> Tensor:
+    """k = sigmoid(w) in fp32, 0-d: a parametric neuron's rate, differentiable (autograd does the sigmoid's
+    backward; the kernels give dL/dk)."""
+    return w.float().reshape(()).sigmoid()
+
+
 def apply_neuron(op: str, x: Tensor, spec: NeuronSpec, *, v_init: Tensor | None = None, return_v: bool = False,
-                 repeat: int | None = None, backend: str = "auto"):
+                 repeat: int | None = None, backend: str = "auto", w: Tensor | None = None):
     """The neuron `spec` over x [T, ...] (or one timestep [...] repeated `repeat` times): spikes [T, ...],
-    or (spikes, v_final) with return_v. The spec is trusted (validated where it was built)."""
+    or (spikes, v_final) with return_v; w: a parametric neuron's weight. The spec is trusted (validated where it
+    was built)."""
     device = _check_input(op, x, v_init, repeat)
+    if w is not None or spec.parametric:
+        check_w(op, w, spec, device)
+    rate = None if w is None else rate_of(w)
     # an empty x has nothing to launch (its strides do not describe a dense block: a kernel would write past it)
     dtype = None if x.is_cuda else interpreter_dtype(x, v_init)
     if resolve_backend(op, backend, device, dtype) == "reference" or x.numel() == 0:
-        x_seq = _repeated(x, repeat) if repeat else x
-        return reference.lif_multistep(x_seq, spec, v_init=v_init, return_v=return_v)
+        x_seq = repeated(x, repeat) if repeat else x
+        return reference.lif_multistep(x_seq, spec, v_init=v_init, return_v=return_v, rate=rate)
     if repeat:
         x = x if is_dense_time_major(x.unsqueeze(0)) else x.contiguous()
     elif not (x.is_contiguous() or is_dense_time_major(x, allow_broadcast=True)):
         x = x.contiguous()
     if torch.compiler.is_compiling():
-        spikes, v_final, _ = _lif_forward_op(x, v_init, *_spec_args(spec), bool(return_v), repeat or 0)
-    elif v_init is None and not return_v and not repeat:
+        spikes, v_final, _ = _lif_forward_op(x, v_init, rate, *spec_args(spec), bool(return_v), repeat or 0)
+    elif v_init is None and not return_v and not repeat and rate is None:
         return _LIFPlain.apply(x, spec)
     else:
-        spikes, v_final = _LIFFunction.apply(x, v_init, spec, bool(return_v), repeat or 0)
+        spikes, v_final = _LIFFunction.apply(x, v_init, rate, spec, bool(return_v), repeat or 0)
     return (spikes, v_final) if return_v else spikes
 
 
@@ -293,3 +306,25 @@ def if_multistep(x: Tensor, *, v_threshold: float = 1.0, v_reset: float | None =
     spec = neuron_spec(op, kind="if", tau=None, v_threshold=v_threshold, v_reset=v_reset, surrogate=surrogate,
                        alpha=alpha, detach_reset=detach_reset)
     return apply_neuron(op, x, spec, v_init=v_init, return_v=return_v, repeat=repeat, backend=backend)
+
+
+def plif_multistep(x: Tensor, w: Tensor, *, decay_input: bool = True, v_threshold: float = 1.0,
+                   v_reset: float | None = 0.0, surrogate: str = "atan", alpha: float | None = None,
+                   detach_reset: bool = False, v_init: Tensor | None = None, return_v: bool = False,
+                   repeat: int | None = None, backend: str = "auto"):
+    """Multistep parametric LIF neuron (PLIF, SpikingJelly's ParametricLIFNode): lif_multistep with a learnable
+    rate k = sigmoid(w) in place of 1/tau,
+
+        charge  decay_input=True:  h = v + (x_t − (v − v_reset))·k
+                decay_input=False: h = v − (v − v_reset)·k + x_t
+
+    fire, reset, surrogates, v_init, return_v, repeat and backend as lif_multistep. w is one learnable element
+    (any float dtype, e.g. a 0-d nn.Parameter initialised to −log(init_tau − 1)); its gradient dL/dw comes from
+    the same backward kernel (per-program partial sums of dL/dh·dh/dk and one sum, deterministic, no second
+    read of x). The product and the sum of the charge are rounded apart, as SpikingJelly's: its spikes bit for bit.
+    Memory: as lif_multistep (x, plus the one-element rate).
+    """
+    op = "plif_multistep"
+    spec = neuron_spec(op, kind=kind_of(decay_input, op, parametric=True), tau=2.0, v_threshold=v_threshold,
+                       v_reset=v_reset, surrogate=surrogate, alpha=alpha, detach_reset=detach_reset)
+    return apply_neuron(op, x, spec, v_init=v_init, return_v=return_v, repeat=repeat, backend=backend, w=w)

@@ -1,11 +1,12 @@
 """Convolution and max-pooling whose input is spikes, saving that input for backward in 1 bit per value
 (or 1 byte for the small integer sums of SEW "ADD" blocks) instead of 2-4 bytes.
 
-    SpikeConv2d(nn.Conv2d)       same parameters and state_dict keys; saves its input packed. The gradient
-                                 w.r.t. the input needs only the weight; the weight gradient unpacks the input.
-    SpikeMaxPool2d(nn.MaxPool2d) saves its binary input as bits (nn.MaxPool2d saves it at full width plus
-                                 int64 indices, 8 bytes per output); the backward re-pools the unpacked input to
-                                 find the first maximal position of each window, exactly as nn.MaxPool2d does.
+    spike_conv2d      (fastsnn.SpikeConv2d, an nn.Conv2d) saves its input packed. The gradient w.r.t. the
+                      input needs only the weight; the weight gradient unpacks the input.
+    spike_max_pool2d  (fastsnn.SpikeMaxPool2d, an nn.MaxPool2d) saves its binary input as bits (nn.MaxPool2d
+                      saves it at full width plus int64 indices, 8 bytes per output); the backward re-pools the
+                      unpacked input to find the first maximal position of each window, exactly as
+                      nn.MaxPool2d does.
 
 Eager calls run torch.autograd.Functions; under torch.compile the same work runs as torch.library custom ops
 (the convolution or pool and the packing in one, the unpacking and aten's backward in another), so a compiled
@@ -25,7 +26,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..backend import resolve_backend
 from ._autograd import once_differentiable
@@ -231,55 +232,6 @@ def _conv_backward_compiled(ctx, grad_out, _packed_grad):
 torch.library.register_autograd("fastsnn::spike_conv2d", _conv_backward_compiled, setup_context=_conv_setup_context)
 
 
-def _autocast(x: Tensor, *tensors: Tensor | None):
-    """Under autocast, x and the parameters in the autocast dtype (the casts are recorded by autograd, so the
-    fp32 parameters get their gradients), as nn.Conv2d would have them; else unchanged."""
-    device = x.device.type
-    if not torch.is_autocast_enabled(device):
-        return (x, *tensors)
-    dtype = torch.get_autocast_dtype(device)
-    return tuple(None if t is None else t.to(dtype) for t in (x, *tensors))
-
-
-def _check_storage(op: str, storage: str) -> str:
-    if storage not in STORAGES:
-        raise ValueError(f"{op}: storage must be one of {STORAGES}, got {storage!r}")
-    return storage
-
-
-class SpikeConv2d(nn.Conv2d):
-    """nn.Conv2d whose input is spikes (storage="bits": 0/1) or small integer spike sums (storage="uint8":
-    0…255, e.g. SEW ADD block outputs): the input is saved for the weight gradient in 1 bit (1 byte) per value
-    instead of 2-4 bytes; results and gradients equal nn.Conv2d's. Same constructor arguments plus `storage`
-    and `check` (None: the FASTSNN_CHECK_SPIKES default; True raises on an input that does not fit)."""
-
-    def __init__(self, *args, storage: str = "bits", check: bool | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.padding_mode != "zeros":
-            raise ValueError(f"SpikeConv2d: only padding_mode='zeros' is supported, got {self.padding_mode!r}")
-        if isinstance(self.padding, str):
-            raise ValueError(f"SpikeConv2d: padding must be numbers, got {self.padding!r}")
-        self.storage = _check_storage("SpikeConv2d", storage)
-        self.check = check
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not torch.is_grad_enabled() or not (x.requires_grad or self.weight.requires_grad):
-            return super().forward(x)
-        check = CHECK_DEFAULT if self.check is None else self.check
-        unbatched = x.dim() == 3  # [C, H, W], as nn.Conv2d takes it
-        x, weight, bias = _autocast(x.unsqueeze(0) if unbatched else x, self.weight, self.bias)
-        conv = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
-        with torch.autocast(x.device.type, enabled=False):
-            if torch.compiler.is_compiling():
-                out, _ = _spike_conv2d_op(x, weight, bias, *conv, self.storage, check)
-            else:
-                out = _SpikeConv2dFunction.apply(x, weight, bias, conv, self.storage, check)
-        return out.squeeze(0) if unbatched else out
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", storage={self.storage}"
-
-
 class _SpikeMaxPool2dFunction(torch.autograd.Function):
 
     @staticmethod
@@ -347,26 +299,24 @@ torch.library.register_autograd("fastsnn::spike_max_pool2d", _pool_backward_comp
                                 setup_context=_pool_setup_context)
 
 
-def _pair(v):
-    return [v, v] if isinstance(v, int) else list(v)
+def spike_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, conv: tuple, storage: str, check: bool) -> Tensor:
+    """F.conv2d(x, weight, bias, *conv) whose input is saved for the weight gradient as `storage` (see the
+    module docstring); conv = (stride, padding, dilation, groups) as lists. Eager: the autograd Function; under
+    torch.compile: the custom ops."""
+    if torch.compiler.is_compiling():
+        return _spike_conv2d_op(x, weight, bias, *conv, storage, check)[0]
+    return _SpikeConv2dFunction.apply(x, weight, bias, conv, storage, check)
 
 
-class SpikeMaxPool2d(nn.MaxPool2d):
-    """nn.MaxPool2d over spikes (0/1), saving its input as bits and no indices; identical results and
-    gradients (the gradient goes to the first maximal position of each window, as nn.MaxPool2d's)."""
+def spike_max_pool2d(x: Tensor, pool: tuple, check: bool) -> Tensor:
+    """F.max_pool2d(x, *pool) of spikes, saving the input as bits and no indices; pool = (kernel_size, stride,
+    padding, dilation, ceil_mode) with lists."""
+    if torch.compiler.is_compiling():
+        return _spike_max_pool2d_op(x, *pool, check)[0]
+    return _SpikeMaxPool2dFunction.apply(x, pool, check)
 
-    def __init__(self, *args, check: bool | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.return_indices:
-            raise ValueError("SpikeMaxPool2d: return_indices=True is not supported (it keeps no indices)")
-        self.check = check
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not torch.is_grad_enabled() or not x.requires_grad:
-            return super().forward(x)
-        check = CHECK_DEFAULT if self.check is None else self.check
-        stride = self.kernel_size if self.stride is None else self.stride
-        pool = (_pair(self.kernel_size), _pair(stride), _pair(self.padding), _pair(self.dilation), self.ceil_mode)
-        if torch.compiler.is_compiling():
-            return _spike_max_pool2d_op(x, *pool, check)[0]
-        return _SpikeMaxPool2dFunction.apply(x, pool, check)
+def check_storage(op: str, storage: str) -> str:
+    if storage not in STORAGES:
+        raise ValueError(f"{op}: storage must be one of {STORAGES}, got {storage!r}")
+    return storage

@@ -16,8 +16,9 @@ from torch import Tensor
 
 from ._autograd import once_differentiable
 from .. import reference
+from ._layout import kernels_loader
 from ..backend import (BACKENDS, FLOAT_DTYPES, check_float_tensor, check_number, check_same_device,
-                       interpreter_dtype, resolve_backend)
+                       interpreter_dtype, memoised, resolve_backend)
 
 _OP = "tser_loss"
 # τ (and τ_H) outside this range lose the loss to fp32 cancellation: KL·τ² is a difference of log-sum-exps
@@ -48,17 +49,7 @@ class LossSpec:
         return kwargs
 
 
-def _kernels():
-    """fastsnn.kernels.tser_loss, imported on first use (importing fastsnn does not import Triton)."""
-    global _KERNELS
-    if _KERNELS is None:
-        from ..kernels import tser_loss as k
-
-        _KERNELS = k
-    return _KERNELS
-
-
-_KERNELS = None
+_kernels = kernels_loader("tser_loss")  # imported on first use: importing fastsnn does not import Triton
 
 
 def _forward_impl(z: Tensor, u: Tensor, y: Tensor, spec: LossSpec, one_buffer: bool = True):
@@ -251,7 +242,7 @@ def _check_loss_params(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, backend, igno
     return alpha, tau, lam, entropy_tau
 
 
-_checked_loss_params = functools.lru_cache(maxsize=256, typed=True)(_check_loss_params)
+_checked_loss_params = memoised(maxsize=256, typed=True)(_check_loss_params)
 # one LossSpec object per distinct set of (validated) arguments, so its kernel_kwargs are built once
 _loss_spec = functools.lru_cache(maxsize=256)(LossSpec)
 

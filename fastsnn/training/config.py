@@ -15,10 +15,12 @@ import json
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 from .. import data as datasets
 from .. import models, rundir
+from ..spec import KINDS
 from ..surrogate import SURROGATES
 
 METHODS = ("tser", "ts", "skd", "ce")
@@ -40,11 +42,13 @@ BUNDLED_TEACHER_EPOCHS = 30  # the cached teacher of a bundled data set (digits,
 RESUME_COMPATIBLE = frozenset({
     "epochs", "save_every", "workers", "stop_after_epochs", "quiet", "max_bad_steps", "threads", "device", "amp",
     "compile", "channels_last", "data_dir", "download", "cache_dir", "tensorboard", "grad_clip", "ts_ce", "ts_kl",
-    "alpha", "tau", "lam", "entropy_tau", "label_smoothing", "autoaugment", "cutout"})
+    "alpha", "kd_tau", "lam", "entropy_tau", "label_smoothing", "autoaugment", "cutout"})
 # compatible at an epoch boundary only: mid-epoch they would re-train or skip samples
 RESUME_EPOCH_BOUNDARY = frozenset({"batch_size"})
 # invocation controls, never taken from a checkpoint or written to config.yaml
 CONTROLS = ("resume", "overwrite", "config", "stop_after_epochs", "quiet")
+# settings renamed since a previous version: their old names still load from a config.yaml or a checkpoint
+RENAMED = {"tau": "kd_tau", "lif_tau": "membrane_tau"}
 
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -72,7 +76,7 @@ class TrainConfig:
     # distillation (paper eq. 7-11)
     method: str = "tser"
     alpha: float = 0.5
-    tau: float = 5.0
+    kd_tau: float = 5.0
     lam: float = 0.01
     entropy_tau: float | None = None
     ts_ce: bool | None = None
@@ -82,8 +86,11 @@ class TrainConfig:
     # student neuron
     T: int = 4
     neuron: str = "lif"
-    lif_tau: float = 2.0
+    membrane_tau: float = 2.0
+    v_threshold: float = 1.0
+    v_reset: float | None = 0.0
     surrogate: str = "atan"
+    surrogate_alpha: float | None = None
     detach_reset: bool = True
     sew_connect: str = "ADD"
     # optimisation
@@ -160,6 +167,24 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+_DEPRECATED: dict = {}  # old name -> new name, of the deprecated names the current parse met (see parse)
+
+
+class _Renamed(argparse.Action):
+    """A flag's previous name: still taken; parse() prints one warning line naming the new one."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        _DEPRECATED[option_string] = "--" + self.dest.replace("_", "-")
+        setattr(namespace, self.dest, values)
+
+
+def _v_reset(text: str):
+    """--v-reset: a number, or none (soft reset)."""
+    if text.strip().lower() in ("none", "null", "soft"):
+        return None
+    return float(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     names = models.available()
     p = _Parser(prog="python -m fastsnn.train", epilog=_defaults_epilog(),
@@ -190,9 +215,10 @@ def _what_to_train(g, names) -> None:
 def _distillation(g, names) -> None:
     g.add_argument("--method", default="tser", choices=METHODS, help="(default tser; ce: no teacher)")
     g.add_argument("--alpha", type=float, default=0.5, help="KL weight in [0, 1] (default 0.5)")
-    g.add_argument("--tau", type=float, default=5.0, help="distillation temperature (default 5)")
+    g.add_argument("--kd-tau", type=float, default=5.0, help="distillation temperature τ (default 5)")
+    g.add_argument("--tau", dest="kd_tau", type=float, action=_Renamed, help="deprecated: --kd-tau")
     g.add_argument("--lam", type=float, default=0.01, help="entropy weight for tser (default 0.01)")
-    g.add_argument("--entropy-tau", type=float, help="entropy temperature (default: --tau)")
+    g.add_argument("--entropy-tau", type=float, help="entropy temperature (default: --kd-tau)")
     g.add_argument("--ts-ce", action=argparse.BooleanOptionalAction, default=None,
                    help="per-timestep CE (ablation switch; default from --method)")
     g.add_argument("--ts-kl", action=argparse.BooleanOptionalAction, default=None,
@@ -204,9 +230,18 @@ def _distillation(g, names) -> None:
 
 def _neuron(g) -> None:
     g.add_argument("--T", type=int, default=4, help="timesteps (default 4)")
-    g.add_argument("--neuron", default="lif", choices=("lif", "if"))
-    g.add_argument("--lif-tau", type=float, default=2.0, help="membrane time constant > 1 (default 2)")
+    g.add_argument("--neuron", default="lif", choices=KINDS,
+                   help="(default lif; lif_no_decay: decay_input=False; plif: a learnable time constant per layer)")
+    g.add_argument("--membrane-tau", type=float, default=2.0,
+                   help="membrane time constant > 1 (default 2; plif: its initial value)")
+    g.add_argument("--lif-tau", dest="membrane_tau", type=float, action=_Renamed, help="deprecated: --membrane-tau")
+    g.add_argument("--v-threshold", type=float, default=1.0, help="firing threshold (default 1)")
+    g.add_argument("--v-reset", type=_v_reset, default=0.0, metavar="V|none",
+                   help="hard-reset membrane value, or none for a soft reset (default 0)")
     g.add_argument("--surrogate", default="atan", help="one of " + ", ".join(tuple(SURROGATES)) + " (default atan)")
+    g.add_argument("--surrogate-alpha", type=float, default=None,
+                   help="the surrogate's alpha (default: the surrogate's own: "
+                        + ", ".join(f"{k} {v.default_alpha:g}" for k, v in SURROGATES.items()) + ")")
     g.add_argument("--detach-reset", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--sew-connect", default="ADD", choices=("ADD", "AND", "IAND"))
 
@@ -287,6 +322,9 @@ def read_yaml(path: str, parser: argparse.ArgumentParser) -> dict:
     values = {}
     for key, value in loaded.items():
         dest = str(key).replace("-", "_")
+        if dest in RENAMED and RENAMED[dest] not in loaded:  # a config.yaml of a previous version
+            _DEPRECATED[f"{key} (in {path})"] = RENAMED[dest]
+            dest = RENAMED[dest]
         if dest not in actions:
             raise UsageError(f"--config {path}: unknown setting {key!r}; allowed: {', '.join(sorted(actions))}")
         values[dest] = _typed(path, key, value, actions[dest])
@@ -296,6 +334,12 @@ def read_yaml(path: str, parser: argparse.ArgumentParser) -> dict:
 def _typed(path, key, value, action):
     if value is None:
         return None
+    if action.type is _v_reset:
+        if isinstance(value, str) and value.strip().lower() in ("none", "soft"):
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"--config {path}: {key} must be a number, or null for a soft reset, got {value!r}")
+        return float(value)
     if action.type in (int, float):
         if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
             value = float(value)  # YAML 1.1 (PyYAML) reads 1e-3, without a dot, as a string
@@ -320,13 +364,17 @@ def parse(argv) -> tuple[TrainConfig, set[str]]:
     """The configuration the command line (and its --config file) asks for, before defaults are filled in,
     and the settings given explicitly (the YAML file's included)."""
     parser = build_parser()
+    _DEPRECATED.clear()
     first = parser.parse_args(argv)
     given = given_flags(argv)
     if first.config:
         from_file = read_yaml(first.config, parser)
         parser.set_defaults(**from_file)
         given |= set(from_file)
-    return TrainConfig(**vars(parser.parse_args(argv))), given
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    for old, new in _DEPRECATED.items():
+        print(f"fastsnn.train: warning: {old} is deprecated; use {new}", file=sys.stderr)
+    return cfg, given
 
 
 def resolve(cfg: TrainConfig) -> None:
@@ -401,7 +449,7 @@ def _validate_names(cfg: TrainConfig) -> None:
                          f"got {cfg.arch!r}")
     if cfg.uses_teacher and cfg.teacher not in names["teachers"]:
         raise UsageError(f"--teacher must be one of {', '.join(names['teachers'])}, got {cfg.teacher!r}")
-    for flag, value, allowed in (("--surrogate", cfg.surrogate, tuple(SURROGATES)), ("--neuron", cfg.neuron, ("lif", "if")),
+    for flag, value, allowed in (("--surrogate", cfg.surrogate, tuple(SURROGATES)), ("--neuron", cfg.neuron, KINDS),
                                  ("--sew-connect", cfg.sew_connect, ("ADD", "AND", "IAND")),
                                  ("--optimizer", cfg.optimizer, ("sgd", "adamw")),
                                  ("--device", cfg.device, ("auto", "cpu", "cuda")),
@@ -416,20 +464,21 @@ def _validate_names(cfg: TrainConfig) -> None:
 def _validate_numbers(cfg: TrainConfig) -> None:
     from ..ops.tser_loss import TAU_RANGE
 
-    for name in ("alpha", "tau", "lam", "entropy_tau", "lif_tau", "lr", "weight_decay", "momentum",
-                 "label_smoothing", "grad_clip", "warmup_epochs", "val_fraction"):
+    for name in ("alpha", "kd_tau", "lam", "entropy_tau", "membrane_tau", "v_threshold", "v_reset",
+                 "surrogate_alpha", "lr", "weight_decay", "momentum", "label_smoothing", "grad_clip", "warmup_epochs",
+                 "val_fraction"):
         value = getattr(cfg, name)
         if value is not None and not math.isfinite(value):
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     low, high = TAU_RANGE
-    entropy_tau = cfg.tau if cfg.entropy_tau is None else cfg.entropy_tau
+    entropy_tau = cfg.kd_tau if cfg.entropy_tau is None else cfg.entropy_tau
     for name, limit in INT_LIMITS.items():
         value = getattr(cfg, name)
         if value is not None and value > limit:
             raise UsageError(f"--{name.replace('_', '-')} must be <= {limit}, got {value}")
     for name, value, ok, rule in [
         ("--seed", cfg.seed, cfg.seed >= 0, ">= 0"),
-        ("--tau", cfg.tau, low <= cfg.tau <= high, f"in [{low}, {high}]"),
+        ("--kd-tau", cfg.kd_tau, low <= cfg.kd_tau <= high, f"in [{low}, {high}]"),
         ("--entropy-tau", entropy_tau, low <= entropy_tau <= high, f"in [{low}, {high}]"),
         ("--momentum", cfg.momentum, 0 <= cfg.momentum < 1, "in [0, 1)"),
         ("--workers", cfg.workers, cfg.workers >= 0, ">= 0"),
@@ -446,7 +495,10 @@ def _validate_numbers(cfg: TrainConfig) -> None:
         ("--max-bad-steps", cfg.max_bad_steps, cfg.max_bad_steps >= 1, ">= 1"),
         ("--threads", cfg.threads, cfg.threads >= 0, ">= 0"),
         ("--stop-after-epochs", cfg.stop_after_epochs, cfg.stop_after_epochs >= 0, ">= 0"),
-        ("--lif-tau", cfg.lif_tau, cfg.lif_tau > 1, "> 1"),
+        ("--membrane-tau", cfg.membrane_tau, cfg.membrane_tau > 1, "> 1"),
+        ("--surrogate-alpha", cfg.surrogate_alpha, cfg.surrogate_alpha is None or cfg.surrogate_alpha > 0, "> 0"),
+        ("--v-threshold", cfg.v_threshold, cfg.v_reset is None or cfg.v_threshold > cfg.v_reset,
+         "> --v-reset for a hard reset"),
         ("--val-fraction", cfg.val_fraction, 0 <= cfg.val_fraction < 0.5, "in [0, 0.5)"),
     ]:
         if not ok:
@@ -474,6 +526,7 @@ def check_saved(saved, source: str) -> dict:
     if not isinstance(saved, dict):
         raise UsageError(f"{source}: its config must be a mapping of settings, got a {type(saved).__name__}")
     checked = {}
+    saved = {RENAMED.get(k, k) if RENAMED.get(k) not in saved else k: v for k, v in saved.items()}  # older names
     for key, value in saved.items():
         allowed = FIELD_TYPES.get(key) if isinstance(key, str) else None
         if allowed is None:

@@ -61,7 +61,7 @@ def compute_loss(cfg: TrainConfig, student_logits, teacher_logits, target):
         loss = F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
         zero = torch.zeros((), device=loss.device)
         return loss, {"ce": loss.detach(), "kl": zero, "entropy": zero}
-    return tser_loss(student_logits, teacher_logits, target, alpha=cfg.alpha, tau=cfg.tau, lam=cfg.lam,
+    return tser_loss(student_logits, teacher_logits, target, alpha=cfg.alpha, tau=cfg.kd_tau, lam=cfg.lam,
                      ts_ce=cfg.ts_ce, ts_kl=cfg.ts_kl, entropy_tau=cfg.entropy_tau, return_terms=True)
 
 

@@ -38,9 +38,9 @@ def device_for(cfg: TrainConfig, local_rank: int = 0) -> torch.device:
 
 
 def set_threads(cfg: TrainConfig, device: torch.device) -> None:
-    """--threads N wins; on the CPU the small models of the bundled data sets get one intra-op thread unless OMP_NUM_THREADS
-    says otherwise (measured on 2 cores: three parallel default runs 73-99 s each with PyTorch's default,
-    24 s each with one thread; `pytest bench/test_bench_program.py --benchmark-only` times them)."""
+    """--threads N wins; on the CPU the small models of the bundled data sets get one intra-op thread unless
+    OMP_NUM_THREADS says otherwise (measured on 2 cores: three parallel default runs 73-99 s each with PyTorch's
+    default, 24 s each with one thread; `pytest bench/test_bench_program.py --benchmark-only` times them)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     elif device.type == "cpu" and cfg.dataset in datasets.BUNDLED and "OMP_NUM_THREADS" not in os.environ:
@@ -54,8 +54,9 @@ def build_model(cfg: TrainConfig, num_classes: int, in_channels: int) -> torch.n
         kw["imagenet"] = True
     if cfg.ann:
         return models.create(cfg.arch, num_classes, **kw)
-    return models.create(cfg.arch, num_classes, T=cfg.T, neuron=cfg.neuron, tau=cfg.lif_tau,
-                         surrogate=cfg.surrogate, detach_reset=cfg.detach_reset, connect=cfg.sew_connect, **kw)
+    return models.create(cfg.arch, num_classes, T=cfg.T, neuron=cfg.neuron, tau=cfg.membrane_tau,
+                         v_threshold=cfg.v_threshold, v_reset=cfg.v_reset, surrogate=cfg.surrogate,
+                         alpha=cfg.surrogate_alpha, detach_reset=cfg.detach_reset, connect=cfg.sew_connect, **kw)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
