@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastsnn import reference
-from helpers import assert_close
+from helpers import assert_close, product_cases
 
 sj_neuron = pytest.importorskip("spikingjelly.activation_based.neuron")
 sj_surrogate = pytest.importorskip("spikingjelly.activation_based.surrogate")
@@ -21,14 +21,19 @@ def _sj_node(neuron, surrogate, alpha, **kw):
     return sj_neuron.LIFNode(surrogate_function=fn, step_mode="m", **kw)
 
 
-@pytest.mark.parametrize("T", [1, 2, 4, 7])
-@pytest.mark.parametrize("surrogate,alpha", [("atan", 2.0), ("sigmoid", 4.0), ("piecewise_quadratic", 1.0),
-                                             ("erf", 2.0), ("atan", 3.5)])
-@pytest.mark.parametrize("neuron,v_reset,decay_input,detach_reset",
-                         [("lif", r, d, det) for r, d, det in itertools.product([0.0, None], [True, False],
-                                                                                [True, False])]
-                         + [("if", r, True, det) for r, det in itertools.product([0.0, None], [True, False])])
-def test_reference_matches_spikingjelly(T, surrogate, alpha, neuron, v_reset, decay_input, detach_reset):
+NEURONS = {f"{n}-{'hard' if r == 0.0 else 'soft'}{'' if d else '-nodecay'}{'-detach' if det else ''}": (n, r, d, det)
+           for n, r, d, det in [("lif", r, d, det) for r, d, det in itertools.product([0.0, None], [True, False],
+                                                                                       [True, False])]
+           + [("if", r, True, det) for r, det in itertools.product([0.0, None], [True, False])]}
+
+
+# tiered (helpers.product_cases): every value once by default with --quick, all pairs by default, all with --full
+@pytest.mark.parametrize("T,surrogate_alpha,neuron_options", product_cases(
+    T=[1, 2, 4, 7], surrogate_alpha={"atan": ("atan", 2.0), "sigmoid": ("sigmoid", 4.0),
+                                     "pq": ("piecewise_quadratic", 1.0), "erf": ("erf", 2.0),
+                                     "atan3.5": ("atan", 3.5)}, neuron_options=NEURONS))
+def test_reference_matches_spikingjelly(T, surrogate_alpha, neuron_options):
+    (surrogate, alpha), (neuron, v_reset, decay_input, detach_reset) = surrogate_alpha, neuron_options
     shape = (3, 37)
     kw = dict(tau=2.0 if neuron == "if" else 3.0, decay_input=decay_input, v_threshold=1.0, v_reset=v_reset,
               detach_reset=detach_reset)

@@ -17,15 +17,28 @@ is not ignore_index makes the loss, the terms and the gradient NaN (the host rai
 launching; on CUDA the check costs no sync).
 """
 import functools
+from typing import NamedTuple
 
 import triton
 import triton.language as tl
 
 from . import next_pow2
 
-ROW_STATS: tl.constexpr = tl.constexpr(4)  # per (t, b) row: lse(z), lse(z/τ), lse(z/τ_H), H(softmax(z/τ_H))
-SAMPLE_STATS: tl.constexpr = tl.constexpr(4)  # per sample: lse(u/τ), lse(z̄), lse(z̄/τ), labelled (1.0 / 0.0)
-PARTIALS: tl.constexpr = tl.constexpr(4)  # per (time tile, sample): CE sum, KL sum, entropy sum, bad label (1.0 / 0.0)
+ROW_STATS: tl.constexpr = tl.constexpr(4)  # per (t, b) row, the slots:
+ROW_LSE: tl.constexpr = tl.constexpr(0)  # lse(z)
+ROW_LSE_KL: tl.constexpr = tl.constexpr(1)  # lse(z/τ)
+ROW_LSE_ENT: tl.constexpr = tl.constexpr(2)  # lse(z/τ_H)
+ROW_ENTROPY: tl.constexpr = tl.constexpr(3)  # H(softmax(z/τ_H))
+SAMPLE_STATS: tl.constexpr = tl.constexpr(4)  # per sample, the slots:
+SAMPLE_LSE_TEACHER: tl.constexpr = tl.constexpr(0)  # lse(u/τ)
+SAMPLE_LSE_MEAN: tl.constexpr = tl.constexpr(1)  # lse(z̄)
+SAMPLE_LSE_MEAN_KL: tl.constexpr = tl.constexpr(2)  # lse(z̄/τ)
+SAMPLE_LABELLED: tl.constexpr = tl.constexpr(3)  # 1.0 if the label counts for CE, else 0.0
+PARTIALS: tl.constexpr = tl.constexpr(4)  # per (time tile, sample), the slots:
+PART_CE: tl.constexpr = tl.constexpr(0)  # CE sum
+PART_KL: tl.constexpr = tl.constexpr(1)  # KL sum
+PART_ENTROPY: tl.constexpr = tl.constexpr(2)  # entropy sum
+PART_BAD: tl.constexpr = tl.constexpr(3)  # 1.0 after a bad label, else 0.0
 SCALARS: tl.constexpr = tl.constexpr(1)  # the CE gradient weight (1−α)/(T·n_labelled), NaN after a bad label
 
 
@@ -163,13 +176,13 @@ def _tser_loss_fwd_kernel(
     ent = 0.0
     if TS_CE:
         b_lse1 = b_m1 + tl.log(tl.where(m_t, b_s1, 1.0))
-        tl.store(p_rows, b_lse1, mask=m_t)
+        tl.store(p_rows + ROW_LSE, b_lse1, mask=m_t)
         ce = tl.sum(tl.where(m_t, b_lse1 - b_zy, 0.0), axis=0)
     else:
         ce = tl.sum(b_m1m + tl.log(b_s1m) - b_zym, axis=0)
     if TS_KL:
         b_lsek = b_mk + tl.log(tl.where(m_t, b_sk, 1.0))
-        tl.store(p_rows + 1, b_lsek, mask=m_t)
+        tl.store(p_rows + ROW_LSE_KL, b_lsek, mask=m_t)
         kl = tl.sum(tl.where(m_t, neg_ent_u - b_xk + b_lsek, 0.0), axis=0)
     else:
         kl = tl.sum(neg_ent_u - b_xkm + b_mkm + tl.log(b_skm), axis=0)
@@ -177,23 +190,23 @@ def _tser_loss_fwd_kernel(
         b_sh = tl.where(m_t, b_sh, 1.0)
         b_lseh = b_mh + tl.log(b_sh)
         b_ent = b_lseh - b_wh / b_sh
-        tl.store(p_rows + 2, b_lseh, mask=m_t)
-        tl.store(p_rows + 3, b_ent, mask=m_t)
+        tl.store(p_rows + ROW_LSE_ENT, b_lseh, mask=m_t)
+        tl.store(p_rows + ROW_ENTROPY, b_ent, mask=m_t)
         ent = tl.sum(tl.where(m_t, b_ent, 0.0), axis=0)
     i_tt = tl.program_id(1)
     p_p = p_part + (i_tt * B + i_b) * PARTIALS
-    tl.store(p_p, ce * counts)
-    tl.store(p_p + 1, kl)
-    tl.store(p_p + 2, ent)
-    tl.store(p_p + 3, bad)
+    tl.store(p_p + PART_CE, ce * counts)
+    tl.store(p_p + PART_KL, kl)
+    tl.store(p_p + PART_ENTROPY, ent)
+    tl.store(p_p + PART_BAD, bad)
     if i_tt == 0:
         p_s = p_sample + i_b * SAMPLE_STATS
-        tl.store(p_s, lse_u)
+        tl.store(p_s + SAMPLE_LSE_TEACHER, lse_u)
         if not TS_CE:
-            tl.store(p_s + 1, tl.sum(b_m1m + tl.log(b_s1m), axis=0))
+            tl.store(p_s + SAMPLE_LSE_MEAN, tl.sum(b_m1m + tl.log(b_s1m), axis=0))
         if not TS_KL:
-            tl.store(p_s + 2, tl.sum(b_mkm + tl.log(b_skm), axis=0))
-        tl.store(p_s + 3, counts)
+            tl.store(p_s + SAMPLE_LSE_MEAN_KL, tl.sum(b_mkm + tl.log(b_skm), axis=0))
+        tl.store(p_s + SAMPLE_LABELLED, counts)
 
 
 @triton.jit
@@ -211,14 +224,14 @@ def _tser_loss_reduce_kernel(
     for i in range(0, n_part, BLOCK):
         o = i + tl.arange(0, BLOCK)
         m = o < n_part
-        b_ce += tl.load(p_part + o * PARTIALS, mask=m, other=0.0)
-        b_kl += tl.load(p_part + o * PARTIALS + 1, mask=m, other=0.0)
-        b_ent += tl.load(p_part + o * PARTIALS + 2, mask=m, other=0.0)
-        b_bad += tl.load(p_part + o * PARTIALS + 3, mask=m, other=0.0)
+        b_ce += tl.load(p_part + o * PARTIALS + PART_CE, mask=m, other=0.0)
+        b_kl += tl.load(p_part + o * PARTIALS + PART_KL, mask=m, other=0.0)
+        b_ent += tl.load(p_part + o * PARTIALS + PART_ENTROPY, mask=m, other=0.0)
+        b_bad += tl.load(p_part + o * PARTIALS + PART_BAD, mask=m, other=0.0)
     b_counts = tl.zeros([BLOCK], tl.float32)
     for i in range(0, B, BLOCK):
         o = i + tl.arange(0, BLOCK)
-        b_counts += tl.load(p_sample + o * SAMPLE_STATS + 3, mask=o < B, other=0.0)
+        b_counts += tl.load(p_sample + o * SAMPLE_STATS + SAMPLE_LABELLED, mask=o < B, other=0.0)
     # CE averages over the labelled samples (0 when there are none); a bad label poisons everything
     n_lab = tl.maximum(tl.sum(b_counts, axis=0), 1.0)
     poison = tl.where(tl.sum(b_bad, axis=0) > 0, float("nan"), 0.0)
@@ -254,12 +267,12 @@ def _tser_loss_bwd_kernel(
     w_kl = w_kl * go
     w_ent = w_ent * go
     p_s = p_sample + i_b * SAMPLE_STATS
-    lse_u = tl.load(p_s)
+    lse_u = tl.load(p_s + SAMPLE_LSE_TEACHER)
     p_rows = p_row + (o_t.to(tl.int64) * B + i_b) * ROW_STATS
-    b_lse1 = tl.load(p_rows, mask=m_t, other=0.0)[:, None]  # only the enabled terms' slots are read
-    b_lsek = tl.load(p_rows + 1, mask=m_t, other=0.0)[:, None]
-    b_lseh = tl.load(p_rows + 2, mask=m_t, other=0.0)[:, None]
-    b_ent = tl.load(p_rows + 3, mask=m_t, other=0.0)[:, None]
+    b_lse1 = tl.load(p_rows + ROW_LSE, mask=m_t, other=0.0)[:, None]  # only the enabled terms' slots are read
+    b_lsek = tl.load(p_rows + ROW_LSE_KL, mask=m_t, other=0.0)[:, None]
+    b_lseh = tl.load(p_rows + ROW_LSE_ENT, mask=m_t, other=0.0)[:, None]
+    b_ent = tl.load(p_rows + ROW_ENTROPY, mask=m_t, other=0.0)[:, None]
     for i_c in range(0, tl.cdiv(C, BLOCK_C)):
         o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
         m_c = o_c < C
@@ -278,9 +291,9 @@ def _tser_loss_bwd_kernel(
         if NEED_MEAN:
             b_zm = tl.sum(b_z, axis=0)[None, :] * inv_T  # [1, BC]
             if not TS_CE:
-                b_g += w_ce * (tl.exp(b_zm - tl.load(p_s + 1)) - b_onehot)
+                b_g += w_ce * (tl.exp(b_zm - tl.load(p_s + SAMPLE_LSE_MEAN)) - b_onehot)
             if not TS_KL:
-                b_g += w_kl * (tl.exp(b_zm * inv_tau - tl.load(p_s + 2)) - b_pu)
+                b_g += w_kl * (tl.exp(b_zm * inv_tau - tl.load(p_s + SAMPLE_LSE_MEAN_KL)) - b_pu)
         tl.store(p_gb + o_c[None, :], b_g.to(p_gz.dtype.element_ty), mask=m_z)
 
 
@@ -313,10 +326,8 @@ def _vec(C: int, *strides: int) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def _plan(shape: tuple, z_strides: tuple, u_stride: int, y_stride: int, alpha, tau, tau_h, lam, ts_ce, ts_kl,
-          with_entropy, ignore_index):
-    """Everything the launches need besides the pointers, decided once per (shape, strides, arguments):
-    (forward grid, forward args after the pointers, forward kwargs, reduce args, backward grid, backward
-    args after the pointers, backward kwargs)."""
+          with_entropy, ignore_index) -> "Plan":
+    """Everything the launches need besides the pointers, decided once per (shape, strides, arguments)."""
     T, B, C = shape
     t_tile, block_c, warps = tile_for(T, C, ts_ce, ts_kl)
     n_tt = -(-T // t_tile)
@@ -332,7 +343,16 @@ def _plan(shape: tuple, z_strides: tuple, u_stride: int, y_stride: int, alpha, t
     bwd_args = (*common, alpha * tau / (T * B), lam / (tau_h * T * B), off_sample, off_scalars)
     bwd_kw = dict(T_TILE=t_tile, BLOCK_C=block_c, TS_CE=ts_ce, TS_KL=ts_kl, HAS_ENT=lam > 0, VEC=vec,
                   num_warps=warps)
-    return (B, n_tt), fwd_args, fwd_kw, reduce_args, (B, n_tt), bwd_args, bwd_kw
+    return Plan((B, n_tt), fwd_args, fwd_kw, reduce_args, bwd_args, bwd_kw)
+
+
+class Plan(NamedTuple):
+    grid: tuple  # (samples, time tiles), forward and backward alike
+    fwd_args: tuple  # after the pointers
+    fwd_kw: dict
+    reduce_args: tuple
+    bwd_args: tuple
+    bwd_kw: dict
 
 
 def _stats_layout(T, B) -> tuple:
@@ -361,14 +381,14 @@ def tser_loss_forward(z, u, y, stats, loss, terms, *, alpha, tau, tau_h, lam, ts
     """z [T, B, C] and u [B, C] with unit class stride (any other strides, 0 included), y [B] integer (any
     stride). Writes stats (fp32, at least stats_size(...) elements: per (t, b) row, per sample, partial sums,
     the CE gradient weight), loss (fp32 0-d) and terms (fp32 [3]: CE part, KL part, mean entropy): 2 launches."""
-    grid, args, kw, reduce_args, *_ = _plan(tuple(z.shape), z.stride(), u.stride(0), y.stride(0), alpha, tau, tau_h,
-                                            lam, ts_ce, ts_kl, with_entropy, ignore_index)
-    _tser_loss_fwd_kernel[grid](z, u, y, stats, *args, **kw)
-    _tser_loss_reduce_kernel[(1,)](stats, loss, terms, *reduce_args, BLOCK=REDUCE_BLOCK, num_warps=4)
+    plan = _plan(tuple(z.shape), z.stride(), u.stride(0), y.stride(0), alpha, tau, tau_h, lam, ts_ce, ts_kl,
+                 with_entropy, ignore_index)
+    _tser_loss_fwd_kernel[plan.grid](z, u, y, stats, *plan.fwd_args, **plan.fwd_kw)
+    _tser_loss_reduce_kernel[(1,)](stats, loss, terms, *plan.reduce_args, BLOCK=REDUCE_BLOCK, num_warps=4)
 
 
 def tser_loss_backward(z, u, y, stats, grad_loss, grad_z, *, alpha, tau, tau_h, lam, ts_ce, ts_kl, ignore_index):
     """Writes grad_z (dense [T, B, C], z's dtype) = grad_loss · dL/dz (grad_loss: one element): 1 launch."""
-    *_, grid, args, kw = _plan(tuple(z.shape), z.stride(), u.stride(0), y.stride(0), alpha, tau, tau_h, lam, ts_ce,
-                               ts_kl, False, ignore_index)
-    _tser_loss_bwd_kernel[grid](z, u, y, stats, grad_loss, grad_z, *args, **kw)
+    plan = _plan(tuple(z.shape), z.stride(), u.stride(0), y.stride(0), alpha, tau, tau_h, lam, ts_ce, ts_kl, False,
+                 ignore_index)
+    _tser_loss_bwd_kernel[plan.grid](z, u, y, stats, grad_loss, grad_z, *plan.bwd_args, **plan.bwd_kw)
