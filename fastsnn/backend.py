@@ -1,7 +1,6 @@
 """The one place that decides which implementation runs an op, and the checks every op shares."""
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -63,8 +62,13 @@ def _resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype | N
 
 
 def interpreter_dtype(*tensors) -> torch.dtype | None:
-    """The dtype resolve_backend needs for tensors on the CPU: bfloat16 when any of them is (None skipped)."""
-    return torch.bfloat16 if any(t is not None and t.dtype == torch.bfloat16 for t in tensors) else None
+    """The dtype resolve_backend needs for tensors on the CPU: bfloat16 when any of them is (None skipped), and
+    only under the interpreter (the one place it decides)."""
+    if INTERPRET:
+        for t in tensors:
+            if t is not None and t.dtype is torch.bfloat16:
+                return torch.bfloat16
+    return None
 
 
 def check_same_device(op: str, **tensors: torch.Tensor | None) -> torch.device:
@@ -102,16 +106,8 @@ def check_number(op: str, name: str, value, *, low: float | None = None, low_inc
     return float(value)
 
 
-def memoised(maxsize: int = 256, typed: bool = False):
-    """functools.lru_cache for the ops' per-call validation and layout answers, bypassed while torch.compile
-    traces (Dynamo would trace through the cache wrapper and warn that this may be silently incorrect)."""
-    def decorate(fn):
-        cached = functools.lru_cache(maxsize=maxsize, typed=typed)(fn)
-        compiling = torch.compiler.is_compiling
 
-        @functools.wraps(fn)
-        def call(*args):
-            return fn(*args) if compiling() else cached(*args)
-        call.cache_info, call.cache_clear = cached.cache_info, cached.cache_clear
-        return call
-    return decorate
+# Is Dynamo tracing? The ops' lru caches (validated specs, layout answers) are bypassed then: Dynamo would trace
+# through a cache wrapper and warn that this may be silently incorrect. The cheapest of torch's answers: it sits
+# on every op's host path.
+tracing = torch.compiler.is_dynamo_compiling

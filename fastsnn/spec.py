@@ -2,9 +2,10 @@
 kernels' launchers and the ahead-of-time variant list all take. Validated once, where it is built."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
-from .backend import check_number, memoised
+from .backend import check_number, tracing
 from .surrogate import SURROGATES, resolve_surrogate
 
 KINDS = ("if", "lif", "lif_no_decay", "plif", "plif_no_decay")
@@ -106,7 +107,7 @@ def init_w(tau: float) -> float:
     return -math.log(tau - 1.0)
 
 
-@memoised(maxsize=256, typed=True)  # typed: True and 1 are different arguments
+@functools.lru_cache(maxsize=256, typed=True)  # typed: True and 1 are different arguments
 def _cached(op, kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset):
     return NeuronSpec.create(op, kind=kind, tau=tau, v_threshold=v_threshold, v_reset=v_reset, surrogate=surrogate,
                              alpha=alpha, detach_reset=detach_reset)
@@ -115,8 +116,10 @@ def _cached(op, kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset)
 def neuron_spec(op: str, *, kind: str, tau, v_threshold, v_reset, surrogate, alpha, detach_reset) -> NeuronSpec:
     """NeuronSpec.create, memoised for hashable arguments (a functional call validates once per distinct
     set of arguments, not once per call)."""
-    try:
-        return _cached(op, kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset)
-    except TypeError:  # an unhashable argument: let create() produce its own error message
-        return NeuronSpec.create(op, kind=kind, tau=tau, v_threshold=v_threshold, v_reset=v_reset,
-                                 surrogate=surrogate, alpha=alpha, detach_reset=detach_reset)
+    if not tracing():
+        try:
+            return _cached(op, kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset)
+        except TypeError:  # an unhashable argument: let create() produce its own error message
+            pass
+    return NeuronSpec.create(op, kind=kind, tau=tau, v_threshold=v_threshold, v_reset=v_reset,
+                             surrogate=surrogate, alpha=alpha, detach_reset=detach_reset)

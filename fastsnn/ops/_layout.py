@@ -1,14 +1,14 @@
 """Memory-layout helpers shared by the ops: kernels walk storage order, so every tensor of a call must
 share one dense layout. They sit on every call's host path, so the layout decisions are memoised."""
+import functools
 import math
 
 import torch
 
-from ..backend import memoised
+from ..backend import tracing
 
 
-@memoised(maxsize=1024)
-def _dense_time_major(shape: tuple, strides: tuple, allow_broadcast: bool) -> bool:
+def _dense_time_major_of(shape: tuple, strides: tuple, allow_broadcast: bool) -> bool:
     n = math.prod(shape[1:])
     if shape[0] > 1 and strides[0] != n and not (allow_broadcast and strides[0] == 0):
         return False
@@ -20,10 +20,13 @@ def _dense_time_major(shape: tuple, strides: tuple, allow_broadcast: bool) -> bo
     return True
 
 
+_dense_time_major = functools.lru_cache(maxsize=1024)(_dense_time_major_of)
+
+
 def is_dense_time_major(x: torch.Tensor, allow_broadcast: bool = False) -> bool:
     """True when x[T, ...] is time-outermost with each timestep one dense block, in any dim order (with
     allow_broadcast, also when every timestep is the same block: time stride 0)."""
-    return _dense_time_major(tuple(x.shape), x.stride(), allow_broadcast)
+    return (_dense_time_major_of if tracing() else _dense_time_major)(tuple(x.shape), x.stride(), allow_broadcast)
 
 
 def time_major_like(x: torch.Tensor, dtype=None) -> torch.Tensor:

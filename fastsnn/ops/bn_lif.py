@@ -17,11 +17,11 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backend import (FLOAT_DTYPES, check_float_tensor, check_number, check_same_device, interpreter_dtype,
+from ..backend import (FLOAT_DTYPES, INTERPRET, check_float_tensor, check_number, check_same_device, interpreter_dtype,
                        resolve_backend)
-from ..spec import NeuronSpec, kind_of, neuron_spec
+from ..spec import PARAMETRIC, NeuronSpec, kind_of, neuron_spec
 from . import spike_storage
-from ._autograd import once_differentiable
+from ._autograd import refused
 from ._common import empty_f32, membrane_checkpoints, repeated, spec_args
 from ._layout import as_time_major_like, is_dense_time_major, kernels_loader, time_major_like
 from .lif import check_w, rate_of
@@ -147,7 +147,6 @@ class _BNNeuronFunction(torch.autograd.Function):
         return spikes
 
     @staticmethod
-    @once_differentiable("bn_lif")
     def backward(ctx, grad_spikes):
         x, weight, residual, stats, checkpoints, rate = ctx.saved_tensors
         call = ctx.call
@@ -156,8 +155,9 @@ class _BNNeuronFunction(torch.autograd.Function):
         grad_x, grad_weight, grad_bias, grad_residual, grad_rate = _backward_impl(
             grad_spikes, x, weight, residual, stats, checkpoints, call.spec, call.training, call.repeat,
             ctx.needs_input_grad, ctx.geometry, rate=rate)
-        return (grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual), None, None, grad_rate,
+        grads = (grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual), None, None, grad_rate,
                 None)
+        return refused("bn_lif", grads) if torch.is_grad_enabled() else grads
 
 
 class _BNResidualBNFunction(torch.autograd.Function):
@@ -185,7 +185,6 @@ class _BNResidualBNFunction(torch.autograd.Function):
         return spikes
 
     @staticmethod
-    @once_differentiable("bn_lif")
     def backward(ctx, grad_spikes):
         x, weight, residual, r_weight, stats, checkpoints, rate = ctx.saved_tensors
         n = ctx.needs_input_grad
@@ -193,8 +192,9 @@ class _BNResidualBNFunction(torch.autograd.Function):
                                ctx.call.training, 0, (n[0], n[1], n[2], n[3], n[6], n[7]), ctx.geometry,
                                residual_bn=(stats[1], r_weight), rate=rate)
         grad_x, grad_weight, grad_bias, grad_residual, grad_r_weight, grad_r_bias, grad_rate = grads
-        return (grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual), None, None,
+        grads = (grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual), None, None,
                 _cast(grad_r_weight, r_weight), grad_r_bias, None, None, grad_rate, None)
+        return refused("bn_lif", grads) if torch.is_grad_enabled() else grads
 
 
 # ---- the same launchers as custom ops, for torch.compile ----
@@ -454,7 +454,7 @@ def apply_bn_neuron(op: str, x: Tensor, weight, bias, running_mean, running_var,
     (see bn_lif); w: a parametric neuron's weight. The spec is trusted."""
     momentum, eps, common = _check(op, x, weight, bias, running_mean, running_var, residual, training, momentum, eps,
                                    repeat)
-    if w is not None or spec.parametric:
+    if w is not None or spec.kind in PARAMETRIC:
         check_w(op, w, spec, x.device)
     if residual_storage is not None and residual_storage not in spike_storage.STORAGES:
         raise ValueError(f"{op}: residual_storage must be None or one of {spike_storage.STORAGES}, got "
@@ -464,8 +464,8 @@ def apply_bn_neuron(op: str, x: Tensor, weight, bias, running_mean, running_var,
         if not training and residual_bn[2] is None:
             raise ValueError(f"{op}: training=False normalises the residual with residual_bn's running statistics, "
                              f"which are None")
-    dtype = None if x.is_cuda else interpreter_dtype(x, residual, weight, bias, running_mean, running_var,
-                                                    *(residual_bn or ()))
+    dtype = interpreter_dtype(x, residual, weight, bias, running_mean, running_var, *(residual_bn or ())) \
+        if INTERPRET and not x.is_cuda else None  # bf16 decides the backend under the interpreter
     rate = None if w is None else rate_of(w)
     if resolve_backend(op, backend, x.device, dtype) == "reference":
         return reference.bn_lif_multistep(x, weight, bias, running_mean, running_var, spec, training=training,
@@ -473,7 +473,7 @@ def apply_bn_neuron(op: str, x: Tensor, weight, bias, running_mean, running_var,
                                           repeat=repeat, rate=rate)
     vectors = (weight, bias, running_mean, running_var) + (residual_bn or ())
     copies = () if common and residual_bn is None else _dense_vectors(vectors)  # common: x's vectors are dense
-    if any(t is not None for t in copies):  # a strided or expanded vector: the kernels take dense copies
+    if copies and any(t is not None for t in copies):  # a strided or expanded vector: the kernels take dense copies
         used = tuple(t if c is None else c for t, c in zip(vectors, copies))
         spikes = apply_bn_neuron(op, x, *used[:4], spec, training=training, momentum=momentum, eps=eps,
                                  residual=residual, residual_storage=residual_storage,

@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backend import FLOAT_DTYPES, check_float_tensor, check_same_device, interpreter_dtype, resolve_backend
-from ..spec import NeuronSpec, kind_of, neuron_spec
-from ._autograd import once_differentiable
+from ..backend import FLOAT_DTYPES, check_float_tensor, check_same_device, resolve_backend
+from ..spec import PARAMETRIC, NeuronSpec, kind_of, neuron_spec
+from ._autograd import refused
 from ._common import empty_f32, membrane_checkpoints, repeated, spec_args
 from ._layout import as_time_major_like, is_dense_time_major, kernels_loader, same_layout, time_major_like
 
@@ -75,7 +75,6 @@ class _LIFFunction(torch.autograd.Function):
         return spikes, v_final
 
     @staticmethod
-    @once_differentiable("lif_multistep")
     def backward(ctx, grad_spikes, grad_v_final):
         x, v_init, checkpoints, rate = ctx.saved_tensors
         x_seq = repeated(x, ctx.repeat) if ctx.repeat else x
@@ -85,7 +84,8 @@ class _LIFFunction(torch.autograd.Function):
                                                         ctx.spec, bool(ctx.repeat), rate)
         if ctx.repeat:
             grad_x = grad_x[0]
-        return grad_x, None if v_init is None else grad_v_init.to(v_init.dtype), grad_rate, None, None, None
+        grads = grad_x, None if v_init is None else grad_v_init.to(v_init.dtype), grad_rate, None, None, None
+        return refused("lif_multistep", grads) if torch.is_grad_enabled() else grads
 
 
 class _LIFPlain(torch.autograd.Function):
@@ -102,14 +102,14 @@ class _LIFPlain(torch.autograd.Function):
         return spikes
 
     @staticmethod
-    @once_differentiable("lif_multistep")
     def backward(ctx, grad_spikes):
         x, checkpoints = ctx.saved_tensors
         grad_x = time_major_like(x)
         if not (grad_spikes.is_contiguous() and grad_x.is_contiguous()):
             grad_spikes = as_time_major_like(grad_spikes, x)
         _kernels().lif_backward(x, grad_spikes, None, checkpoints, None, grad_x, None, ctx.spec)
-        return grad_x, None
+        grads = grad_x, None
+        return refused("lif_multistep", grads) if torch.is_grad_enabled() else grads
 
 
 # ---- the same launchers as custom ops, for torch.compile ----
@@ -239,11 +239,11 @@ def apply_neuron(op: str, x: Tensor, spec: NeuronSpec, *, v_init: Tensor | None 
     or (spikes, v_final) with return_v; w: a parametric neuron's weight. The spec is trusted (validated where it
     was built)."""
     device = _check_input(op, x, v_init, repeat)
-    if w is not None or spec.parametric:
+    if w is not None or spec.kind in PARAMETRIC:
         check_w(op, w, spec, device)
     rate = None if w is None else rate_of(w)
     # an empty x has nothing to launch (its strides do not describe a dense block: a kernel would write past it)
-    dtype = None if x.is_cuda else interpreter_dtype(x, v_init)
+    dtype = None if x.is_cuda else x.dtype  # under the interpreter bf16 decides; v_init has x's dtype or fp32
     if resolve_backend(op, backend, device, dtype) == "reference" or x.numel() == 0:
         x_seq = repeated(x, repeat) if repeat else x
         return reference.lif_multistep(x_seq, spec, v_init=v_init, return_v=return_v, rate=rate)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backend import resolve_backend
-from ._autograd import once_differentiable
+from ._autograd import refused
 from ._layout import kernels_loader, same_layout
 
 STORAGES = ("bits", "uint8")
@@ -155,12 +155,12 @@ class _SpikeConv2dFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable("SpikeConv2d")
     def backward(ctx, grad_out):
         weight, packed = ctx.saved_tensors
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
         grads = _conv_backward(grad_out, packed, weight, ctx.x_layout, ctx.conv, ctx.storage, mask)
-        return (*grads, None, None, None)
+        grads = (*grads, None, None, None)
+        return refused("SpikeConv2d", grads) if torch.is_grad_enabled() else grads
 
 
 def _conv_backward(grad_out, packed, weight, x_layout, conv, storage, mask):
@@ -242,10 +242,10 @@ class _SpikeMaxPool2dFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable("SpikeMaxPool2d")
     def backward(ctx, grad_out):
         (packed,) = ctx.saved_tensors
-        return _pool_backward(grad_out, packed, ctx.x_layout, ctx.pool), None, None
+        grads = _pool_backward(grad_out, packed, ctx.x_layout, ctx.pool), None, None
+        return refused("SpikeMaxPool2d", grads) if torch.is_grad_enabled() else grads
 
 
 def _pool_backward(grad_out, packed, x_layout, pool):

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._autograd import once_differentiable
+from ._autograd import refused
 from .. import reference
 from ._layout import kernels_loader
 from ..backend import (BACKENDS, FLOAT_DTYPES, check_float_tensor, check_number, check_same_device,
-                       interpreter_dtype, memoised, resolve_backend)
+                       resolve_backend, tracing)
 
 _OP = "tser_loss"
 # τ (and τ_H) outside this range lose the loss to fp32 cancellation: KL·τ² is a difference of log-sum-exps
@@ -94,9 +94,9 @@ class _TSERLossFunction(torch.autograd.Function):
         return loss, terms
 
     @staticmethod
-    @once_differentiable("tser_loss")
     def backward(ctx, grad_loss, grad_terms):
-        return _loss_backward(ctx, grad_loss), None, None, None
+        grads = _loss_backward(ctx, grad_loss), None, None, None
+        return refused("tser_loss", grads) if torch.is_grad_enabled() else grads
 
 
 class _TSERLossOnly(torch.autograd.Function):
@@ -107,9 +107,9 @@ class _TSERLossOnly(torch.autograd.Function):
         return _forward_and_save(ctx, z, u, y, spec)[0]
 
     @staticmethod
-    @once_differentiable("tser_loss")
     def backward(ctx, grad_loss):
-        return _loss_backward(ctx, grad_loss), None, None, None
+        grads = _loss_backward(ctx, grad_loss), None, None, None
+        return refused("tser_loss", grads) if torch.is_grad_enabled() else grads
 
 
 def _loss_backward(ctx, grad_loss: Tensor) -> Tensor:
@@ -216,12 +216,13 @@ def _check_labels_on_host(target: Tensor, C: int, ignore_index: int) -> None:
 def check_loss_params(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, backend, ignore_index=-100):
     """Validates the loss's scalar arguments; returns (alpha, tau, lam, entropy_tau) as floats. Memoised for
     hashable arguments (a call validates once per distinct set of arguments)."""
-    try:
-        return _checked_loss_params(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, backend, ignore_index)
-    except TypeError as e:
-        if "unhashable" not in str(e):
-            raise
-        return _check_loss_params(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, backend, ignore_index)
+    if not tracing():
+        try:
+            return _checked_loss_params(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, backend, ignore_index)
+        except TypeError as e:
+            if "unhashable" not in str(e):
+                raise
+    return _check_loss_params(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, backend, ignore_index)
 
 
 def _check_loss_params(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, backend, ignore_index):
@@ -242,7 +243,7 @@ def _check_loss_params(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, backend, igno
     return alpha, tau, lam, entropy_tau
 
 
-_checked_loss_params = memoised(maxsize=256, typed=True)(_check_loss_params)
+_checked_loss_params = functools.lru_cache(maxsize=256, typed=True)(_check_loss_params)
 # one LossSpec object per distinct set of (validated) arguments, so its kernel_kwargs are built once
 _loss_spec = functools.lru_cache(maxsize=256)(LossSpec)
 
@@ -293,7 +294,8 @@ def tser_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, *,
                                                      ignore_index)
     if not student_logits.is_cuda:
         _check_labels_on_host(target, student_logits.shape[2], ignore_index)
-    dtype = None if student_logits.is_cuda else interpreter_dtype(student_logits, teacher_logits)
+    bf16 = torch.bfloat16  # the dtype that decides the backend under the interpreter
+    dtype = bf16 if not student_logits.is_cuda and bf16 in (student_logits.dtype, teacher_logits.dtype) else None
     if resolve_backend(_OP, backend, device, dtype) == "reference":
         return reference.tser_loss(student_logits, teacher_logits, target, alpha=alpha, tau=tau, lam=lam,
                                    ts_ce=ts_ce, ts_kl=ts_kl, entropy_tau=entropy_tau, ignore_index=ignore_index,
