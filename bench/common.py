@@ -267,7 +267,7 @@ def run_benchmark(benchmark, fn, *, bytes_moved: int | None, copy_gbs: float | N
         row["floor_us"] = round(floor_bytes / (copy_gbs * 1e9) * 1e6, 3)
         row["copy_fraction"] = round(row["floor_us"] / row["kernel_us"], 3)
     if items:
-        row["images/s"] = round(items / (row["eager_us"] * 1e-6), 1)
+        row["images/s"] = float(f"{items / (row['eager_us'] * 1e-6):.4g}")  # 4 significant digits: CPU rows are < 0.1
     if HAS_CUDA:
         row["peak_mem_MB"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     record(benchmark, row)

@@ -74,6 +74,8 @@ def grouped(rows: list[dict]) -> dict[str, dict[tuple, dict[str, dict]]]:
 
 
 def _fmt(x, digits=1):
+    if isinstance(x, float) and 0 < abs(x) < 10 ** -digits:
+        return f"{x:.2g}"  # a CPU rehearsal's images/s, below what `digits` shows
     return "—" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
