@@ -284,11 +284,11 @@ def record(benchmark, row: dict) -> None:
 
 def saved_bytes(fn) -> int:
     """Activation bytes saved for backward while fn runs: each storage counted once, parameters (which
-    exist whether or not anything is saved) left out."""
+    exist whether or not anything is saved) and views of them (the weight.t() a linear layer saves) left out."""
     seen = {}
 
     def pack(t):
-        if isinstance(t, torch.nn.Parameter):
+        if isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter):
             return t
         try:
             key = (t.untyped_storage().data_ptr(), t.device)

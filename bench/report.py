@@ -180,12 +180,13 @@ def markdown(env: dict, rows: list[dict]) -> str:
     saved = [r for r in rows if r["op"] == "saved_bytes"]
     if saved:
         lines += ["## Activation bytes saved for backward in one training step (fp32, parameters left out)", "",
-                  "| network | T | batch | image | fastsnn (fused BN) MB | fastsnn unfused MB | "
+                  "| network | T | batch | image | fastsnn (fused BN) MB | fastsnn recompute MB | fastsnn unfused MB | "
                   "SpikingJelly neurons MB "
-                  "| ratio fused | ratio unfused |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| ratio fused | ratio recompute | ratio unfused |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['arch']} | {r.get('T', 4)} | {r['batch']} | {r['image']} | {r['fastsnn_bytes'] / 2**20:.1f} | "
+                  f"{_mb(r.get('fastsnn_recompute_bytes'))} | "
                   f"{_mb(r.get('fastsnn_unfused_bytes'))} | {r['spikingjelly_bytes'] / 2**20:.1f} | {r['ratio']} | "
-                  f"{_fmt(r.get('ratio_unfused'))} |" for r in saved] + [""]
+                  f"{_fmt(r.get('ratio_recompute'))} | {_fmt(r.get('ratio_unfused'))} |" for r in saved] + [""]
     return "\n".join(lines)
 
 

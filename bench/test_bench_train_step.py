@@ -13,19 +13,21 @@ from fastsnn import models
 
 CASES = {"sew_resnet34": dict(image=224, batch=32, classes=1000, tiny=(32, 1)),
          "spiking_resnet19": dict(image=32, batch=128, classes=100, tiny=(8, 1))}
-PROVIDERS = ["fastsnn", "fastsnn-unfused", "spikingjelly", "fastsnn-compiled"]
+PROVIDERS = ["fastsnn", "fastsnn-recompute", "fastsnn-unfused", "spikingjelly", "fastsnn-compiled"]
 
 
 def build(arch, provider, device, dtype=torch.float32, T=4):
-    """(model, loss_fn, path): fastsnn's (fused BatchNorm + neuron, spikes saved as bits; "fastsnn-unfused":
-    BatchNorm then neuron, nn.Conv2d/nn.MaxPool2d; "fastsnn-compiled": fastsnn's under torch.compile with
-    mode="reduce-overhead"), or the unfused network (same weights) with SpikingJelly neurons. The loss is
-    fastsnn.tser_loss for every provider."""
+    """(model, loss_fn, path): fastsnn's (fused BatchNorm + neuron, spikes saved as bits; "fastsnn-recompute":
+    the same with recompute=True, no convolution output saved; "fastsnn-unfused": BatchNorm then neuron,
+    nn.Conv2d/nn.MaxPool2d; "fastsnn-compiled": fastsnn's under torch.compile with mode="reduce-overhead"), or
+    the unfused network (same weights) with SpikingJelly neurons. The loss is fastsnn.tser_loss for every
+    provider."""
     torch.manual_seed(0)
-    fastsnn_own = provider in ("fastsnn", "fastsnn-compiled")  # the others: nn.Conv2d, nn.MaxPool2d, BN then neuron
+    # the others: nn.Conv2d, nn.MaxPool2d, BN then neuron
+    fastsnn_own = provider in ("fastsnn", "fastsnn-recompute", "fastsnn-compiled")
     model = models.create(arch, CASES[arch]["classes"], T=T, surrogate="atan", detach_reset=True,
-                          fuse_bn=fastsnn_own, pack_spikes=fastsnn_own)
-    if provider in ("fastsnn", "fastsnn-unfused"):
+                          fuse_bn=fastsnn_own, pack_spikes=fastsnn_own, recompute=provider == "fastsnn-recompute")
+    if provider in ("fastsnn", "fastsnn-recompute", "fastsnn-unfused"):
         return model.to(device), fastsnn.tser_loss, fastsnn_path(device)
     if provider == "fastsnn-compiled":
         return (torch.compile(model.to(device), mode="reduce-overhead"), fastsnn.tser_loss,
@@ -98,7 +100,8 @@ SAVED_CASES = [("sew_resnet34", 4), ("spiking_resnet19", 2), ("spiking_resnet19"
 @pytest.mark.parametrize("arch,T", SAVED_CASES, ids=[f"{a}-T{T}" for a, T in SAVED_CASES])
 def test_saved_activation_bytes(benchmark, arch, T, monkeypatch):
     """Activation bytes saved for backward by one training step's forward and loss (parameters left out):
-    fastsnn (fused BatchNorm + neuron, spikes as bits), fastsnn unfused with dense convolutions, and the same
+    fastsnn (fused BatchNorm + neuron, spikes as bits), the same with recompute=True, fastsnn unfused with dense
+    convolutions, and the same
     network with SpikingJelly neurons (fp32; on the CPU at batch 1 with fastsnn's kernel launches no-op'd:
     what is saved depends on shapes only, and interpreting them at 224 px takes an hour). Recorded in
     extra_info; report.py tabulates."""
@@ -115,13 +118,14 @@ def test_saved_activation_bytes(benchmark, arch, T, monkeypatch):
     images = torch.randn(batch, 3, image, image, device=DEVICE)
     row = {"op": "saved_bytes", "arch": arch, "T": T, "batch": batch, "image": image, "path": fastsnn_path(DEVICE),
            "provider": "fastsnn"}
-    for provider in ("fastsnn", "fastsnn-unfused", "spikingjelly"):
+    for provider in ("fastsnn", "fastsnn-recompute", "fastsnn-unfused", "spikingjelly"):
         model, loss_fn, _ = build(arch, provider, DEVICE, T=T)
         teacher_logits = torch.randn(batch, case["classes"], device=DEVICE)
         target = torch.randint(0, case["classes"], (batch,), device=DEVICE)
         row[f"{provider.replace('-', '_')}_bytes"] = saved_bytes(lambda: loss_fn(model(images), teacher_logits,
                                                                                  target))
     row["ratio"] = round(row["fastsnn_bytes"] / row["spikingjelly_bytes"], 3)
+    row["ratio_recompute"] = round(row["fastsnn_recompute_bytes"] / row["spikingjelly_bytes"], 4)
     row["ratio_unfused"] = round(row["fastsnn_unfused_bytes"] / row["spikingjelly_bytes"], 3)
     benchmark.group = "saved bytes"
     record(benchmark, dict(row, gpu_row=False))

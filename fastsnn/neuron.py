@@ -56,11 +56,12 @@ class MultistepNeuron(nn.Module):
 
     def forward(self, x: torch.Tensor, repeat: int | None = None, bn: nn.Module | None = None,
                 residual: torch.Tensor | None = None, residual_storage: str | None = None,
-                residual_bn: nn.Module | None = None) -> torch.Tensor:
+                residual_bn: nn.Module | None = None, source=None, residual_source=None) -> torch.Tensor:
         """spikes of x[T, ...]; with bn (an nn.BatchNorm1d/2d/3d module), of bn(x) [+ residual, or
         + residual_bn(residual)] computed by the fused op (fastsnn.bn_lif): the BatchNorm's parameters and
         running statistics are used and updated as its own forward would, but the normalised tensors are never
-        stored."""
+        stored. source / residual_source (with bn): the ConvSources x and the residual are convolution outputs
+        of (SpikeConv2d(x, source_into=...)), which the op then saves in their place and recomputes them from."""
         if self.step_mode != "m":
             raise RuntimeError(f"{type(self).__name__}: only step_mode='m' (input [T, ...]) is supported, "
                                f"got step_mode={self.step_mode!r}")
@@ -70,10 +71,11 @@ class MultistepNeuron(nn.Module):
                 raise ValueError(f"{op}: bn= (the fused BatchNorm + neuron) needs a stateless neuron; this one "
                                  f"is stateful=True")
             return batch_norm_fire(op, bn, self.spec, x, residual=residual, residual_storage=residual_storage,
-                                   residual_bn=residual_bn, repeat=repeat, backend=self.backend, w=self.learned_w)
-        if residual is not None or residual_bn is not None:
-            raise ValueError(f"{op}: residual and residual_bn are only taken with bn= (add the residual to x "
-                             f"instead)")
+                                   residual_bn=residual_bn, repeat=repeat, backend=self.backend, w=self.learned_w,
+                                   source=source, residual_source=residual_source)
+        if residual is not None or residual_bn is not None or source is not None or residual_source is not None:
+            raise ValueError(f"{op}: residual, residual_bn, source and residual_source are only taken with bn= "
+                             f"(add the residual to x instead)")
         if self.stateful:
             spikes, self.v = apply_neuron(op, x, self.spec, v_init=self.v, return_v=True, repeat=repeat,
                                           backend=self.backend, w=self.learned_w)
@@ -156,7 +158,8 @@ def _batch_norm_args(op: str, name: str, bn: nn.Module):
 
 def batch_norm_fire(op: str, bn: nn.Module, spec: NeuronSpec, x: torch.Tensor, *, residual=None,
                     residual_storage=None, residual_bn: nn.Module | None = None, repeat=None,
-                    backend: str = "auto", w: torch.Tensor | None = None) -> torch.Tensor:
+                    backend: str = "auto", w: torch.Tensor | None = None, source=None,
+                    residual_source=None) -> torch.Tensor:
     """spec's neuron over bn(x) [+ residual, or + residual_bn(residual)], fused, with nn.BatchNorm's bookkeeping
     (see _batch_norm_args). A residual_bn that normalises differently from bn (another mode, momentum factor or
     eps) is applied on its own first, and its output is the residual."""
@@ -174,7 +177,7 @@ def batch_norm_fire(op: str, bn: nn.Module, spec: NeuronSpec, x: torch.Tensor, *
                 r_eps).unflatten(0, residual.shape[:2])
     return apply_bn_neuron(op, x, *params, spec, training=training, momentum=factor, eps=eps, residual=residual,
                            residual_storage=residual_storage, residual_bn=residual_params, repeat=repeat,
-                           backend=backend, w=w)
+                           backend=backend, w=w, source=source, residual_source=residual_source)
 
 
 class BNNeuron(nn.modules.batchnorm._BatchNorm):
@@ -182,8 +185,9 @@ class BNNeuron(nn.modules.batchnorm._BatchNorm):
     multistep neuron, as one module with nn.BatchNorm2d's parameters, buffers and state_dict keys (weight,
     bias, running_mean, running_var, num_batches_tracked), so BatchNorm checkpoints load unchanged.
 
-    forward(x[T, B, C, ...], residual=None, repeat=None, residual_bn=None) -> spikes; see fastsnn.bn_lif
-    (residual_bn: a BatchNorm module normalising the residual inside the same op).
+    forward(x[T, B, C, ...], residual=None, repeat=None, residual_bn=None, source=None, residual_source=None)
+    -> spikes; see fastsnn.bn_lif (residual_bn: a BatchNorm module normalising the residual inside the same op;
+    source, residual_source: recompute x and the residual from their convolutions' sources).
     """
 
     def __init__(self, num_features: int, spec: NeuronSpec, eps: float = 1e-5, momentum: float | None = 0.1,
@@ -198,9 +202,10 @@ class BNNeuron(nn.modules.batchnorm._BatchNorm):
         pass
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, repeat: int | None = None,
-                residual_bn: nn.Module | None = None) -> torch.Tensor:
+                residual_bn: nn.Module | None = None, source=None, residual_source=None) -> torch.Tensor:
         return batch_norm_fire(type(self).__name__, self, self.spec, x, residual=residual, residual_bn=residual_bn,
-                               repeat=repeat, backend=self.backend, w=self._parameters.get("w"))
+                               repeat=repeat, backend=self.backend, w=self._parameters.get("w"), source=source,
+                               residual_source=residual_source)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", neuron={self.spec}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .ops import spike_storage
+from .ops import recompute, spike_storage
 
 
 def _autocast(x: Tensor, *tensors: Tensor | None):
@@ -37,16 +37,37 @@ class SpikeConv2d(nn.Conv2d):
         self.storage = spike_storage.check_storage("SpikeConv2d", storage)
         self.check = check
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, source_into: list | None = None,
+                same_input: recompute.ConvSource | None = None) -> Tensor:
+        """nn.Conv2d's forward. source_into: a list that receives the ConvSource to recompute the output from
+        (the packed input this layer keeps anyway, its weight and arguments; None where nothing is kept, without
+        gradients), for the fused BatchNorm + neuron op that consumes the output (fastsnn.bn_lif's source=),
+        which then saves the source instead of the output; x batched [N, C, H, W]. same_input: the source of
+        another convolution of this same x (a block's first convolution, for its downsample shortcut), whose
+        packed x is kept instead of a second packing when the storage and layout agree."""
         if not torch.is_grad_enabled() or not (x.requires_grad or self.weight.requires_grad):
+            if source_into is not None:
+                source_into.append(None)
             return super().forward(x)
         check = spike_storage.CHECK_DEFAULT if self.check is None else self.check
-        unbatched = x.dim() == 3  # [C, H, W], as nn.Conv2d takes it
-        x, weight, bias = _autocast(x.unsqueeze(0) if unbatched else x, self.weight, self.bias)
-        conv = (list(self.stride), list(self.padding), list(self.dilation), self.groups)
+        if source_into is None:
+            unbatched = x.dim() == 3  # [C, H, W], as nn.Conv2d takes it
+            x, weight, bias = _autocast(x.unsqueeze(0) if unbatched else x, self.weight, self.bias)
+            with torch.autocast(x.device.type, enabled=False):
+                out = spike_storage.spike_conv2d(x, weight, bias, self._conv_args(), self.storage, check)
+            return out.squeeze(0) if unbatched else out
+        x, weight, bias = _autocast(x, self.weight, self.bias)
+        conv, x_layout = self._conv_args(), spike_storage.layout(x)
+        packed = None
+        if same_input is not None and same_input.storage == self.storage and same_input.x_layout == x_layout:
+            packed = same_input.kept
         with torch.autocast(x.device.type, enabled=False):
-            out = spike_storage.spike_conv2d(x, weight, bias, conv, self.storage, check)
-        return out.squeeze(0) if unbatched else out
+            out, packed = spike_storage.spike_conv2d_packed(x, weight, bias, conv, self.storage, check, packed)
+        source_into.append(recompute.source(packed, weight, bias, conv, x_layout, self.storage, out))
+        return out
+
+    def _conv_args(self) -> tuple:
+        return list(self.stride), list(self.padding), list(self.dilation), self.groups
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", storage={self.storage}"

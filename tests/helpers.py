@@ -108,3 +108,23 @@ def product_cases(**axes):
         marks = () if index in covering else (pytest.mark.pairwise,) if index in pairwise else (pytest.mark.full,)
         cases.append(pytest.param(*(v for _, v in picked), id=label, marks=marks))
     return cases
+
+
+def saved_activation_bytes(model, fn, copies_of_parameters=True):
+    """(fn(), bytes autograd saves while fn runs): each storage once, the model's parameters left out (and, with
+    copies_of_parameters, tensors shaped like one: Inductor on the CPU saves the stem convolution's weight in its
+    own layout)."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    shapes = {tuple(p.shape) for p in model.parameters()} if copies_of_parameters else set()
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and tuple(t.shape) not in shapes:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())

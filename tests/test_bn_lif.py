@@ -7,7 +7,7 @@ import fastsnn
 from fastsnn import models, reference
 from fastsnn.ops.bn_lif import apply_bn_neuron
 from fastsnn.spec import NeuronSpec
-from helpers import assert_close, count_launches, product_cases
+from helpers import assert_close, count_launches, product_cases, saved_activation_bytes
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # bf16 cases run on CUDA only (see conftest)
 SHAPES = {"3x7x7": (3, 7, 7), "64x5x5": (64, 5, 5), "5x4x6": (5, 4, 6), "bn1d-10": (10,)}
@@ -576,23 +576,6 @@ def test_fused_model_equals_unfused(device, name, time_major):
         assert_close(a.float(), b.float()) if a.is_floating_point() else torch.equal(a, b), key
 
 
-def _saved_activation_bytes(model, fn):
-    """Bytes autograd saves while fn runs, each storage once, the model's parameters left out (and copies of
-    them: Inductor on the CPU saves the stem convolution's weight in its own layout)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    param_shapes = {tuple(p.shape) for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params and tuple(t.shape) not in param_shapes:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(seen.values())
-
-
 @pytest.mark.parametrize("name", ["resnet", "sew", "vgg"])
 def test_compiled_zoo_model_has_no_graph_break_keeps_its_bits_and_matches_eager(device, name):
     """torch.compile(fullgraph=True) of a student: the spike convolutions and pools, the fused BatchNorm + neuron
@@ -612,8 +595,8 @@ def test_compiled_zoo_model_has_no_graph_break_keeps_its_bits_and_matches_eager(
         compiled(x), eager_model(x)  # traced and compiled outside the count (the running statistics move alike)
     ours = [str(w.message) for w in caught if "fastsnn" in str(w.message) or "fastsnn" in w.filename]
     assert not ours, ours[0][:500]
-    out_e, saved_e = _saved_activation_bytes(eager_model, lambda: eager_model(x))
-    out_c, saved_c = _saved_activation_bytes(compiled_model, lambda: compiled(x))
+    out_e, saved_e = saved_activation_bytes(eager_model, lambda: eager_model(x))
+    out_c, saved_c = saved_activation_bytes(compiled_model, lambda: compiled(x))
     assert torch.equal(out_c, out_e)
     params_e, params_c = list(eager_model.parameters()), list(compiled_model.parameters())
     g = torch.randn(out_e.shape, device=device)

@@ -51,3 +51,38 @@ def test_training_program_on_cuda(tmp_path):
                            "--channels-last", "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet"],
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@compiled_only
+@pytest.mark.parametrize("deterministic", [True, False], ids=["cudnn-deterministic", "cudnn-default"])
+@pytest.mark.parametrize("arch", ["spiking_resnet19", "sew_resnet18", "spiking_vgg11"])
+def test_recompute_on_cuda_matches_the_stored_step(arch, deterministic, monkeypatch):
+    """recompute=True against recompute=False on the GPU, fp32, channels_last. With cuDNN deterministic (and
+    benchmark off) the recomputed convolution is the forward's, so everything is bit-identical, as on the CPU.
+    With cuDNN's defaults the recompute may run another algorithm than the forward, whose output differs in the
+    last bits: the forward (logits, loss, running statistics) stays identical, and the gradients agree to fp32
+    rounding through one BatchNorm backward and a surrogate (a relative 1e-3 of each gradient's largest entry;
+    a spike-threshold crossing is never involved, the forward's spikes being the ones kept)."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", deterministic)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    size = 64 if models.REGISTRY[arch].default_stem == "imagenet" else 32
+    plain = models.create(arch, 10, T=4).cuda().to(memory_format=torch.channels_last)
+    other = models.create(arch, 10, T=4, recompute=True).cuda().to(memory_format=torch.channels_last)
+    other.load_state_dict(plain.state_dict())
+    images = torch.randn(8, 3, size, size, device="cuda").to(memory_format=torch.channels_last)
+    teacher, target = torch.randn(8, 10, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
+    results = []
+    for model in (plain, other):
+        logits = model(images)
+        loss = fastsnn.tser_loss(logits, teacher, target)
+        loss.backward()
+        results.append((logits, loss))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    for a, b in zip(plain.buffers(), other.buffers()):
+        assert torch.equal(a, b)
+    for (name, a), b in zip(plain.named_parameters(), other.parameters()):
+        if deterministic:
+            assert torch.equal(a.grad, b.grad), name
+        else:
+            torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=1e-3 * a.grad.abs().max().item() + 1e-12,
+                                       msg=name)

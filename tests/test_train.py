@@ -507,7 +507,8 @@ def test_resume_matrix(uninterrupted, point):
     assert (state["epoch"], state["step_in_epoch"]) == expected
     if point == "in-checkpoint-write":
         assert any(p.name.startswith(".tmp-") for p in killed.iterdir())  # the torn file is only ever a temp
-    for flags in ([], ["--save-every", "7", "--no-tensorboard", "--max-bad-steps", "4", "--workers", "0"]):
+    for flags in ([], ["--save-every", "7", "--no-tensorboard", "--max-bad-steps", "4", "--workers", "0",
+                       "--recompute"]):
         copy = root / f"{point}-{len(flags)}"
         shutil.copytree(killed, copy)
         proc = subprocess.run([sys.executable, "-m", "fastsnn.train", "--resume", str(copy / "last.pt"), *flags],
@@ -515,7 +516,8 @@ def test_resume_matrix(uninterrupted, point):
         assert proc.returncode == 0, proc.stderr[-3000:]
         if flags:
             changed = proc.stdout.split("; changed: ")[1].splitlines()[0].split(", ")
-            assert sorted(changed) == ["max_bad_steps 10 -> 4", "save_every 10 -> 7", "tensorboard True -> False"]
+            assert sorted(changed) == ["max_bad_steps 10 -> 4", "recompute False -> True", "save_every 10 -> 7",
+                                       "tensorboard True -> False"]
         for name in ("last.pt", "best.pt"):
             assert _same_weights(_weights(root / "full" / name), _weights(copy / name)), (point, flags, name)
         assert _rows(copy) == _rows(root / "full"), (point, flags)

@@ -266,3 +266,16 @@ def test_renamed_flags_and_settings_still_work_with_one_warning(tmp_path, capsys
     cfg, _ = C.parse(["--config", str(tmp_path / "old.yaml")])
     assert (cfg.kd_tau, cfg.membrane_tau) == (3.0, 2.5) and len(capsys.readouterr().err.splitlines()) == 2
     assert C.check_saved({"tau": 6.0, "lif_tau": 1.5, "T": 2}, "x") == {"kd_tau": 6.0, "membrane_tau": 1.5, "T": 2}
+
+
+def test_recompute_round_trips_through_config_yaml_and_builds_the_student(tmp_path):
+    cfg, _ = _parse("--recompute")
+    assert cfg.recompute is True and "recompute" in C.RESUME_COMPATIBLE  # results do not change with it
+    (tmp_path / "config.yaml").write_text(C.to_yaml(cfg))
+    again, given = C.parse(["--config", str(tmp_path / "config.yaml")])
+    C.resolve(again)
+    assert again.recompute is True and "recompute" in given and again.saved() == cfg.saved()
+    assert setup.build_model(again, 10, 1).recompute is True
+    assert setup.build_model(_parse()[0], 10, 1).recompute is False
+    with pytest.raises(C.UsageError, match="--recompute is for a spiking student"):
+        _parse("--ann", "--arch", "digits_ann", "--recompute")

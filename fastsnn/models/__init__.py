@@ -92,7 +92,7 @@ def create(name: str, num_classes: int, *, T: int | None = None, neuron: str = "
            v_threshold: float = 1.0, surrogate: str = "atan", alpha: float | None = None, detach_reset: bool = True,
            v_reset: float | None = 0.0, connect: str = "ADD", imagenet: bool | None = None,
            in_channels: int | None = None, backend: str = "auto", fuse_bn: bool = True,
-           pack_spikes: bool = True) -> nn.Module:
+           pack_spikes: bool = True, recompute: bool = False) -> nn.Module:
     """Builds a registered model.
 
     Students ("spiking_resnet18/19/34", "spiking_vgg11/16", "sew_resnet18/34", "digits_snn", "mnist_snn") need T >= 1
@@ -108,6 +108,11 @@ def create(name: str, num_classes: int, *, T: int | None = None, neuron: str = "
     pack_spikes: a student's convolutions and max-pools whose input is spikes save it for backward as bits
     (SEW ADD block inputs, small integer sums, as bytes): fastsnn.SpikeConv2d / SpikeMaxPool2d, with
     nn.Conv2d's keys and identical results; False keeps nn.Conv2d / nn.MaxPool2d.
+    recompute: a student's conv → BN → [+ shortcut] → neuron units (the downsample shortcuts' convolutions too)
+    save no convolution output: the backward recomputes it from the bits the convolution keeps anyway (the
+    stem's from the image), one extra convolution forward per unit. Every gradient, running statistic, logit and
+    loss equals recompute=False bit for bit on the CPU (see fastsnn.ops.recompute for CUDA). Needs fuse_bn and
+    pack_spikes; eval mode and torch.no_grad cost nothing extra. model.set_recompute(flag) switches it later.
     """
     spec = model_spec(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -133,11 +138,20 @@ def create(name: str, num_classes: int, *, T: int | None = None, neuron: str = "
         if connect not in SEW_CONNECTS:
             raise ValueError(f"models.create: connect must be one of {SEW_CONNECTS}, got {connect!r}")
         kw["connect"] = connect
-    for flag, value in (("fuse_bn", fuse_bn), ("pack_spikes", pack_spikes)):
+    for flag, value in (("fuse_bn", fuse_bn), ("pack_spikes", pack_spikes), ("recompute", recompute)):
         if not isinstance(value, bool):
             raise TypeError(f"models.create: {flag} must be True or False, got {value!r}")
     model = spec.build(num_classes, T=T, neuron=factory, in_channels=in_channels or spec.in_channels,
                        fuse_bn=fuse_bn, pack_spikes=pack_spikes, **kw)
+    if recompute:
+        if spec.role != "student":
+            raise ValueError(f"models.create: recompute=True is for students (spiking networks), not the teacher "
+                             f"{name!r}")
+        if not (fuse_bn and pack_spikes):
+            raise ValueError(f"models.create: recompute=True needs fuse_bn=True and pack_spikes=True (it rebuilds "
+                             f"convolution outputs from the spikes kept as bits inside the fused op), got "
+                             f"fuse_bn={fuse_bn}, pack_spikes={pack_spikes}")
+        model.set_recompute(True)
     model.arch = name
     return model
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..neuron import MultistepNeuron
+from ..ops import recompute as recompute_ops
 from ..spike_layers import SpikeConv2d
 
 SEW_CONNECTS = ("ADD", "AND", "IAND")
@@ -35,17 +36,44 @@ def folded(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module(x.flatten(0, 1)).unflatten(0, x.shape[:2])
 
 
+def conv_source(conv: nn.Module, x: torch.Tensor, recompute: bool, same_input=None):
+    """(folded(conv, x), the ConvSource to recompute that output from, or None): with recompute and a
+    SpikeConv2d, the source holds the bits the convolution keeps anyway (fastsnn.ops.recompute); same_input:
+    the source of another convolution of x, whose bits are then shared."""
+    if recompute and isinstance(conv, SpikeConv2d):
+        box = []
+        out = conv(x.flatten(0, 1), source_into=box, same_input=same_input)  # module hooks run as usual
+        return out.unflatten(0, x.shape[:2]), box[0]
+    return folded(conv, x), None
+
+
+def stem_source(conv: nn.Conv2d, x: torch.Tensor, recompute: bool):
+    """(conv(x), the ConvSource keeping the real-valued input x itself, or None): the stem's convolution, whose
+    output a recompute rebuilds from the image (fastsnn.ops.recompute)."""
+    out = conv(x)
+    if not (recompute and torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)):
+        return out, None
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return out, None  # rebuilt by F.conv2d with numeric zero padding only
+    args = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+    return out, recompute_ops.dense_source(x, conv.weight, conv.bias, args, out)
+
+
 def bn_fire(bn: nn.Module, neuron: nn.Module, x: torch.Tensor, *, residual: torch.Tensor | None = None,
             residual_storage: str | None = None, residual_bn: nn.Module | None = None, repeat: int | None = None,
-            fuse: bool = True) -> torch.Tensor:
+            fuse: bool = True, source=None, residual_source=None) -> torch.Tensor:
     """neuron(bn(x) [+ residual, or + residual_bn(residual)]) over x[T, B, C, ...] (or one timestep [B, C, ...]
     presented T = repeat times). With fuse and a stateless fastsnn neuron this is one fused op (fastsnn.bn_lif:
     the normalised tensors and the neuron input are never stored); otherwise the modules run one after the
     other (a teacher's ReLU, a SpikingJelly node swapped in, fuse=False for comparison). residual_storage: how
-    the fused op keeps the residual for its backward (see fastsnn.bn_lif)."""
+    the fused op keeps the residual for its backward (see fastsnn.bn_lif). source / residual_source: the
+    ConvSources of x and the residual (conv_source), which the fused op saves and recomputes from instead."""
     if fuse and isinstance(neuron, MultistepNeuron) and not neuron.stateful:
+        if source is None and residual_source is None:  # the plain call
+            return neuron(x, repeat=repeat, bn=bn, residual=residual, residual_storage=residual_storage,
+                          residual_bn=residual_bn)
         return neuron(x, repeat=repeat, bn=bn, residual=residual, residual_storage=residual_storage,
-                      residual_bn=residual_bn)
+                      residual_bn=residual_bn, source=source, residual_source=residual_source)
     y = bn(x) if repeat is not None else folded(bn, x)
     if residual is not None:
         y = y + (residual if residual_bn is None else folded(residual_bn, residual))
@@ -66,7 +94,10 @@ def spike_convs(pack: bool, sew_add: bool = False) -> tuple[ConvFactory, ConvFac
 
 class _TwoConvBlock(nn.Module):
     """conv1-bn1-sn1-conv2-bn2-sn2 and a conv1x1-BN downsample where the shape changes; torchvision's names.
-    conv_in builds the convolutions of the block input (conv1, downsample), conv_mid conv2 (see spike_convs)."""
+    conv_in builds the convolutions of the block input (conv1, downsample), conv_mid conv2 (see spike_convs).
+    recompute (set by the network): the fused units save no convolution output (see conv_source)."""
+
+    recompute = False
 
     def __init__(self, inplanes: int, planes: int, stride: int, neuron: NeuronFactory, fuse_bn: bool = True,
                  conv_in: ConvFactory = nn.Conv2d, conv_mid: ConvFactory = nn.Conv2d):
@@ -87,16 +118,19 @@ class BasicBlock(_TwoConvBlock):
     """Spiking ResNet block: sn2(bn2(conv2(sn1(bn1(conv1(x))))) + shortcut(x)); with ReLU, torchvision's."""
 
     def forward(self, x):
-        out = bn_fire(self.bn1, self.sn1, folded(self.conv1, x), fuse=self.fuse_bn)
+        y, input_src = conv_source(self.conv1, x, self.recompute)  # input_src: the block input's bits, shared
+        out = bn_fire(self.bn1, self.sn1, y, fuse=self.fuse_bn, source=input_src)
+        y, src = conv_source(self.conv2, out, self.recompute)
         if self.downsample is None:
             # the identity is the block input, spikes: kept as bits when the block's convolutions keep them so
             storage = "bits" if isinstance(self.conv1, SpikeConv2d) else None
-            return bn_fire(self.bn2, self.sn2, folded(self.conv2, out), residual=x, residual_storage=storage,
-                           fuse=self.fuse_bn)
+            return bn_fire(self.bn2, self.sn2, y, residual=x, residual_storage=storage, fuse=self.fuse_bn,
+                           source=src)
         # the shortcut's BatchNorm runs inside the same op: its output is never stored
         conv, bn = self.downsample
-        return bn_fire(self.bn2, self.sn2, folded(self.conv2, out), residual=folded(conv, x), residual_bn=bn,
-                       fuse=self.fuse_bn)
+        residual, residual_src = conv_source(conv, x, self.recompute, input_src)
+        return bn_fire(self.bn2, self.sn2, y, residual=residual, residual_bn=bn, fuse=self.fuse_bn, source=src,
+                       residual_source=residual_src)
 
 
 class SEWBlock(_TwoConvBlock):
@@ -112,12 +146,15 @@ class SEWBlock(_TwoConvBlock):
             self.downsample_sn = neuron()
 
     def forward(self, x):
-        out = bn_fire(self.bn1, self.sn1, folded(self.conv1, x), fuse=self.fuse_bn)
-        out = bn_fire(self.bn2, self.sn2, folded(self.conv2, out), fuse=self.fuse_bn)
+        y, input_src = conv_source(self.conv1, x, self.recompute)  # input_src: the block input's bits, shared
+        out = bn_fire(self.bn1, self.sn1, y, fuse=self.fuse_bn, source=input_src)
+        y, src = conv_source(self.conv2, out, self.recompute)
+        out = bn_fire(self.bn2, self.sn2, y, fuse=self.fuse_bn, source=src)
         identity = x
         if self.downsample is not None:
             conv, bn = self.downsample
-            identity = bn_fire(bn, self.downsample_sn, folded(conv, x), fuse=self.fuse_bn)
+            y, src = conv_source(conv, x, self.recompute, input_src)
+            identity = bn_fire(bn, self.downsample_sn, y, fuse=self.fuse_bn, source=src)
         if self.connect == "ADD":
             return identity + out
         if self.connect == "AND":

@@ -5,13 +5,18 @@ import torch
 from torch import nn
 
 from ..spike_layers import SpikeMaxPool2d
-from .layers import BasicBlock, NeuronFactory, SEWBlock, bn_fire, folded, spike_convs
+from .layers import BasicBlock, NeuronFactory, SEWBlock, bn_fire, conv_source, folded, spike_convs, stem_source
 
 
 class TimeMajorNet(nn.Module):
     """Common input handling: images [B, C, H, W] (direct encoding: the stem runs once and its output is
     presented at all T steps, the first neuron reading it in place) or time-major [T, B, C, H, W].
-    Students (T given) return [T, B, classes]; teachers (T None, ReLU) return [B, classes]."""
+    Students (T given) return [T, B, classes]; teachers (T None, ReLU) return [B, classes].
+
+    recompute (see set_recompute): every conv → BN → [+ shortcut] → neuron unit saves no convolution output; its
+    backward recomputes it from the bits the convolution keeps (the stem's from the image)."""
+
+    recompute = False
 
     def __init__(self, T: int | None, fuse_bn: bool = True, pack_spikes: bool = True):
         super().__init__()
@@ -21,18 +26,41 @@ class TimeMajorNet(nn.Module):
         # convolutions and max-pools over spikes save them as bits (SpikeConv2d, SpikeMaxPool2d)
         self.pack_spikes = self.spiking and pack_spikes
 
-    def stem(self, x):  # the stem's convolution (its BN and neuron run in body, fused)
+    def stem_conv(self) -> nn.Conv2d:  # the stem's convolution (its BN and neuron run in body, fused)
         raise NotImplementedError
 
-    def body(self, x, repeat=None):  # [T, B, ...] (or [B, ...] with repeat) after the stem's conv -> logits
+    def stem(self, x):
+        return self.stem_conv()(x)
+
+    def body(self, x, repeat=None, source=None):
+        """[T, B, ...] (or [B, ...] with repeat) after the stem's conv -> logits; source: the stem output's
+        ConvSource (recompute)."""
         raise NotImplementedError
+
+    def set_recompute(self, recompute: bool) -> "TimeMajorNet":
+        """Turns the recompute of convolution outputs on or off (results and gradients are the same either way;
+        see fastsnn.ops.recompute). Needs the fused units and packed spikes (fuse_bn and pack_spikes)."""
+        if not isinstance(recompute, bool):
+            raise TypeError(f"recompute must be True or False, got {recompute!r}")
+        if recompute and not self.spiking:
+            raise ValueError("recompute=True is for students (spiking networks); a teacher has no fused units")
+        if recompute and not (self.fuse_bn and self.pack_spikes):
+            raise ValueError(f"recompute=True rebuilds convolution outputs inside the fused BatchNorm + neuron op from "
+                             f"the spikes kept as bits: it needs fuse_bn=True and pack_spikes=True, got "
+                             f"fuse_bn={self.fuse_bn}, pack_spikes={self.pack_spikes}")
+        for m in self.modules():
+            if hasattr(m, "recompute"):
+                m.recompute = recompute
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        recompute = self.recompute
         if x.dim() == 4:
-            y = self.stem(x)  # [B, ...], computed once
-            out = self.body(y, repeat=self.T) if self.spiking else self.body(y.unsqueeze(0))
+            y, src = stem_source(self.stem_conv(), x, recompute)  # [B, ...], computed once
+            out = self.body(y, repeat=self.T, source=src) if self.spiking else self.body(y.unsqueeze(0))
         elif x.dim() == 5:
-            out = self.body(folded(self.stem, x))
+            y, src = stem_source(self.stem_conv(), x.flatten(0, 1), recompute)
+            out = self.body(y.unflatten(0, x.shape[:2]), source=src)
         else:
             raise ValueError(f"{type(self).__name__}: input must be images [B, C, H, W] or time-major "
                              f"[T, B, C, H, W], got shape {tuple(x.shape)}")
@@ -75,11 +103,11 @@ class ResNet(TimeMajorNet):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def stem(self, x):
-        return self.conv1(x)
+    def stem_conv(self):
+        return self.conv1
 
-    def body(self, x, repeat=None):
-        x = folded(self.maxpool, bn_fire(self.bn1, self.sn1, x, repeat=repeat, fuse=self.fuse_bn))
+    def body(self, x, repeat=None, source=None):
+        x = folded(self.maxpool, bn_fire(self.bn1, self.sn1, x, repeat=repeat, fuse=self.fuse_bn, source=source))
         for i in range(self.num_stages):
             x = getattr(self, f"layer{i + 1}")(x)
         x = folded(self.avgpool, x).flatten(2)
@@ -115,14 +143,15 @@ class VGG(TimeMajorNet):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(inplanes, num_classes)
 
-    def stem(self, x):
-        return self.conv0(x)
+    def stem_conv(self):
+        return self.conv0
 
-    def body(self, x, repeat=None):
-        x = bn_fire(self.bn0, self.sn0, x, repeat=repeat, fuse=self.fuse_bn)
+    def body(self, x, repeat=None, source=None):
+        x = bn_fire(self.bn0, self.sn0, x, repeat=repeat, fuse=self.fuse_bn, source=source)
         for layer in self.features:
             if isinstance(layer, nn.ModuleDict):
-                x = bn_fire(layer["bn"], layer["sn"], folded(layer["conv"], x), fuse=self.fuse_bn)
+                y, src = conv_source(layer["conv"], x, self.recompute)
+                x = bn_fire(layer["bn"], layer["sn"], y, fuse=self.fuse_bn, source=src)
             else:
                 x = folded(layer, x)
         return self.fc(folded(self.avgpool, x).flatten(2))
@@ -144,10 +173,11 @@ class DigitsNet(TimeMajorNet):
         self.avgpool = nn.AdaptiveAvgPool2d(pool)
         self.fc = nn.Linear(2 * width * pool * pool, num_classes)
 
-    def stem(self, x):
-        return self.conv1(x)
+    def stem_conv(self):
+        return self.conv1
 
-    def body(self, x, repeat=None):
-        x = bn_fire(self.bn1, self.sn1, x, repeat=repeat, fuse=self.fuse_bn)
-        x = bn_fire(self.bn2, self.sn2, folded(self.conv2, x), fuse=self.fuse_bn)
+    def body(self, x, repeat=None, source=None):
+        x = bn_fire(self.bn1, self.sn1, x, repeat=repeat, fuse=self.fuse_bn, source=source)
+        y, src = conv_source(self.conv2, x, self.recompute)
+        x = bn_fire(self.bn2, self.sn2, y, fuse=self.fuse_bn, source=src)
         return self.fc(folded(self.avgpool, x).flatten(2))

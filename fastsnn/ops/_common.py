@@ -2,6 +2,8 @@
 the membrane checkpoints a long sequence keeps, and the custom ops' flattened spec and empty placeholders."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -23,6 +25,9 @@ def membrane_checkpoints(x_seq: Tensor) -> Tensor | None:
         return None
     n = _neuron_kernels().checkpoints_for(x_seq.shape[0])
     return time_major_like(x_seq[:n], dtype=torch.float32)
+
+
+SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(NeuronSpec))  # a custom op's spec arguments, in order
 
 
 def spec_args(spec: NeuronSpec) -> tuple:

@@ -10,6 +10,7 @@ The reference backend is torch.nn.functional.batch_norm + fastsnn.reference.lif_
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from typing import NamedTuple, Optional
 
@@ -20,9 +21,9 @@ from .. import reference
 from ..backend import (FLOAT_DTYPES, INTERPRET, check_float_tensor, check_number, check_same_device, interpreter_dtype,
                        resolve_backend)
 from ..spec import PARAMETRIC, NeuronSpec, kind_of, neuron_spec
-from . import spike_storage
+from . import recompute, spike_storage
 from ._autograd import refused
-from ._common import empty_f32, membrane_checkpoints, repeated, spec_args
+from ._common import SPEC_FIELDS, empty_f32, membrane_checkpoints, repeated, spec_args
 from ._layout import as_time_major_like, is_dense_time_major, kernels_loader, time_major_like
 from .lif import check_w, rate_of
 
@@ -122,12 +123,44 @@ class _Call(NamedTuple):
 _call = functools.lru_cache(maxsize=256)(_Call)
 
 
+def _keep(sources, x: Tensor, residual: Tensor | None):
+    """(the ctx's recompute plan, x or None, residual or None, the sources' tensors): x (the residual) is not
+    saved when its ConvSource matches it (fastsnn.ops.recompute), its source's tensors are."""
+    if sources is None:
+        return None, x, residual, ()
+    plan, kept, tensors = [], [], []
+    for src, t in zip(sources, (x, residual)):
+        if recompute.matches(src, t):
+            plan.append((src.meta(), tuple(t.shape), tuple(t.stride())))
+            tensors += src.tensors()
+            kept.append(None)
+        else:
+            plan.append(None)
+            kept.append(t)
+    return (None if plan == [None, None] else plan), kept[0], kept[1], tuple(tensors)
+
+
+def _restore(plan, x: Tensor | None, residual: Tensor | None, tensors, as_op: bool = False) -> tuple:
+    """(x, residual) for the backward: saved, or recomputed from their sources (see _keep); as_op: in the custom
+    op's autograd formula (see recompute.rebuild)."""
+    if plan is None:
+        return x, residual
+    restored, k = [], 0
+    for step, t in zip(plan, (x, residual)):
+        if step is not None:
+            t = recompute.rebuild("bn_lif", tuple(tensors[k:k + 3]), *step, as_op=as_op)
+            k += 3
+        restored.append(t)
+    return tuple(restored)
+
+
 class _BNNeuronFunction(torch.autograd.Function):
     """With residual_storage ("bits" / "uint8") the residual is saved packed (see fastsnn.ops.spike_storage)
     and unpacked for the backward. One Geometry (the kernels' view and tiling of x) serves every launch."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, running_mean, running_var, rate, call):
+    def forward(ctx, x, weight, bias, residual, running_mean, running_var, rate, call, sources=None):
+        ctx.sources, x_kept, r_kept, kept = _keep(sources, x, residual)
         x_seq = repeated(x, call.repeat) if call.repeat else x
         fire_residual = None if residual is None else as_time_major_like(residual, x_seq)
         kernels = _kernels()
@@ -141,14 +174,15 @@ class _BNNeuronFunction(torch.autograd.Function):
         if residual is not None and call.residual_storage:
             residual = as_time_major_like(residual, x)
             ctx.residual_layout = spike_storage.layout(residual)
-            residual = spike_storage.pack("bn_lif", residual, call.residual_storage, call.check)
-        ctx.save_for_backward(x, weight, residual, stats, checkpoints, rate)
+            r_kept = spike_storage.pack("bn_lif", residual, call.residual_storage, call.check)
+        ctx.save_for_backward(x_kept, weight, r_kept, stats, checkpoints, rate, *kept)
         ctx.call, ctx.geometry = call, geometry
         return spikes
 
     @staticmethod
     def backward(ctx, grad_spikes):
-        x, weight, residual, stats, checkpoints, rate = ctx.saved_tensors
+        x, weight, residual, stats, checkpoints, rate, *kept = ctx.saved_tensors
+        x, residual = _restore(ctx.sources, x, residual, kept)
         call = ctx.call
         if residual is not None and call.residual_storage:
             residual = spike_storage.unpack("bn_lif", residual, call.residual_storage, ctx.residual_layout)
@@ -156,7 +190,7 @@ class _BNNeuronFunction(torch.autograd.Function):
             grad_spikes, x, weight, residual, stats, checkpoints, call.spec, call.training, call.repeat,
             ctx.needs_input_grad, ctx.geometry, rate=rate)
         grads = (grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual), None, None, grad_rate,
-                None)
+                None, None)
         return refused("bn_lif", grads) if torch.is_grad_enabled() else grads
 
 
@@ -166,8 +200,10 @@ class _BNResidualBNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, running_mean, running_var, r_weight, r_bias, r_running_mean,
-                r_running_var, rate, call):
+                r_running_var, rate, call, sources=None):
+        ctx.sources, x_kept, r_kept, kept = _keep(sources, x, residual)
         residual = as_time_major_like(residual, x)
+        r_kept = None if r_kept is None else residual
         kernels = _kernels()
         geometry = kernels.geometry(x, residual)
         stats = x.new_empty(2, 4, geometry.C, dtype=torch.float32)  # x's table, the residual's
@@ -180,20 +216,22 @@ class _BNResidualBNFunction(torch.autograd.Function):
         checkpoints = membrane_checkpoints(x)
         kernels.bn_fire(x, residual, stats[0], spikes, checkpoints, geometry, call.spec, residual_stats=stats[1],
                         rate=rate)
-        ctx.save_for_backward(x, weight, residual, r_weight, stats, checkpoints, rate)
+        ctx.save_for_backward(x_kept, weight, r_kept, r_weight, stats, checkpoints, rate, *kept)
         ctx.call, ctx.geometry = call, geometry
         return spikes
 
     @staticmethod
     def backward(ctx, grad_spikes):
-        x, weight, residual, r_weight, stats, checkpoints, rate = ctx.saved_tensors
+        x, weight, residual, r_weight, stats, checkpoints, rate, *kept = ctx.saved_tensors
+        x, residual = _restore(ctx.sources, x, residual, kept)
+        residual = as_time_major_like(residual, x)
         n = ctx.needs_input_grad
         grads = _backward_impl(grad_spikes, x, weight, residual, stats[0], checkpoints, ctx.call.spec,
                                ctx.call.training, 0, (n[0], n[1], n[2], n[3], n[6], n[7]), ctx.geometry,
                                residual_bn=(stats[1], r_weight), rate=rate)
         grad_x, grad_weight, grad_bias, grad_residual, grad_r_weight, grad_r_bias, grad_rate = grads
         grads = (grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual), None, None,
-                _cast(grad_r_weight, r_weight), grad_r_bias, None, None, grad_rate, None)
+                _cast(grad_r_weight, r_weight), grad_r_bias, None, None, grad_rate, None, None)
         return refused("bn_lif", grads) if torch.is_grad_enabled() else grads
 
 
@@ -235,16 +273,21 @@ def _statistics_op(x, weight, bias, running_mean, running_var, training, momentu
     return _bn_statistics_op(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat)
 
 
-@torch.library.custom_op("fastsnn::bn_neuron_fire", mutates_args=())
-def _bn_fire_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
-                stats: Tensor, residual_weight: Optional[Tensor], residual_bias: Optional[Tensor],
-                residual_stats: Optional[Tensor], rate: Optional[Tensor], kind: str, tau: float, v_threshold: float,
-                v_reset: Optional[float], surrogate: str, alpha: float, detach_reset: bool, training: bool,
-                repeat: int, residual_storage: Optional[str], check: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _bn_fire(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+             stats: Tensor, residual_weight: Optional[Tensor], residual_bias: Optional[Tensor],
+             residual_stats: Optional[Tensor], rate: Optional[Tensor], kind: str, tau: float, v_threshold: float,
+             v_reset: Optional[float], surrogate: str, alpha: float, detach_reset: bool, training: bool,
+             repeat: int, residual_storage: Optional[str], check: bool, x_kept: Optional[Tensor] = None,
+             x_conv_weight: Optional[Tensor] = None, x_conv_bias: Optional[Tensor] = None,
+             residual_kept: Optional[Tensor] = None, residual_conv_weight: Optional[Tensor] = None,
+             residual_conv_bias: Optional[Tensor] = None,
+             sources: Optional[list[int]] = None) -> tuple[Tensor, Tensor, Tensor]:
     """spikes, checkpoints and, with residual_storage, the residual packed for the backward. The weights and
     biases are inputs only for their gradients (the statistics tables hold their effect); residual_stats, when
     given, normalises the residual (its BatchNorm's weight and bias are residual_weight and residual_bias);
-    rate: a parametric neuron's k."""
+    rate: a parametric neuron's k. x_kept ... sources: the ConvSources (fastsnn.ops.recompute, encoded) that
+    the backward recomputes x and the residual from instead of saving them, inputs only for the autograd
+    formula."""
     spec = NeuronSpec(kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset)
     spikes, checkpoints = _fire_impl(x, residual, stats, spec, repeat, residual_stats, rate)
     packed = _no_bytes(x) if residual is None or not residual_storage else \
@@ -252,9 +295,13 @@ def _bn_fire_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], res
     return spikes, empty_f32(x) if checkpoints is None else checkpoints, packed
 
 
+_FIRE_ARGS = tuple(inspect.signature(_bn_fire).parameters)  # the op's inputs by name, for its autograd formula
+_bn_fire_op = torch.library.custom_op("fastsnn::bn_neuron_fire", _bn_fire, mutates_args=())
+
+
 @_bn_fire_op.register_fake
 def _(x, weight, bias, residual, stats, residual_weight, residual_bias, residual_stats, rate, kind, tau, v_threshold,
-      v_reset, surrogate, alpha, detach_reset, training, repeat, residual_storage, check):
+      v_reset, surrogate, alpha, detach_reset, training, repeat, residual_storage, check, *_sources):
     x_seq = repeated(x, repeat) if repeat else x
     checkpoints = membrane_checkpoints(x_seq)
     packed = _no_bytes(x) if residual is None or not residual_storage else \
@@ -302,21 +349,29 @@ def _(grad_spikes, x, weight, residual, stats, checkpoints, residual_weight, res
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, stats, r_weight, r_bias, r_stats, rate, *params = inputs
-    ctx.params = params[:7]
-    ctx.training, ctx.repeat, storage = params[7], params[8], params[9]
-    ctx.has = (weight is not None, bias is not None, residual is not None, r_weight is not None, r_bias is not None)
+    a = dict(zip(_FIRE_ARGS, inputs))
+    x, weight, residual, r_weight, r_stats = (a[k] for k in ("x", "weight", "residual", "residual_weight",
+                                                              "residual_stats"))
+    ctx.params = tuple(a[name] for name in SPEC_FIELDS)
+    ctx.training, ctx.repeat, storage = a["training"], a["repeat"], a["residual_storage"]
+    ctx.has = tuple(a[k] is not None for k in ("weight", "bias", "residual", "residual_weight", "residual_bias"))
     ctx.residual_bn = r_stats is not None
     ctx.residual_storage = storage if residual is not None else None
+    sources = None
+    if a["sources"] is not None:
+        sources = recompute.decoded_pair(a["sources"], (a["x_kept"], a["x_conv_weight"], a["x_conv_bias"]),
+                                         (a["residual_kept"], a["residual_conv_weight"], a["residual_conv_bias"]))
+    ctx.sources, x, r_kept, kept = _keep(sources, x, residual)
     if ctx.residual_storage:
         ctx.residual_layout = spike_storage.layout(residual)
-        residual = output[2]
-    ctx.save_for_backward(x, weight, residual, stats, output[1], r_weight, r_stats, rate)
+        r_kept = output[2]
+    ctx.save_for_backward(x, weight, r_kept, a["stats"], output[1], r_weight, r_stats, a["rate"], *kept)
     ctx.mark_non_differentiable(output[1], output[2])
 
 
 def _backward(ctx, grad_spikes, _checkpoints, _packed):
-    x, weight, residual, stats, checkpoints, r_weight, r_stats, rate = ctx.saved_tensors
+    x, weight, residual, stats, checkpoints, r_weight, r_stats, rate, *kept = ctx.saved_tensors
+    x, residual = _restore(ctx.sources, x, residual, kept, as_op=True)
     if ctx.residual_storage:
         residual = spike_storage.unpack_op(residual, *ctx.residual_layout, ctx.residual_storage)
     wanted = ctx.needs_input_grad[:4] + (ctx.needs_input_grad[5:7] if ctx.residual_bn else ())
@@ -325,14 +380,15 @@ def _backward(ctx, grad_spikes, _checkpoints, _packed):
                                                r_stats, rate, *ctx.params, ctx.training, ctx.repeat, needs)
     grads = [g if need else None for g, need in zip(grads, needs)] + [None, None]  # needs: 4 (or 6) long
     return (grads[0], _cast(grads[1], weight), grads[2], _cast(grads[3], residual), None,
-            _cast(grads[4], r_weight), grads[5], None, None if rate is None else grad_rate) + (None,) * 11
+            _cast(grads[4], r_weight), grads[5], None, None if rate is None else grad_rate) + \
+        (None,) * (len(_FIRE_ARGS) - 9)
 
 
 torch.library.register_autograd("fastsnn::bn_neuron_fire", _backward, setup_context=_setup_context)
 
 
 def _compiled(x, weight, bias, residual, running_mean, running_var, spec, training, momentum, eps, repeat,
-              residual_storage, check, residual_bn=None, rate=None):
+              residual_storage, check, residual_bn=None, rate=None, sources=None):
     """The op as custom ops for torch.compile: statistics (mutating the running ones; the residual's too when
     residual_bn normalises it), then fire."""
     detached = [None if t is None else t.detach() for t in (x, weight, bias)]
@@ -343,7 +399,7 @@ def _compiled(x, weight, bias, residual, running_mean, running_var, spec, traini
         r_stats = _statistics_op(*[None if t is None else t.detach() for t in (residual, r_weight, r_bias)],
                                  r_running_mean, r_running_var, training, momentum, eps, 0)
     spikes, _, _ = _bn_fire_op(x, weight, bias, residual, stats, r_weight, r_bias, r_stats, rate, *spec_args(spec),
-                               training, repeat, residual_storage, check)
+                               training, repeat, residual_storage, check, *recompute.encoded_pair(sources))
     return spikes
 
 
@@ -449,9 +505,10 @@ def _check_residual_bn(op: str, x: Tensor, residual, residual_bn, residual_stora
 def apply_bn_neuron(op: str, x: Tensor, weight, bias, running_mean, running_var, spec: NeuronSpec, *,
                     training: bool, momentum: float = 0.1, eps: float = 1e-5, residual: Tensor | None = None,
                     residual_storage: str | None = None, residual_bn=None, repeat: int | None = None,
-                    backend: str = "auto", w: Tensor | None = None) -> Tensor:
+                    backend: str = "auto", w: Tensor | None = None, source=None, residual_source=None) -> Tensor:
     """spikes [T, B, C, ...] of the neuron `spec` over BN(x) [+ residual, or + BN_r(residual) with residual_bn]
-    (see bn_lif); w: a parametric neuron's weight. The spec is trusted."""
+    (see bn_lif); w: a parametric neuron's weight; source, residual_source: ConvSources to recompute x and the
+    residual from (fastsnn.ops.recompute). The spec is trusted."""
     momentum, eps, common = _check(op, x, weight, bias, running_mean, running_var, residual, training, momentum, eps,
                                    repeat)
     if w is not None or spec.kind in PARAMETRIC:
@@ -477,7 +534,8 @@ def apply_bn_neuron(op: str, x: Tensor, weight, bias, running_mean, running_var,
         used = tuple(t if c is None else c for t, c in zip(vectors, copies))
         spikes = apply_bn_neuron(op, x, *used[:4], spec, training=training, momentum=momentum, eps=eps,
                                  residual=residual, residual_storage=residual_storage,
-                                 residual_bn=used[4:] or None, repeat=repeat, backend=backend, w=w)
+                                 residual_bn=used[4:] or None, repeat=repeat, backend=backend, w=w, source=source,
+                                 residual_source=residual_source)
         if training:  # the running statistics' updates, written back where the caller keeps them
             for k in (2, 3) if residual_bn is None else (2, 3, 6, 7):
                 if copies[k] is not None:
@@ -490,14 +548,19 @@ def apply_bn_neuron(op: str, x: Tensor, weight, bias, running_mean, running_var,
         # timesteps (repeat= is the form that reads one timestep in place)
         x = x.contiguous()
     check = residual_storage is not None and spike_storage.CHECK_DEFAULT
+    sources = None
+    if source is not None or residual_source is not None:
+        recompute.check_source(op, "source", source)
+        recompute.check_source(op, "residual_source", residual_source)
+        sources = (source, None if residual_storage else residual_source)
     if torch.compiler.is_compiling():
         return _compiled(x, weight, bias, residual, running_mean, running_var, spec, training, momentum, eps,
-                         repeat or 0, residual_storage, check, residual_bn, rate)
+                         repeat or 0, residual_storage, check, residual_bn, rate, sources)
     call = _call(spec, training, momentum, eps, repeat or 0, residual_storage, check)
     if residual_bn is not None:
         return _BNResidualBNFunction.apply(x, weight, bias, residual, running_mean, running_var, *residual_bn, rate,
-                                           call)
-    return _BNNeuronFunction.apply(x, weight, bias, residual, running_mean, running_var, rate, call)
+                                           call, sources)
+    return _BNNeuronFunction.apply(x, weight, bias, residual, running_mean, running_var, rate, call, sources)
 
 
 def bn_lif(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
@@ -505,7 +568,8 @@ def bn_lif(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: 
            residual: Tensor | None = None, residual_storage: str | None = None, residual_bn=None,
            tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
            v_reset: float | None = 0.0, surrogate: str = "atan", alpha: float | None = None,
-           detach_reset: bool = False, repeat: int | None = None, backend: str = "auto") -> Tensor:
+           detach_reset: bool = False, repeat: int | None = None, backend: str = "auto", source=None,
+           residual_source=None) -> Tensor:
     """BatchNorm, an optional residual add, and the multistep LIF neuron, fused:
 
         y = (x − μ_c)/√(σ²_c + eps)·weight_c + bias_c [+ residual],   spikes = lif_multistep(y, ...)
@@ -528,8 +592,14 @@ def bn_lif(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: 
     residual get their gradients. The backward then keeps the residual (the shortcut convolution's output)
     instead of BN_r's output, which never exists.
 
-    Memory: the backward keeps x (and the residual) and per-channel fp32 statistics, never the normalised value
-    or the neuron input. Returns spikes [T, B, C, *spatial] in x's dtype and layout.
+    source / residual_source: None, or the ConvSource of x (of the residual) when it is a fastsnn.SpikeConv2d's
+    output (conv(x_in, source_into=box) puts it in box; see fastsnn.ops.recompute): the op then saves the source
+    (the packed input the convolution keeps anyway and its weight) instead of x, and its backward recomputes x
+    with one convolution, the same values in the same layout, so every result equals source=None's. A source
+    that is not x's (another tensor, a copy) is ignored.
+
+    Memory: the backward keeps x (and the residual), or their sources, and per-channel fp32 statistics, never
+    the normalised value or the neuron input. Returns spikes [T, B, C, *spatial] in x's dtype and layout.
     The caller (e.g. the BNLIF module) increments num_batches_tracked, as nn.BatchNorm2d's forward does.
     """
     op = "bn_lif"
@@ -537,7 +607,8 @@ def bn_lif(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: 
                        surrogate=surrogate, alpha=alpha, detach_reset=detach_reset)
     return apply_bn_neuron(op, x, weight, bias, running_mean, running_var, spec, training=training,
                            momentum=momentum, eps=eps, residual=residual, residual_storage=residual_storage,
-                           residual_bn=residual_bn, repeat=repeat, backend=backend)
+                           residual_bn=residual_bn, repeat=repeat, backend=backend, source=source,
+                           residual_source=residual_source)
 
 
 def bn_if(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
@@ -545,14 +616,15 @@ def bn_if(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: T
           residual: Tensor | None = None, residual_storage: str | None = None, residual_bn=None,
           v_threshold: float = 1.0, v_reset: float | None = 0.0,
           surrogate: str = "atan", alpha: float | None = None, detach_reset: bool = False,
-          repeat: int | None = None, backend: str = "auto") -> Tensor:
+          repeat: int | None = None, backend: str = "auto", source=None, residual_source=None) -> Tensor:
     """bn_lif with the integrate-and-fire neuron (charge h = v + y): same arguments without tau, decay_input."""
     op = "bn_if"
     spec = neuron_spec(op, kind="if", tau=None, v_threshold=v_threshold, v_reset=v_reset, surrogate=surrogate,
                        alpha=alpha, detach_reset=detach_reset)
     return apply_bn_neuron(op, x, weight, bias, running_mean, running_var, spec, training=training,
                            momentum=momentum, eps=eps, residual=residual, residual_storage=residual_storage,
-                           residual_bn=residual_bn, repeat=repeat, backend=backend)
+                           residual_bn=residual_bn, repeat=repeat, backend=backend, source=source,
+                           residual_source=residual_source)
 
 
 def bn_plif(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
@@ -560,7 +632,7 @@ def bn_plif(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean:
             residual: Tensor | None = None, residual_storage: str | None = None, residual_bn=None,
             decay_input: bool = True, v_threshold: float = 1.0, v_reset: float | None = 0.0, surrogate: str = "atan",
             alpha: float | None = None, detach_reset: bool = False, repeat: int | None = None,
-            backend: str = "auto") -> Tensor:
+            backend: str = "auto", source=None, residual_source=None) -> Tensor:
     """bn_lif with the parametric LIF neuron (fastsnn.plif_multistep: rate k = sigmoid(w), w one learnable
     element): same arguments with w in place of tau. dL/dw comes from the backward kernel's per-program partial
     sums and one sum."""
@@ -569,4 +641,5 @@ def bn_plif(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean:
                        v_reset=v_reset, surrogate=surrogate, alpha=alpha, detach_reset=detach_reset)
     return apply_bn_neuron(op, x, weight, bias, running_mean, running_var, spec, training=training,
                            momentum=momentum, eps=eps, residual=residual, residual_storage=residual_storage,
-                           residual_bn=residual_bn, repeat=repeat, backend=backend, w=w)
+                           residual_bn=residual_bn, repeat=repeat, backend=backend, w=w, source=source,
+                           residual_source=residual_source)

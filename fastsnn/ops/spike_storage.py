@@ -147,19 +147,23 @@ def packed_size(numel, storage: str):
 class _SpikeConv2dFunction(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x, weight, bias, conv, storage, check):
+    def forward(ctx, x, weight, bias, conv, storage, check, with_packed=False, packed=None):
         out = F.conv2d(x, weight, bias, *conv)
-        packed = pack("SpikeConv2d", x, storage, check) if ctx.needs_input_grad[1] else None
+        if packed is None and (ctx.needs_input_grad[1] or with_packed):
+            packed = pack("SpikeConv2d", x, storage, check)
         ctx.save_for_backward(weight, packed)
         ctx.x_layout, ctx.storage, ctx.conv, ctx.has_bias = layout(x), storage, conv, bias is not None
+        if with_packed:  # the packed input, for a recompute of out (fastsnn.ops.recompute)
+            ctx.mark_non_differentiable(packed)
+            return out, packed
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _packed=None):
         weight, packed = ctx.saved_tensors
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
         grads = _conv_backward(grad_out, packed, weight, ctx.x_layout, ctx.conv, ctx.storage, mask)
-        grads = (*grads, None, None, None)
+        grads = (*grads, None, None, None, None, None)
         return refused("SpikeConv2d", grads) if torch.is_grad_enabled() else grads
 
 
@@ -230,6 +234,38 @@ def _conv_backward_compiled(ctx, grad_out, _packed_grad):
 
 
 torch.library.register_autograd("fastsnn::spike_conv2d", _conv_backward_compiled, setup_context=_conv_setup_context)
+
+
+@torch.library.custom_op("fastsnn::spike_conv2d_prepacked", mutates_args=())
+def _spike_conv2d_prepacked_op(x: Tensor, packed: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int],
+                               padding: list[int], dilation: list[int], groups: int, storage: str) -> Tensor:
+    """The convolution of x, whose `packed` form (another convolution's of the same x) its backward keeps."""
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+@_spike_conv2d_prepacked_op.register_fake
+def _(x, packed, weight, bias, stride, padding, dilation, groups, storage):
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _prepacked_setup_context(ctx, inputs, output):
+    x, packed, weight, bias, stride, padding, dilation, groups, storage = inputs
+    ctx.save_for_backward(weight, packed)
+    ctx.x_layout, ctx.storage, ctx.conv, ctx.has_bias = layout(x), storage, (stride, padding, dilation, groups), \
+        bias is not None
+
+
+def _prepacked_backward_compiled(ctx, grad_out):
+    weight, packed = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    mask = [n[0], n[2], ctx.has_bias and n[3]]
+    grads = _spike_conv2d_backward_op(grad_out, packed, weight, *ctx.x_layout, *ctx.conv, ctx.storage, mask)
+    grad_x, grad_weight, grad_bias = (g if need else None for g, need in zip(grads, mask))
+    return grad_x, None, grad_weight, grad_bias, None, None, None, None, None
+
+
+torch.library.register_autograd("fastsnn::spike_conv2d_prepacked", _prepacked_backward_compiled,
+                                setup_context=_prepacked_setup_context)
 
 
 class _SpikeMaxPool2dFunction(torch.autograd.Function):
@@ -306,6 +342,20 @@ def spike_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, conv: tuple, st
     if torch.compiler.is_compiling():
         return _spike_conv2d_op(x, weight, bias, *conv, storage, check)[0]
     return _SpikeConv2dFunction.apply(x, weight, bias, conv, storage, check)
+
+
+def spike_conv2d_packed(x: Tensor, weight: Tensor, bias: Tensor | None, conv: tuple, storage: str,
+                        check: bool, packed: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """spike_conv2d and the packed input it keeps for its backward (the same tensor, not a copy): what a
+    recompute of the output needs (fastsnn.ops.recompute). packed: x already packed as `storage` (by another
+    convolution of the same x), kept instead of packing x again."""
+    if packed is not None:
+        if torch.compiler.is_compiling():
+            return _spike_conv2d_prepacked_op(x, packed, weight, bias, *conv, storage), packed
+        return _SpikeConv2dFunction.apply(x, weight, bias, conv, storage, False, False, packed), packed
+    if torch.compiler.is_compiling():
+        return _spike_conv2d_op(x, weight, bias, *conv, storage, check)
+    return _SpikeConv2dFunction.apply(x, weight, bias, conv, storage, check, True)
 
 
 def spike_max_pool2d(x: Tensor, pool: tuple, check: bool) -> Tensor:

@@ -42,7 +42,7 @@ BUNDLED_TEACHER_EPOCHS = 30  # the cached teacher of a bundled data set (digits,
 RESUME_COMPATIBLE = frozenset({
     "epochs", "save_every", "workers", "stop_after_epochs", "quiet", "max_bad_steps", "threads", "device", "amp",
     "compile", "channels_last", "data_dir", "download", "cache_dir", "tensorboard", "grad_clip", "ts_ce", "ts_kl",
-    "alpha", "kd_tau", "lam", "entropy_tau", "label_smoothing", "autoaugment", "cutout"})
+    "alpha", "kd_tau", "lam", "entropy_tau", "label_smoothing", "autoaugment", "cutout", "recompute"})
 # compatible at an epoch boundary only: mid-epoch they would re-train or skip samples
 RESUME_EPOCH_BOUNDARY = frozenset({"batch_size"})
 # invocation controls, never taken from a checkpoint or written to config.yaml
@@ -112,6 +112,7 @@ class TrainConfig:
     amp: str = "bf16"
     channels_last: bool = False
     compile: bool = False
+    recompute: bool = False
     seed: int = 0
     threads: int = 0
     # run
@@ -268,6 +269,10 @@ def _machine(g) -> None:
     g.add_argument("--amp", default="bf16", choices=("bf16", "fp16", "off"), help="autocast on CUDA")
     g.add_argument("--channels-last", action="store_true")
     g.add_argument("--compile", action="store_true", help="torch.compile the student")
+    g.add_argument("--recompute", action="store_true",
+                   help="the student saves no convolution output: each conv -> BN -> neuron unit recomputes it in "
+                        "the backward from the spikes its convolution keeps as bits (one extra convolution forward "
+                        "per unit; about 4x fewer saved bytes, identical results, changeable on resume)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=0,
                    help="CPU intra-op threads (0: auto = 1 for the small digits/mnist5k models on the CPU unless "
@@ -447,6 +452,9 @@ def _validate_names(cfg: TrainConfig) -> None:
     elif cfg.arch not in names["students"]:
         raise UsageError(f"--arch must be one of {', '.join(names['students'])} (or a teacher with --ann); "
                          f"got {cfg.arch!r}")
+    if cfg.ann and cfg.recompute:
+        raise UsageError("--recompute is for a spiking student (it recomputes the fused units' convolution outputs); "
+                         "a teacher trained with --ann has none")
     if cfg.uses_teacher and cfg.teacher not in names["teachers"]:
         raise UsageError(f"--teacher must be one of {', '.join(names['teachers'])}, got {cfg.teacher!r}")
     for flag, value, allowed in (("--surrogate", cfg.surrogate, tuple(SURROGATES)), ("--neuron", cfg.neuron, KINDS),

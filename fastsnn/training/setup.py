@@ -56,7 +56,8 @@ def build_model(cfg: TrainConfig, num_classes: int, in_channels: int) -> torch.n
         return models.create(cfg.arch, num_classes, **kw)
     return models.create(cfg.arch, num_classes, T=cfg.T, neuron=cfg.neuron, tau=cfg.membrane_tau,
                          v_threshold=cfg.v_threshold, v_reset=cfg.v_reset, surrogate=cfg.surrogate,
-                         alpha=cfg.surrogate_alpha, detach_reset=cfg.detach_reset, connect=cfg.sew_connect, **kw)
+                         alpha=cfg.surrogate_alpha, detach_reset=cfg.detach_reset, connect=cfg.sew_connect,
+                         recompute=cfg.recompute, **kw)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
