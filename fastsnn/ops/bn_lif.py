@@ -10,7 +10,6 @@ The reference backend is torch.nn.functional.batch_norm + fastsnn.reference.lif_
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from typing import NamedTuple, Optional
 
@@ -24,6 +23,7 @@ from ..spec import PARAMETRIC, NeuronSpec, kind_of, neuron_spec
 from . import recompute, spike_storage
 from ._autograd import refused
 from ._common import SPEC_FIELDS, empty_f32, membrane_checkpoints, repeated, spec_args
+from ._declare import Args
 from ._layout import as_time_major_like, is_dense_time_major, kernels_loader, time_major_like
 from .lif import check_w, rate_of
 
@@ -160,7 +160,10 @@ class _BNNeuronFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, running_mean, running_var, rate, call, sources=None):
-        ctx.sources, x_kept, r_kept, kept = _keep(sources, x, residual)
+        if sources is None:  # the common call
+            ctx.sources, x_kept, r_kept, kept = None, x, residual, ()
+        else:
+            ctx.sources, x_kept, r_kept, kept = _keep(sources, x, residual)
         x_seq = repeated(x, call.repeat) if call.repeat else x
         fire_residual = None if residual is None else as_time_major_like(residual, x_seq)
         kernels = _kernels()
@@ -189,8 +192,7 @@ class _BNNeuronFunction(torch.autograd.Function):
         grad_x, grad_weight, grad_bias, grad_residual, grad_rate = _backward_impl(
             grad_spikes, x, weight, residual, stats, checkpoints, call.spec, call.training, call.repeat,
             ctx.needs_input_grad, ctx.geometry, rate=rate)
-        grads = (grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual), None, None, grad_rate,
-                None, None)
+        grads = _PLAIN_GRADS(grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual), grad_rate)
         return refused("bn_lif", grads) if torch.is_grad_enabled() else grads
 
 
@@ -226,13 +228,19 @@ class _BNResidualBNFunction(torch.autograd.Function):
         x, residual = _restore(ctx.sources, x, residual, kept)
         residual = as_time_major_like(residual, x)
         n = ctx.needs_input_grad
+        needs = tuple(n[_RESIDUAL_BN_ARGS.index(k)] for k in ("x", "weight", "bias", "residual", "r_weight", "r_bias"))
         grads = _backward_impl(grad_spikes, x, weight, residual, stats[0], checkpoints, ctx.call.spec,
-                               ctx.call.training, 0, (n[0], n[1], n[2], n[3], n[6], n[7]), ctx.geometry,
+                               ctx.call.training, 0, needs, ctx.geometry,
                                residual_bn=(stats[1], r_weight), rate=rate)
         grad_x, grad_weight, grad_bias, grad_residual, grad_r_weight, grad_r_bias, grad_rate = grads
-        grads = (grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual), None, None,
-                _cast(grad_r_weight, r_weight), grad_r_bias, None, None, grad_rate, None, None)
+        grads = _RESIDUAL_BN_GRADS(grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual),
+                                   _cast(grad_r_weight, r_weight), grad_r_bias, grad_rate)
         return refused("bn_lif", grads) if torch.is_grad_enabled() else grads
+
+
+_RESIDUAL_BN_ARGS = Args(_BNResidualBNFunction.forward)
+_PLAIN_GRADS = Args(_BNNeuronFunction.forward).returning("x", "weight", "bias", "residual", "rate")
+_RESIDUAL_BN_GRADS = _RESIDUAL_BN_ARGS.returning("x", "weight", "bias", "residual", "r_weight", "r_bias", "rate")
 
 
 # ---- the same launchers as custom ops, for torch.compile ----
@@ -295,7 +303,7 @@ def _bn_fire(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residu
     return spikes, empty_f32(x) if checkpoints is None else checkpoints, packed
 
 
-_FIRE_ARGS = tuple(inspect.signature(_bn_fire).parameters)  # the op's inputs by name, for its autograd formula
+_FIRE_ARGS = Args(_bn_fire)  # the op's inputs by name, for its autograd formula
 _bn_fire_op = torch.library.custom_op("fastsnn::bn_neuron_fire", _bn_fire, mutates_args=())
 
 
@@ -349,10 +357,10 @@ def _(grad_spikes, x, weight, residual, stats, checkpoints, residual_weight, res
 
 
 def _setup_context(ctx, inputs, output):
-    a = dict(zip(_FIRE_ARGS, inputs))
+    a = _FIRE_ARGS.bind(inputs)
     x, weight, residual, r_weight, r_stats = (a[k] for k in ("x", "weight", "residual", "residual_weight",
                                                               "residual_stats"))
-    ctx.params = tuple(a[name] for name in SPEC_FIELDS)
+    ctx.params = _FIRE_ARGS.values(a, SPEC_FIELDS)
     ctx.training, ctx.repeat, storage = a["training"], a["repeat"], a["residual_storage"]
     ctx.has = tuple(a[k] is not None for k in ("weight", "bias", "residual", "residual_weight", "residual_bias"))
     ctx.residual_bn = r_stats is not None
@@ -374,14 +382,18 @@ def _backward(ctx, grad_spikes, _checkpoints, _packed):
     x, residual = _restore(ctx.sources, x, residual, kept, as_op=True)
     if ctx.residual_storage:
         residual = spike_storage.unpack_op(residual, *ctx.residual_layout, ctx.residual_storage)
-    wanted = ctx.needs_input_grad[:4] + (ctx.needs_input_grad[5:7] if ctx.residual_bn else ())
-    needs = [bool(n) and h for n, h in zip(wanted, (True,) + ctx.has)]
+    wanted = _GRADIENTS[:4] + (_GRADIENTS[4:] if ctx.residual_bn else ())
+    needs = [bool(ctx.needs_input_grad[_FIRE_ARGS.index(n)]) and h for n, h in zip(wanted, (True,) + ctx.has)]
     *grads, grad_rate = _bn_neuron_backward_op(grad_spikes, x, weight, residual, stats, checkpoints, r_weight,
                                                r_stats, rate, *ctx.params, ctx.training, ctx.repeat, needs)
-    grads = [g if need else None for g, need in zip(grads, needs)] + [None, None]  # needs: 4 (or 6) long
-    return (grads[0], _cast(grads[1], weight), grads[2], _cast(grads[3], residual), None,
-            _cast(grads[4], r_weight), grads[5], None, None if rate is None else grad_rate) + \
-        (None,) * (len(_FIRE_ARGS) - 9)
+    g = {name: grad for name, grad, need in zip(wanted, grads, needs) if need}
+    likes = {"weight": weight, "residual": residual, "residual_weight": r_weight}
+    return _FIRE_ARGS.grads(**{name: _cast(grad, likes[name]) if name in likes else grad for name, grad in g.items()},
+                            rate=None if rate is None else grad_rate)
+
+
+# the fused op's inputs with a gradient, in the order of bn_neuron_backward's outputs (rate's comes last)
+_GRADIENTS = ("x", "weight", "bias", "residual", "residual_weight", "residual_bias")
 
 
 torch.library.register_autograd("fastsnn::bn_neuron_fire", _backward, setup_context=_setup_context)

@@ -16,7 +16,8 @@ from .. import reference
 from ..backend import FLOAT_DTYPES, check_float_tensor, check_same_device, resolve_backend
 from ..spec import PARAMETRIC, NeuronSpec, kind_of, neuron_spec
 from ._autograd import refused
-from ._common import empty_f32, membrane_checkpoints, repeated, spec_args
+from ._common import SPEC_FIELDS, empty_f32, membrane_checkpoints, repeated, spec_args
+from ._declare import Args
 from ._layout import as_time_major_like, is_dense_time_major, kernels_loader, same_layout, time_major_like
 
 
@@ -84,8 +85,11 @@ class _LIFFunction(torch.autograd.Function):
                                                         ctx.spec, bool(ctx.repeat), rate)
         if ctx.repeat:
             grad_x = grad_x[0]
-        grads = grad_x, None if v_init is None else grad_v_init.to(v_init.dtype), grad_rate, None, None, None
+        grads = _FUNCTION_GRADS(grad_x, None if v_init is None else grad_v_init.to(v_init.dtype), grad_rate)
         return refused("lif_multistep", grads) if torch.is_grad_enabled() else grads
+
+
+_FUNCTION_GRADS = Args(_LIFFunction.forward).returning("x", "v_init", "rate")
 
 
 class _LIFPlain(torch.autograd.Function):
@@ -157,11 +161,14 @@ def _(grad_spikes, grad_v_final, x, v_init, checkpoints, rate, kind, tau, v_thre
             empty_f32(x), empty_f32(x) if rate is None else torch.empty_like(rate))
 
 
+_FORWARD_ARGS = Args(_lif_forward_op._init_fn)
+
+
 def _setup_context(ctx, inputs, output):
-    x, v_init, rate, *params = inputs
-    ctx.params = params[:7]  # the spec's fields
-    ctx.return_v, ctx.repeat = params[7], params[8]
-    ctx.save_for_backward(x, v_init, output[2], rate)
+    a = _FORWARD_ARGS.bind(inputs)
+    ctx.params = _FORWARD_ARGS.values(a, SPEC_FIELDS)
+    ctx.return_v, ctx.repeat = a.return_v, a.repeat
+    ctx.save_for_backward(a.x, a.v_init, output[2], a.rate)
     ctx.mark_non_differentiable(output[2])
 
 
@@ -171,8 +178,8 @@ def _backward(ctx, grad_spikes, grad_v_final, _):
         grad_spikes = torch.zeros_like(repeated(x, ctx.repeat) if ctx.repeat else x)
     grad_x, grad_v_init, grad_rate = _lif_backward_op(grad_spikes, grad_v_final if ctx.return_v else None, x, v_init,
                                                       checkpoints, rate, *ctx.params, ctx.repeat)
-    return (grad_x, None if v_init is None else grad_v_init.to(v_init.dtype),
-            None if rate is None else grad_rate) + (None,) * 9
+    return _FORWARD_ARGS.grads(x=grad_x, v_init=None if v_init is None else grad_v_init.to(v_init.dtype),
+                               rate=None if rate is None else grad_rate)
 
 
 torch.library.register_autograd("fastsnn::lif_forward", _backward, setup_context=_setup_context)

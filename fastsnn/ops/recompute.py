@@ -156,7 +156,7 @@ def encoded_pair(sources) -> tuple:
     """(x_kept, x_conv_weight, x_conv_bias, residual_kept, residual_conv_weight, residual_conv_bias, ints or
     None): (x's source, the residual's source), either None, as the fused op's custom op takes them."""
     if sources is None or sources == (None, None):
-        return (None,) * 7
+        return (None, None, None) * 2 + (None,)  # (kept, weight, bias) twice, the ints
     tensors, ints = [], []
     for src in sources:
         tensors += src.tensors() if src is not None else (None, None, None)

@@ -21,6 +21,7 @@ uint8 truncates toward zero and wraps modulo 256 (2.7 → 2, 300 → 44, −1 �
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -30,6 +31,7 @@ from torch import Tensor
 
 from ..backend import resolve_backend
 from ._autograd import refused
+from ._declare import Args
 from ._layout import kernels_loader, same_layout
 
 STORAGES = ("bits", "uint8")
@@ -161,10 +163,21 @@ class _SpikeConv2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _packed=None):
         weight, packed = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-        grads = _conv_backward(grad_out, packed, weight, ctx.x_layout, ctx.conv, ctx.storage, mask)
-        grads = (*grads, None, None, None, None, None)
+        grads = _conv_grads(ctx, _CONV_FUNCTION_ARGS, lambda mask: _conv_backward(
+            grad_out, packed, weight, ctx.x_layout, ctx.conv, ctx.storage, mask))
         return refused("SpikeConv2d", grads) if torch.is_grad_enabled() else grads
+
+
+_CONV_FUNCTION_ARGS = Args(_SpikeConv2dFunction.forward)
+
+
+def _conv_grads(ctx, args: Args, backward) -> tuple:
+    """The gradients of x, weight and bias (a convolution's Function or custom op, `args` its inputs), each
+    where asked for: backward(mask) gives the three, None where the mask says not needed."""
+    n = ctx.needs_input_grad
+    mask = [n[args.index("x")], n[args.index("weight")], ctx.has_bias and n[args.index("bias")]]
+    grad_x, grad_weight, grad_bias = (g if need else None for g, need in zip(backward(mask), mask))
+    return args.grads(x=grad_x, weight=grad_weight, bias=grad_bias)
 
 
 def _conv_backward(grad_out, packed, weight, x_layout, conv, storage, mask):
@@ -218,19 +231,23 @@ def _(grad_out, packed, weight, x_shape, x_strides, x_dtype, stride, padding, di
     return [like if need else _absent(grad_out) for like, need in zip(likes, mask)]
 
 
-def _conv_setup_context(ctx, inputs, output):
-    x, weight, bias, stride, padding, dilation, groups, storage, _ = inputs
-    ctx.save_for_backward(weight, output[1])
-    ctx.x_layout, ctx.storage, ctx.conv, ctx.has_bias = layout(x), storage, (stride, padding, dilation, groups), \
-        bias is not None
-    ctx.mark_non_differentiable(output[1])
+_CONV_OP_ARGS = Args(_spike_conv2d_op._init_fn)
+_CONV_FIELDS = ("stride", "padding", "dilation", "groups")
 
 
-def _conv_backward_compiled(ctx, grad_out, _packed_grad):
+def _conv_setup_context(ctx, inputs, output, args=_CONV_OP_ARGS, packed=None):
+    a = args.bind(inputs)
+    ctx.save_for_backward(a.weight, output[1] if packed is None else a[packed])
+    ctx.x_layout, ctx.storage, ctx.has_bias = layout(a.x), a.storage, a.bias is not None
+    ctx.conv = args.values(a, _CONV_FIELDS)
+    if packed is None:
+        ctx.mark_non_differentiable(output[1])
+
+
+def _conv_backward_compiled(ctx, grad_out, _packed_grad=None, args=_CONV_OP_ARGS):
     weight, packed = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-    grads = _spike_conv2d_backward_op(grad_out, packed, weight, *ctx.x_layout, *ctx.conv, ctx.storage, mask)
-    return (*(g if need else None for g, need in zip(grads, mask)),) + (None,) * 6
+    return _conv_grads(ctx, args, lambda mask: _spike_conv2d_backward_op(
+        grad_out, packed, weight, *ctx.x_layout, *ctx.conv, ctx.storage, mask))
 
 
 torch.library.register_autograd("fastsnn::spike_conv2d", _conv_backward_compiled, setup_context=_conv_setup_context)
@@ -248,24 +265,10 @@ def _(x, packed, weight, bias, stride, padding, dilation, groups, storage):
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
-def _prepacked_setup_context(ctx, inputs, output):
-    x, packed, weight, bias, stride, padding, dilation, groups, storage = inputs
-    ctx.save_for_backward(weight, packed)
-    ctx.x_layout, ctx.storage, ctx.conv, ctx.has_bias = layout(x), storage, (stride, padding, dilation, groups), \
-        bias is not None
-
-
-def _prepacked_backward_compiled(ctx, grad_out):
-    weight, packed = ctx.saved_tensors
-    n = ctx.needs_input_grad
-    mask = [n[0], n[2], ctx.has_bias and n[3]]
-    grads = _spike_conv2d_backward_op(grad_out, packed, weight, *ctx.x_layout, *ctx.conv, ctx.storage, mask)
-    grad_x, grad_weight, grad_bias = (g if need else None for g, need in zip(grads, mask))
-    return grad_x, None, grad_weight, grad_bias, None, None, None, None, None
-
-
-torch.library.register_autograd("fastsnn::spike_conv2d_prepacked", _prepacked_backward_compiled,
-                                setup_context=_prepacked_setup_context)
+_PREPACKED_ARGS = Args(_spike_conv2d_prepacked_op._init_fn)
+torch.library.register_autograd(
+    "fastsnn::spike_conv2d_prepacked", functools.partial(_conv_backward_compiled, args=_PREPACKED_ARGS),
+    setup_context=functools.partial(_conv_setup_context, args=_PREPACKED_ARGS, packed="packed"))
 
 
 class _SpikeMaxPool2dFunction(torch.autograd.Function):
@@ -280,8 +283,11 @@ class _SpikeMaxPool2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (packed,) = ctx.saved_tensors
-        grads = _pool_backward(grad_out, packed, ctx.x_layout, ctx.pool), None, None
+        grads = _POOL_FUNCTION_GRADS(_pool_backward(grad_out, packed, ctx.x_layout, ctx.pool))
         return refused("SpikeMaxPool2d", grads) if torch.is_grad_enabled() else grads
+
+
+_POOL_FUNCTION_GRADS = Args(_SpikeMaxPool2dFunction.forward).returning("x")
 
 
 def _pool_backward(grad_out, packed, x_layout, pool):
@@ -319,16 +325,20 @@ def _(grad_out, packed, x_shape, x_strides, x_dtype, kernel_size, stride, paddin
     return grad_out.new_empty_strided(x_shape, x_strides, dtype=x_dtype)
 
 
+_POOL_OP_ARGS = Args(_spike_max_pool2d_op._init_fn)
+
+
 def _pool_setup_context(ctx, inputs, output):
-    x, *pool, _ = inputs
+    a = _POOL_OP_ARGS.bind(inputs)
     ctx.save_for_backward(output[1])
-    ctx.x_layout, ctx.pool = layout(x), pool
+    ctx.x_layout, ctx.pool = layout(a.x), _POOL_OP_ARGS.values(a, ("kernel_size", "stride", "padding", "dilation",
+                                                                   "ceil_mode"))
     ctx.mark_non_differentiable(output[1])
 
 
 def _pool_backward_compiled(ctx, grad_out, _packed_grad):
     (packed,) = ctx.saved_tensors
-    return (_spike_max_pool2d_backward_op(grad_out, packed, *ctx.x_layout, *ctx.pool),) + (None,) * 6
+    return _POOL_OP_ARGS.grads(x=_spike_max_pool2d_backward_op(grad_out, packed, *ctx.x_layout, *ctx.pool))
 
 
 torch.library.register_autograd("fastsnn::spike_max_pool2d", _pool_backward_compiled,

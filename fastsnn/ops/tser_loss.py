@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import refused
+from ._declare import Args
 from .. import reference
 from ._layout import kernels_loader
 from ..backend import (BACKENDS, FLOAT_DTYPES, check_float_tensor, check_number, check_same_device,
@@ -153,17 +154,22 @@ def _(grad_loss, z, u, y, stats, alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ign
     return torch.empty(z.shape, dtype=z.dtype, device=z.device)
 
 
+_FORWARD_ARGS = Args(_tser_loss_forward_op._init_fn)
+# the loss settings the backward takes (with_entropy is the forward's only)
+_SPEC_NAMES = tuple(n for n in Args(_tser_loss_backward_op._init_fn).names if n not in ("grad_loss", "z", "u", "y",
+                                                                                         "stats"))
+
+
 def _setup_context(ctx, inputs, output):
-    z, u, y, *params = inputs
-    ctx.params = params[:-1]  # all but with_entropy
-    ctx.save_for_backward(z, u, y, output[2])
+    a = _FORWARD_ARGS.bind(inputs)
+    ctx.params = _FORWARD_ARGS.values(a, _SPEC_NAMES)
+    ctx.save_for_backward(a.z, a.u, a.y, output[2])
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(ctx, grad_loss, *_):
     z, u, y, stats = ctx.saved_tensors
-    grad_z = _tser_loss_backward_op(grad_loss, z, u, y, stats, *ctx.params)
-    return (grad_z,) + (None,) * 10
+    return _FORWARD_ARGS.grads(z=_tser_loss_backward_op(grad_loss, z, u, y, stats, *ctx.params))
 
 
 torch.library.register_autograd("fastsnn::tser_loss_forward", _backward, setup_context=_setup_context)
