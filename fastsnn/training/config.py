@@ -272,7 +272,7 @@ def _machine(g) -> None:
     g.add_argument("--recompute", action="store_true",
                    help="the student saves no convolution output: each conv -> BN -> neuron unit recomputes it in "
                         "the backward from the spikes its convolution keeps as bits (one extra convolution forward "
-                        "per unit; about 4x fewer saved bytes, identical results, changeable on resume)")
+                        "per unit; 7-22x fewer saved bytes at T=4, identical results, changeable on resume)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=0,
                    help="CPU intra-op threads (0: auto = 1 for the small digits/mnist5k models on the CPU unless "
