@@ -1,7 +1,11 @@
-"""fastsnn.ops._declare: an op's arguments and gradients by name, from its signature."""
-import pytest
+"""fastsnn.ops._declare: an op declared once, by name; its eager Function and its custom ops derived from it."""
+from typing import Optional
 
-from fastsnn.ops._declare import Args
+import pytest
+import torch
+from torch import Tensor
+
+from fastsnn.ops._declare import Args, Op
 
 
 def _op(ctx, x, weight, bias, spec, repeat=0):
@@ -12,7 +16,8 @@ def test_names_come_from_the_signature_without_ctx():
     args = Args(_op)
     assert args.names == ("x", "weight", "bias", "spec", "repeat")
     bound = args.bind((1, 2, 3, "s", 4))
-    assert (bound.x, bound.weight, bound["repeat"]) == (1, 2, 4) and args.values(bound, ("spec", "x")) == ("s", 1)
+    assert (bound.x, bound.weight, bound.repeat) == (1, 2, 4) and args.values(bound, ("spec", "x")) == ("s", 1)
+    assert bound[args.span("weight", "spec")] == (2, 3, "s")
 
 
 def test_gradients_by_name_fill_every_other_argument_with_none():
@@ -24,3 +29,88 @@ def test_gradients_by_name_fill_every_other_argument_with_none():
         args.grads(wieght="gw")  # a misspelt name is an error, not a dropped gradient
     with pytest.raises(KeyError):
         args.returning("wieght")
+
+
+# ---- a toy op: y = x·scale (+ shift), an optional second output, a tensor kept for the backward only ----
+
+def _forward(x: Tensor, shift: Optional[Tensor], scale: float, with_square: bool) -> tuple[Tensor, Tensor, Tensor]:
+    y = x * scale if shift is None else x * scale + shift
+    return y, (y * y if with_square else None), x.abs()  # the last: internal (saved, never returned eagerly)
+
+
+def _fake(x, shift, scale, with_square):
+    return torch.empty_like(x), (torch.empty_like(x) if with_square else None), torch.empty_like(x)
+
+
+def _save(ctx, a, outputs):
+    ctx.scale, ctx.with_square = a.scale, a.with_square
+    ctx.has_shift = a.shift is not None
+    ctx.save_for_backward(outputs[0], outputs[2])
+    ctx.mark_non_differentiable(outputs[2])
+
+
+def _backward(grad_y: Optional[Tensor], grad_square: Optional[Tensor], y: Tensor, kept: Tensor, scale: float,
+              shift_grad: bool) -> tuple[Tensor, Tensor]:
+    g = torch.zeros_like(y) if grad_y is None else grad_y.clone()
+    if grad_square is not None:
+        g = g + 2 * y * grad_square
+    return g * scale, (g if shift_grad else None)
+
+
+def _backward_fake(grad_y, grad_square, y, kept, scale, shift_grad):
+    return torch.empty_like(y), (torch.empty_like(y) if shift_grad else None)
+
+
+def _formula(ctx, backward, grad_y, grad_square, _grad_kept):
+    y, kept = ctx.saved_tensors
+    grad_x, grad_shift = backward(grad_y, grad_square if ctx.with_square else None, y, kept, ctx.scale,
+                                  ctx.has_shift)
+    return _TOY.args.grads(x=grad_x, shift=grad_shift if ctx.has_shift else None)
+
+
+_TOY = Op("test_declare_toy", _forward, fake=_fake, save=_save, backward=_backward, backward_fake=_backward_fake,
+          formula=_formula, internal=1)
+
+
+@pytest.mark.parametrize("with_shift", [False, True])
+@pytest.mark.parametrize("with_square", [False, True])
+def test_eager_function_and_custom_op_agree(with_shift, with_square):
+    x = torch.randn(3, 4, requires_grad=True)
+    shift = torch.randn(3, 4, requires_grad=True) if with_shift else None
+    eager = _TOY(x, shift, 1.5, with_square)
+    # eager: the public outputs up to the last that is not None; the internal one never
+    assert len(eager) == (2 if with_square else 1)
+    compiled = torch.compile(lambda *a: _TOY(*a), fullgraph=True, backend="aot_eager")(x, shift, 1.5, with_square)
+    assert len(compiled) == 3 and compiled[2].shape == x.shape and (with_square or compiled[1].numel() == 0)
+    inputs = [x] + ([shift] if with_shift else [])
+    losses = [out[0].sum() + (out[1].sum() if with_square else 0) for out in (eager, compiled)]
+    grads = [torch.autograd.grad(loss, inputs) for loss in losses]
+    ref_y = x * 1.5 + (shift if with_shift else 0)
+    ref = torch.autograd.grad(ref_y.sum() + ((ref_y * ref_y).sum() if with_square else 0), inputs)
+    for got in grads:
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b)
+
+
+def test_the_custom_ops_pass_opcheck():
+    x, shift = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+    for args in ((x, None, 2.0, False), (x, shift, 0.5, True)):
+        torch.library.opcheck(_TOY.op, args)
+
+
+def test_an_unused_output_gets_no_zeros_and_the_gradient_refuses_double_backward():
+    x = torch.randn(3, 4, requires_grad=True)
+    y, square = _TOY(x, None, 2.0, True)
+    (g,) = torch.autograd.grad(square.sum(), x, create_graph=True)  # y unused: the formula gets None for it
+    torch.testing.assert_close(g, 8 * x.detach())
+    with pytest.raises(RuntimeError, match="test_declare_toy: its gradient cannot be differentiated again"):
+        (g * g).sum().backward()
+
+
+def test_settings_must_follow_the_tensors():
+    def bad(scale: float, x: Tensor) -> Tensor:
+        return x * scale
+
+    with pytest.raises(TypeError, match="tensor parameters must come before its settings"):
+        Op("test_declare_bad", bad, fake=bad, save=_save, backward=_backward, backward_fake=_backward_fake,
+           formula=_formula)

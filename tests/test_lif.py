@@ -275,11 +275,11 @@ def test_ops_are_registered_with_fake_kernels(device):
     args = ("lif", 2.0, 1.0, 0.0, "atan", 2.0, False)
     with FakeTensorMode():
         x = torch.empty(4, 2, 3, device=device)
-        spikes, v, checkpoints = torch.ops.fastsnn.lif_forward(x, None, None, *args, True, 0)
+        spikes, v, checkpoints = torch.ops.fastsnn.lif(x, None, None, *args, True, 0)
     assert spikes.shape == (4, 2, 3) and v.shape == (2, 3) and checkpoints.numel() == 0
     for x, repeat in ((torch.randn(3, 2, 5, device=device, requires_grad=True), 0),
                       (torch.randn(2, 5, device=device, requires_grad=True), 12)):
-        torch.library.opcheck(torch.ops.fastsnn.lif_forward.default, (x, None, None, *args, True, repeat))
+        torch.library.opcheck(torch.ops.fastsnn.lif.default, (x, None, None, *args, True, repeat))
 
 
 def test_host_path_constants_match_the_kernels():

@@ -232,12 +232,13 @@ def test_plif_ops_pass_opcheck(device):
     rate = torch.tensor(0.4, device=device, requires_grad=True)
     for x, repeat in ((torch.randn(3, 2, 5, device=device, requires_grad=True), 0),
                       (torch.randn(2, 5, device=device, requires_grad=True), 4)):
-        torch.library.opcheck(torch.ops.fastsnn.lif_forward.default, (x, None, rate, *args, True, repeat))
+        torch.library.opcheck(torch.ops.fastsnn.lif.default, (x, None, rate, *args, True, repeat))
     x = torch.randn(3, 2, 4, 5, device=device, requires_grad=True)
     w, b = torch.rand(4, device=device, requires_grad=True), torch.randn(4, device=device, requires_grad=True)
     stats = torch.ops.fastsnn.bn_statistics(x.detach(), w.detach(), b.detach(), None, None, True, 0.1, 1e-5, 0)
-    torch.library.opcheck(torch.ops.fastsnn.bn_neuron_fire.default,
-                          (x, w, b, None, stats, None, None, None, rate, *args, True, 0, None, False))
+    torch.library.opcheck(torch.ops.fastsnn.bn_neuron.default,
+                          (x, w, b, None, stats, None, None, None, rate, *(None,) * 6, *args, True, 0, None, False,
+                           None))
 
 
 def test_torch_compile_fullgraph_matches_eager(device):

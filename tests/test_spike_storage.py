@@ -106,13 +106,19 @@ def test_custom_ops_pass_opcheck(device):
     x = _spikes((2, 6, 5, 4), device).requires_grad_()
     weight = torch.randn(4, 6, 3, 3, device=device, requires_grad=True)
     conv = ([1, 1], [1, 1], [1, 1], 1)
-    torch.library.opcheck(torch.ops.fastsnn.spike_conv2d.default, (x, weight, None, *conv, "bits", True))
-    torch.library.opcheck(torch.ops.fastsnn.spike_conv2d.default, (x, weight, weight[:, 0, 0, 0].detach(), *conv,
-                                                                   "uint8", False))
-    torch.library.opcheck(torch.ops.fastsnn.spike_max_pool2d.default, (x, [2, 2], [2, 2], [0, 0], [1, 1], True,
-                                                                       True))
+    conv2d = torch.ops.fastsnn.spike_conv2d.default
+    torch.library.opcheck(conv2d, (x, weight, None, None, *conv, "bits", True, True))
+    torch.library.opcheck(conv2d, (x, weight, weight[:, 0, 0, 0].detach(), None, *conv, "uint8", False, True))
+    frozen = weight.detach()
+    torch.library.opcheck(conv2d, (x, frozen, None, None, *conv, "bits", False, False))  # no weight gradient
     packed = pack("test", x.detach(), "bits", check=True)
-    torch.library.opcheck(torch.ops.fastsnn.unpack_spikes.default, (packed, *layout(x), "bits"))
+    torch.library.opcheck(conv2d, (x, weight, None, packed, *conv, "bits", False, False))  # bits kept elsewhere
+    pool = torch.ops.fastsnn.spike_max_pool2d.default
+    torch.library.opcheck(pool, (x, [2, 2], [2, 2], [0, 0], [1, 1], True, True, True))
+    torch.library.opcheck(pool, (x.detach(), [2, 2], [2, 2], [0, 0], [1, 1], False, True, False))  # no gradient
+    with pytest.raises(RuntimeError, match="did not keep"):  # a misuse is an error, never a read past the buffer
+        torch.ops.fastsnn.spike_max_pool2d_backward(torch.ones(2, 6, 2, 2), torch.empty(0, dtype=torch.uint8),
+                                                    *layout(x), [2, 2], [2, 2], [0, 0], [1, 1], False)
 
 @pytest.mark.parametrize("kernel,stride,padding,ceil_mode", [(2, 2, 0, False), (3, 2, 1, False), (3, 2, 0, True),
                                                              (2, 1, 0, False)])

@@ -36,6 +36,33 @@ def spec_args(spec: NeuronSpec) -> tuple:
     return (spec.kind, spec.tau, spec.v_threshold, spec.v_reset, spec.surrogate, spec.alpha, spec.detach_reset)
 
 
+def op_settings(spec: NeuronSpec, *more) -> tuple:
+    """spec_args(spec) + more, as a derived eager Function takes an op's settings (fastsnn.ops._declare): made once
+    per spec and `more`, kept on the spec (not under torch.compile, which calls the custom op with spec_args)."""
+    cache = spec.__dict__.get("_settings")
+    if cache is None:
+        cache = {}
+        object.__setattr__(spec, "_settings", cache)
+    settings = cache.get(more)
+    if settings is None:
+        settings = cache[more] = spec_args(spec) + more
+    return settings
+
+
+_SPECS: dict = {}
+
+
+def spec_of(*fields) -> NeuronSpec:
+    """The NeuronSpec of a custom op's (or a derived Function's) spec arguments, made once per distinct set (a
+    dict lookup on every call; the fields come from a spec built and validated at the call site)."""
+    spec = _SPECS.get(fields)
+    if spec is None:
+        if len(_SPECS) >= 1024:
+            _SPECS.clear()
+        spec = _SPECS[fields] = NeuronSpec(*fields)
+    return spec
+
+
 def empty_f32(x: Tensor) -> Tensor:
     """An empty fp32 tensor on x's device: a custom op's output standing for "none"."""
     return x.new_empty(0, dtype=torch.float32)

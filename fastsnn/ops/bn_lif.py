@@ -3,15 +3,16 @@
     spikes = neuron(BN(x) [+ residual])   over x[T, B, C, *spatial], BN statistics per channel over T·B·spatial
 
 The Triton path keeps only x (plus per-channel fp32 statistics) for the backward, which recomputes the
-normalised value and the membrane (see fastsnn.kernels.bn_lif for the passes and their byte counts). Eager
-calls run a torch.autograd.Function; under torch.compile the same launchers run as torch.library custom ops.
+normalised value and the membrane (see fastsnn.kernels.bn_lif for the passes and their byte counts). The ops
+(STATISTICS, BN_NEURON) are declared once (fastsnn.ops._declare): eager calls run what is derived for autograd,
+torch.compile the derived torch.library custom ops.
 The reference backend is torch.nn.functional.batch_norm + fastsnn.reference.lif_multistep.
 """
 from __future__ import annotations
 
-import functools
 import math
-from typing import NamedTuple, Optional
+import operator
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -21,9 +22,8 @@ from ..backend import (FLOAT_DTYPES, INTERPRET, check_float_tensor, check_number
                        resolve_backend)
 from ..spec import PARAMETRIC, NeuronSpec, kind_of, neuron_spec
 from . import recompute, spike_storage
-from ._autograd import refused
-from ._common import SPEC_FIELDS, empty_f32, membrane_checkpoints, repeated, spec_args
-from ._declare import Args
+from ._common import membrane_checkpoints, op_settings, repeated, spec_args, spec_of
+from ._declare import Op
 from ._layout import as_time_major_like, is_dense_time_major, kernels_loader, time_major_like
 from .lif import check_w, rate_of
 
@@ -37,31 +37,6 @@ def _geometry(x_seq: Tensor, *tensors: Tensor | None):
     """The kernels' (outer, channel, inner) view of x_seq [T, B, C, ...] and its tiling (see
     fastsnn.kernels.bn_lif.geometry; `tensors` are the call's other inputs, for their alignment)."""
     return _kernels().geometry(x_seq, *tensors)
-
-
-def _statistics_impl(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat) -> Tensor:
-    """stats [4, C] fp32 (mean, 1/std, scale, shift); the running statistics updated in training mode."""
-    x_seq = repeated(x, repeat) if repeat else x
-    geometry = _geometry(x_seq)
-    stats = x.new_empty(4, geometry.C, dtype=torch.float32)
-    _kernels().bn_statistics(x_seq, geometry, weight, bias, running_mean, running_var, stats, training=training,
-                             momentum=momentum, eps=eps)
-    return stats
-
-
-def _fire_impl(x, residual, stats, spec, repeat, residual_stats=None, rate=None):
-    """(spikes, checkpoints or None): 1 launch."""
-    x_seq = repeated(x, repeat) if repeat else x
-    spikes = time_major_like(x_seq)
-    checkpoints = membrane_checkpoints(x_seq)
-    residual = None if residual is None else as_time_major_like(residual, x_seq)
-    _kernels().bn_fire(x_seq, residual, stats, spikes, checkpoints, _geometry(x_seq, residual), spec,
-                       residual_stats=residual_stats, rate=rate)
-    return spikes, checkpoints
-
-
-
-
 
 
 def _backward_impl(grad_spikes, x, weight, residual, stats, checkpoints, spec, training, repeat, needs,
@@ -102,317 +77,207 @@ def _backward_impl(grad_spikes, x, weight, residual, stats, checkpoints, spec, t
     return grad_x, grad_weight, grad_bias, grad_y if needs[3] else None, grad_rate
 
 
+# ---- the ops, declared once (fastsnn.ops._declare): eager Functions and custom ops derived ----
+#
+# statistics (forward only; it updates the running statistics in place), then the fused op: fire (spikes, the
+# membrane checkpoints and the packed residual as outputs) and its backward. The weights and biases enter the
+# fused op only for their gradients (the statistics table holds their effect).
+
+def _statistics(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+                running_var: Optional[Tensor], training: bool, momentum: float, eps: float, repeat: int) -> Tensor:
+    """stats [4, C] fp32 (mean, 1/std, scale, shift); the running statistics updated in training mode."""
+    x_seq = repeated(x, repeat) if repeat else x
+    geometry = _geometry(x_seq)
+    stats = x.new_empty(4, geometry.C, dtype=torch.float32)
+    _kernels().bn_statistics(x_seq, geometry, weight, bias, running_mean, running_var, stats, training=training,
+                             momentum=momentum, eps=eps)
+    return stats
+
+
+def _statistics_fake(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat):
+    return x.new_empty(4, x.shape[1] if repeat else x.shape[2], dtype=torch.float32)
+
+
+def _batch_statistics(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                      repeat: int) -> Tensor:
+    """_statistics without running statistics (training mode): a pure op, which Inductor takes where a mutating
+    op with nothing to mutate fails."""
+    return _statistics(x, weight, bias, None, None, True, 0.0, eps, repeat)
+
+
+def _batch_statistics_fake(x, weight, bias, eps, repeat):
+    return _statistics_fake(x, weight, bias, None, None, True, 0.0, eps, repeat)
+
+
+STATISTICS = Op("bn_statistics", _statistics, fake=_statistics_fake, mutates_args=("running_mean", "running_var"))
+BATCH_STATISTICS = Op("bn_batch_statistics", _batch_statistics, fake=_batch_statistics_fake)
+
+
+def _stats(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat, compiling) -> Tensor:
+    """The statistics of a call: eager, the plain function; compiled, the custom op (the mutating one when there
+    are running statistics), given detached inputs (it has no autograd formula: the fused op has)."""
+    if not compiling:
+        return _statistics(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat)
+    x, weight, bias = (None if t is None else t.detach() for t in (x, weight, bias))
+    if running_mean is None:
+        return BATCH_STATISTICS.op(x, weight, bias, eps, repeat)
+    return STATISTICS.op(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat)
+
+
+def _fire(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor], stats: Tensor,
+          residual_weight: Optional[Tensor], residual_bias: Optional[Tensor], residual_stats: Optional[Tensor],
+          rate: Optional[Tensor], x_kept: Optional[Tensor], x_conv_weight: Optional[Tensor],
+          x_conv_bias: Optional[Tensor], residual_kept: Optional[Tensor], residual_conv_weight: Optional[Tensor],
+          residual_conv_bias: Optional[Tensor], kind: str, tau: float, v_threshold: float, v_reset: Optional[float],
+          surrogate: str, alpha: float, detach_reset: bool, training: bool, repeat: int,
+          residual_storage: Optional[str], check: bool,
+          sources: Optional[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
+    """(spikes, fp32 membrane checkpoints or None, the residual packed for the backward or None): 1 launch (and
+    the packing). residual_stats, when given, normalises the residual (its BatchNorm's weight and bias are
+    residual_weight and residual_bias); rate: a parametric neuron's k. x_kept ... sources: the ConvSources
+    (fastsnn.ops.recompute, encoded) that the backward recomputes x and the residual from instead of saving
+    them, inputs only for the saving formula."""
+    x_seq = repeated(x, repeat) if repeat else x
+    spikes = time_major_like(x_seq)
+    checkpoints = membrane_checkpoints(x_seq)
+    fire_residual = None if residual is None else as_time_major_like(residual, x_seq)
+    _kernels().bn_fire(x_seq, fire_residual, stats, spikes, checkpoints, _geometry(x_seq, fire_residual),
+                       spec_of(kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset),
+                       residual_stats=residual_stats, rate=rate)
+    packed = None if residual is None or not residual_storage else \
+        spike_storage.pack("bn_lif", residual, residual_storage, check)
+    return spikes, checkpoints, packed
+
+
+def _fire_fake(*args):
+    a = BN_NEURON.args.bind(args)
+    x_seq = repeated(a.x, a.repeat) if a.repeat else a.x
+    packed = None if a.residual is None or not a.residual_storage else \
+        a.x.new_empty(spike_storage.packed_size(a.residual.numel(), a.residual_storage), dtype=torch.uint8)
+    return time_major_like(x_seq), membrane_checkpoints(x_seq), packed
+
+
+def _save(ctx, a, outputs):
+    _, checkpoints, packed = outputs
+    ctx.params = a[_SETTINGS]
+    residual, plan, kept = a.residual, None, ()
+    x = a.x
+    if a.sources is not None:  # x (the residual) is not saved when its source matches it; its tensors are
+        sources = recompute.decoded_pair(a.sources, a[_X_SOURCE], a[_RESIDUAL_SOURCE])
+        plan, x, residual, kept = recompute.keep(sources, x, residual)
+    storage = a.residual_storage if a.residual is not None else None
+    ctx.residual_layout = (None, None, None)
+    if storage:  # saved packed, rebuilt in the backward
+        ctx.residual_layout = tuple(spike_storage.layout(as_time_major_like(a.residual, x)))
+        residual = packed
+    ctx.storage, ctx.plan = storage, plan
+    ctx.save_for_backward(x, a.weight, residual, a.stats, checkpoints, a.residual_weight, a.residual_stats, a.rate,
+                          *(kept if plan else ()))  # the sources' tensors only when something is rebuilt
+    if checkpoints is not None:
+        ctx.mark_non_differentiable(checkpoints)
+    if packed is not None:
+        ctx.mark_non_differentiable(packed)
+
+
+def _backward(grad_spikes: Tensor, x: Optional[Tensor], weight: Optional[Tensor], residual: Optional[Tensor],
+              stats: Tensor, checkpoints: Optional[Tensor], residual_weight: Optional[Tensor],
+              residual_stats: Optional[Tensor], rate: Optional[Tensor], x_kept: Optional[Tensor],
+              x_conv_weight: Optional[Tensor], x_conv_bias: Optional[Tensor], residual_kept: Optional[Tensor],
+              residual_conv_weight: Optional[Tensor], residual_conv_bias: Optional[Tensor], kind: str, tau: float,
+              v_threshold: float, v_reset: Optional[float], surrogate: str, alpha: float, detach_reset: bool,
+              training: bool, repeat: int, residual_storage: Optional[str], residual_shape: Optional[list[int]],
+              residual_strides: Optional[list[int]], residual_dtype: Optional[torch.dtype],
+              plan: Optional[list[int]],
+              needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of x, weight, bias, residual, the residual's BatchNorm weight and bias (with residual_stats)
+    and rate, each in its input's dtype, None where `needs` (6 flags, rate's aside) says not needed: the
+    recomputed (plan, from the kept tensors) or unpacked inputs, then one launch (and, for a parametric neuron,
+    one sum of the programs' partials)."""
+    if plan:
+        x, residual = recompute.restore(recompute.decode_plan(plan), x, residual,
+                                        (x_kept, x_conv_weight, x_conv_bias, residual_kept, residual_conv_weight,
+                                         residual_conv_bias))
+    if residual_storage:
+        residual = spike_storage.unpack("bn_lif", residual, residual_storage,
+                                        (residual_shape, residual_strides, residual_dtype))
+    if checkpoints is not None and not checkpoints.numel():  # the custom op's stand-in for none
+        checkpoints = None
+    spec = spec_of(kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset)
+    residual_bn = None if residual_stats is None else (residual_stats, residual_weight)
+    *grads, grad_rate = _backward_impl(grad_spikes, x, weight, residual, stats, checkpoints, spec, training, repeat,
+                                       needs, residual_bn=residual_bn, rate=rate)
+    grad_x, grad_weight, grad_bias, grad_residual, grad_r_weight, grad_r_bias = (grads + [None, None])[:6]
+    return (grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual), grad_r_weight
+            if grad_r_weight is None else _cast(grad_r_weight, residual_weight), grad_r_bias, grad_rate)
+
+
+def _backward_fake(grad_spikes, x, weight, residual, stats, checkpoints, residual_weight, residual_stats, rate,
+                   x_kept, x_conv_weight, x_conv_bias, residual_kept, residual_conv_weight, residual_conv_bias, kind,
+                   tau, v_threshold, v_reset, surrogate, alpha, detach_reset, training, repeat, residual_storage,
+                   residual_shape, residual_strides, residual_dtype, plan, needs):
+    like = grad_spikes[0] if repeat else grad_spikes  # x's shape and layout (time-major spikes)
+    steps = recompute.decode_plan(plan) if plan else (None, None)
+    x_dtype = x.dtype if x is not None else steps[0][0][3]  # a recomputed x: its source's dtype
+    r_dtype = residual_dtype if residual_storage else residual.dtype if residual is not None else \
+        steps[1][0][3] if steps[1] is not None else x_dtype
+
+    def channel(t=None):
+        return torch.empty_like(stats[0], dtype=stats.dtype if t is None else t.dtype)
+    grads = (time_major_like(like, dtype=x_dtype), channel(weight), channel(),
+             time_major_like(grad_spikes, dtype=r_dtype), channel(residual_weight), channel())
+    grads = tuple(g if need else None for g, need in zip(grads, needs))
+    return grads + (None if rate is None else torch.empty_like(rate),)
+
+
+def _formula(ctx, backward, grad_spikes, _grad_checkpoints, _grad_packed):
+    x, weight, residual, stats, checkpoints, r_weight, r_stats, rate, *kept = ctx.saved_tensors
+    kept = kept or _NO_SOURCES[0]
+    needs = list(_NEEDS(ctx.needs_input_grad))  # False for an input that is None
+    plan = None if ctx.plan is None else recompute.encode_plan(ctx.plan)
+    grads = backward(grad_spikes, x, weight, residual, stats, checkpoints, r_weight, r_stats, rate, *kept,
+                     *ctx.params, ctx.storage, *ctx.residual_layout, plan, needs)
+    if all(needs):
+        return _GRADS(*grads[:6], None if rate is None else grads[6])
+    return _GRADS(*[g if need else None for g, need in zip(grads, needs)], None if rate is None else grads[6])
+
+
 def _cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
     if grad is None or like is None:
         return None
     return grad if grad.dtype == like.dtype else grad.to(like.dtype)
 
 
-class _Call(NamedTuple):
-    """A call's non-tensor arguments, one object per distinct set (see _call): the Function takes and keeps
-    one argument instead of eight."""
-    spec: NeuronSpec
-    training: bool
-    momentum: float
-    eps: float
-    repeat: int  # 0: x is [T, ...]
-    residual_storage: str | None
-    check: bool
+BN_NEURON = Op("bn_neuron", _fire, fake=_fire_fake, save=_save, backward=_backward, backward_fake=_backward_fake,
+               formula=_formula, internal=2, label="bn_lif")
+# the fused op's inputs with a gradient, in the order of the backward's outputs (rate's comes last)
+_GRADS = BN_NEURON.args.returning("x", "weight", "bias", "residual", "residual_weight", "residual_bias", "rate")
+_NEEDS = operator.itemgetter(*(BN_NEURON.args.index(n) for n in ("x", "weight", "bias", "residual", "residual_weight",
+                                                                  "residual_bias")))
+_NO_SOURCES = ((None,) * 6, None)  # no ConvSource: x and the residual are saved
+_SETTINGS = BN_NEURON.args.span("kind", "repeat")  # the spec's fields, training, repeat: what the backward takes
+_X_SOURCE = BN_NEURON.args.span("x_kept", "x_conv_bias")
+_RESIDUAL_SOURCE = BN_NEURON.args.span("residual_kept", "residual_conv_bias")
 
 
-_call = functools.lru_cache(maxsize=256)(_Call)
-
-
-def _keep(sources, x: Tensor, residual: Tensor | None):
-    """(the ctx's recompute plan, x or None, residual or None, the sources' tensors): x (the residual) is not
-    saved when its ConvSource matches it (fastsnn.ops.recompute), its source's tensors are."""
-    if sources is None:
-        return None, x, residual, ()
-    plan, kept, tensors = [], [], []
-    for src, t in zip(sources, (x, residual)):
-        if recompute.matches(src, t):
-            plan.append((src.meta(), tuple(t.shape), tuple(t.stride())))
-            tensors += src.tensors()
-            kept.append(None)
-        else:
-            plan.append(None)
-            kept.append(t)
-    return (None if plan == [None, None] else plan), kept[0], kept[1], tuple(tensors)
-
-
-def _restore(plan, x: Tensor | None, residual: Tensor | None, tensors, as_op: bool = False) -> tuple:
-    """(x, residual) for the backward: saved, or recomputed from their sources (see _keep); as_op: in the custom
-    op's autograd formula (see recompute.rebuild)."""
-    if plan is None:
-        return x, residual
-    restored, k = [], 0
-    for step, t in zip(plan, (x, residual)):
-        if step is not None:
-            t = recompute.rebuild("bn_lif", tuple(tensors[k:k + 3]), *step, as_op=as_op)
-            k += 3
-        restored.append(t)
-    return tuple(restored)
-
-
-class _BNNeuronFunction(torch.autograd.Function):
-    """With residual_storage ("bits" / "uint8") the residual is saved packed (see fastsnn.ops.spike_storage)
-    and unpacked for the backward. One Geometry (the kernels' view and tiling of x) serves every launch."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, running_mean, running_var, rate, call, sources=None):
-        if sources is None:  # the common call
-            ctx.sources, x_kept, r_kept, kept = None, x, residual, ()
-        else:
-            ctx.sources, x_kept, r_kept, kept = _keep(sources, x, residual)
-        x_seq = repeated(x, call.repeat) if call.repeat else x
-        fire_residual = None if residual is None else as_time_major_like(residual, x_seq)
-        kernels = _kernels()
-        geometry = kernels.geometry(x_seq, fire_residual)
-        stats = x.new_empty(4, geometry.C, dtype=torch.float32)
-        kernels.bn_statistics(x_seq, geometry, weight, bias, running_mean, running_var, stats,
-                              training=call.training, momentum=call.momentum, eps=call.eps)
-        spikes = time_major_like(x_seq)
-        checkpoints = membrane_checkpoints(x_seq)
-        kernels.bn_fire(x_seq, fire_residual, stats, spikes, checkpoints, geometry, call.spec, rate=rate)
-        if residual is not None and call.residual_storage:
-            residual = as_time_major_like(residual, x)
-            ctx.residual_layout = spike_storage.layout(residual)
-            r_kept = spike_storage.pack("bn_lif", residual, call.residual_storage, call.check)
-        ctx.save_for_backward(x_kept, weight, r_kept, stats, checkpoints, rate, *kept)
-        ctx.call, ctx.geometry = call, geometry
-        return spikes
-
-    @staticmethod
-    def backward(ctx, grad_spikes):
-        x, weight, residual, stats, checkpoints, rate, *kept = ctx.saved_tensors
-        x, residual = _restore(ctx.sources, x, residual, kept)
-        call = ctx.call
-        if residual is not None and call.residual_storage:
-            residual = spike_storage.unpack("bn_lif", residual, call.residual_storage, ctx.residual_layout)
-        grad_x, grad_weight, grad_bias, grad_residual, grad_rate = _backward_impl(
-            grad_spikes, x, weight, residual, stats, checkpoints, call.spec, call.training, call.repeat,
-            ctx.needs_input_grad, ctx.geometry, rate=rate)
-        grads = _PLAIN_GRADS(grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual), grad_rate)
-        return refused("bn_lif", grads) if torch.is_grad_enabled() else grads
-
-
-class _BNResidualBNFunction(torch.autograd.Function):
-    """y = BN(x) + BN_r(residual) (a ResNet block's downsample shortcut, normalised in the same op): x and the
-    residual are saved (BN_r's output never exists), with both statistics tables."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, running_mean, running_var, r_weight, r_bias, r_running_mean,
-                r_running_var, rate, call, sources=None):
-        ctx.sources, x_kept, r_kept, kept = _keep(sources, x, residual)
-        residual = as_time_major_like(residual, x)
-        r_kept = None if r_kept is None else residual
-        kernels = _kernels()
-        geometry = kernels.geometry(x, residual)
-        stats = x.new_empty(2, 4, geometry.C, dtype=torch.float32)  # x's table, the residual's
-        for k, (t, g, w, b, rm, rv) in enumerate((
-                (x, geometry, weight, bias, running_mean, running_var),
-                (residual, kernels.geometry(residual), r_weight, r_bias, r_running_mean, r_running_var))):
-            kernels.bn_statistics(t, g, w, b, rm, rv, stats[k], training=call.training, momentum=call.momentum,
-                                  eps=call.eps)
-        spikes = time_major_like(x)
-        checkpoints = membrane_checkpoints(x)
-        kernels.bn_fire(x, residual, stats[0], spikes, checkpoints, geometry, call.spec, residual_stats=stats[1],
-                        rate=rate)
-        ctx.save_for_backward(x_kept, weight, r_kept, r_weight, stats, checkpoints, rate, *kept)
-        ctx.call, ctx.geometry = call, geometry
-        return spikes
-
-    @staticmethod
-    def backward(ctx, grad_spikes):
-        x, weight, residual, r_weight, stats, checkpoints, rate, *kept = ctx.saved_tensors
-        x, residual = _restore(ctx.sources, x, residual, kept)
-        residual = as_time_major_like(residual, x)
-        n = ctx.needs_input_grad
-        needs = tuple(n[_RESIDUAL_BN_ARGS.index(k)] for k in ("x", "weight", "bias", "residual", "r_weight", "r_bias"))
-        grads = _backward_impl(grad_spikes, x, weight, residual, stats[0], checkpoints, ctx.call.spec,
-                               ctx.call.training, 0, needs, ctx.geometry,
-                               residual_bn=(stats[1], r_weight), rate=rate)
-        grad_x, grad_weight, grad_bias, grad_residual, grad_r_weight, grad_r_bias, grad_rate = grads
-        grads = _RESIDUAL_BN_GRADS(grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual),
-                                   _cast(grad_r_weight, r_weight), grad_r_bias, grad_rate)
-        return refused("bn_lif", grads) if torch.is_grad_enabled() else grads
-
-
-_RESIDUAL_BN_ARGS = Args(_BNResidualBNFunction.forward)
-_PLAIN_GRADS = Args(_BNNeuronFunction.forward).returning("x", "weight", "bias", "residual", "rate")
-_RESIDUAL_BN_GRADS = _RESIDUAL_BN_ARGS.returning("x", "weight", "bias", "residual", "r_weight", "r_bias", "rate")
-
-
-# ---- the same launchers as custom ops, for torch.compile ----
-
-
-
-
-
-@torch.library.custom_op("fastsnn::bn_statistics", mutates_args=("running_mean", "running_var"))
-def _bn_statistics_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
-                      running_var: Optional[Tensor], training: bool, momentum: float, eps: float,
-                      repeat: int) -> Tensor:
-    return _statistics_impl(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat)
-
-
-@_bn_statistics_op.register_fake
-def _(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat):
-    return x.new_empty(4, x.shape[1] if repeat else x.shape[2], dtype=torch.float32)
-
-
-@torch.library.custom_op("fastsnn::bn_batch_statistics", mutates_args=())
-def _bn_batch_statistics_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                            repeat: int) -> Tensor:
-    """bn_statistics without running statistics (training mode): a pure op, which Inductor takes where a
-    mutating op with nothing to mutate fails."""
-    return _statistics_impl(x, weight, bias, None, None, True, 0.0, eps, repeat)
-
-
-@_bn_batch_statistics_op.register_fake
-def _(x, weight, bias, eps, repeat):
-    return x.new_empty(4, x.shape[1] if repeat else x.shape[2], dtype=torch.float32)
-
-
-def _statistics_op(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat) -> Tensor:
-    """The statistics custom op of a compiled call: the mutating one when there are running statistics."""
-    if running_mean is None:
-        return _bn_batch_statistics_op(x, weight, bias, eps, repeat)
-    return _bn_statistics_op(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat)
-
-
-def _bn_fire(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
-             stats: Tensor, residual_weight: Optional[Tensor], residual_bias: Optional[Tensor],
-             residual_stats: Optional[Tensor], rate: Optional[Tensor], kind: str, tau: float, v_threshold: float,
-             v_reset: Optional[float], surrogate: str, alpha: float, detach_reset: bool, training: bool,
-             repeat: int, residual_storage: Optional[str], check: bool, x_kept: Optional[Tensor] = None,
-             x_conv_weight: Optional[Tensor] = None, x_conv_bias: Optional[Tensor] = None,
-             residual_kept: Optional[Tensor] = None, residual_conv_weight: Optional[Tensor] = None,
-             residual_conv_bias: Optional[Tensor] = None,
-             sources: Optional[list[int]] = None) -> tuple[Tensor, Tensor, Tensor]:
-    """spikes, checkpoints and, with residual_storage, the residual packed for the backward. The weights and
-    biases are inputs only for their gradients (the statistics tables hold their effect); residual_stats, when
-    given, normalises the residual (its BatchNorm's weight and bias are residual_weight and residual_bias);
-    rate: a parametric neuron's k. x_kept ... sources: the ConvSources (fastsnn.ops.recompute, encoded) that
-    the backward recomputes x and the residual from instead of saving them, inputs only for the autograd
-    formula."""
-    spec = NeuronSpec(kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset)
-    spikes, checkpoints = _fire_impl(x, residual, stats, spec, repeat, residual_stats, rate)
-    packed = _no_bytes(x) if residual is None or not residual_storage else \
-        spike_storage.pack("bn_lif", residual, residual_storage, check)
-    return spikes, empty_f32(x) if checkpoints is None else checkpoints, packed
-
-
-_FIRE_ARGS = Args(_bn_fire)  # the op's inputs by name, for its autograd formula
-_bn_fire_op = torch.library.custom_op("fastsnn::bn_neuron_fire", _bn_fire, mutates_args=())
-
-
-@_bn_fire_op.register_fake
-def _(x, weight, bias, residual, stats, residual_weight, residual_bias, residual_stats, rate, kind, tau, v_threshold,
-      v_reset, surrogate, alpha, detach_reset, training, repeat, residual_storage, check, *_sources):
-    x_seq = repeated(x, repeat) if repeat else x
-    checkpoints = membrane_checkpoints(x_seq)
-    packed = _no_bytes(x) if residual is None or not residual_storage else \
-        x.new_empty(spike_storage.packed_size(residual.numel(), residual_storage), dtype=torch.uint8)
-    return time_major_like(x_seq), empty_f32(x) if checkpoints is None else checkpoints, packed
-
-
-def _no_bytes(x: Tensor) -> Tensor:
-    return x.new_empty(0, dtype=torch.uint8)
-
-
-@torch.library.custom_op("fastsnn::bn_neuron_backward", mutates_args=())
-def _bn_neuron_backward_op(grad_spikes: Tensor, x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor],
-                           stats: Tensor, checkpoints: Tensor, residual_weight: Optional[Tensor],
-                           residual_stats: Optional[Tensor], rate: Optional[Tensor], kind: str, tau: float,
-                           v_threshold: float, v_reset: Optional[float], surrogate: str, alpha: float,
-                           detach_reset: bool, training: bool, repeat: int,
-                           needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The gradients of x, weight, bias, residual, the residual's BatchNorm weight and bias (with residual_stats)
-    and rate, empty where `needs` says not needed or the input is absent (a fixed tuple: Inductor takes no list
-    output whose elements the graph returns as they are)."""
-    spec = NeuronSpec(kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset)
-    residual_bn = None if residual_stats is None else (residual_stats, residual_weight)
-    *grads, grad_rate = _backward_impl(grad_spikes, x, weight, residual, stats,
-                                       checkpoints if checkpoints.numel() else None, spec, training, repeat, needs,
-                                       residual_bn=residual_bn, rate=rate)
-    grads = (grads + [None, None])[:6] + [grad_rate]
-    return tuple(empty_f32(x) if g is None else g for g in grads)
-
-
-@_bn_neuron_backward_op.register_fake
-def _(grad_spikes, x, weight, residual, stats, checkpoints, residual_weight, residual_stats, rate, kind, tau,
-      v_threshold, v_reset, surrogate, alpha, detach_reset, training, repeat, needs):
-    x_seq = repeated(x, repeat) if repeat else x
-    def channel():
-        return torch.empty_like(stats[0])
-    if residual_stats is None:
-        grads = (time_major_like(x), channel(), channel(), time_major_like(x_seq))
-    else:
-        grads = (time_major_like(x), channel(), channel(), time_major_like(x_seq, dtype=residual.dtype), channel(),
-                 channel())
-    grads = [g if need else empty_f32(x) for g, need in zip(grads, needs)]
-    grads += [empty_f32(x)] * (6 - len(grads))
-    return tuple(grads + [empty_f32(x) if rate is None else torch.empty_like(rate)])
-
-
-def _setup_context(ctx, inputs, output):
-    a = _FIRE_ARGS.bind(inputs)
-    x, weight, residual, r_weight, r_stats = (a[k] for k in ("x", "weight", "residual", "residual_weight",
-                                                              "residual_stats"))
-    ctx.params = _FIRE_ARGS.values(a, SPEC_FIELDS)
-    ctx.training, ctx.repeat, storage = a["training"], a["repeat"], a["residual_storage"]
-    ctx.has = tuple(a[k] is not None for k in ("weight", "bias", "residual", "residual_weight", "residual_bias"))
-    ctx.residual_bn = r_stats is not None
-    ctx.residual_storage = storage if residual is not None else None
-    sources = None
-    if a["sources"] is not None:
-        sources = recompute.decoded_pair(a["sources"], (a["x_kept"], a["x_conv_weight"], a["x_conv_bias"]),
-                                         (a["residual_kept"], a["residual_conv_weight"], a["residual_conv_bias"]))
-    ctx.sources, x, r_kept, kept = _keep(sources, x, residual)
-    if ctx.residual_storage:
-        ctx.residual_layout = spike_storage.layout(residual)
-        r_kept = output[2]
-    ctx.save_for_backward(x, weight, r_kept, a["stats"], output[1], r_weight, r_stats, a["rate"], *kept)
-    ctx.mark_non_differentiable(output[1], output[2])
-
-
-def _backward(ctx, grad_spikes, _checkpoints, _packed):
-    x, weight, residual, stats, checkpoints, r_weight, r_stats, rate, *kept = ctx.saved_tensors
-    x, residual = _restore(ctx.sources, x, residual, kept, as_op=True)
-    if ctx.residual_storage:
-        residual = spike_storage.unpack_op(residual, *ctx.residual_layout, ctx.residual_storage)
-    wanted = _GRADIENTS[:4] + (_GRADIENTS[4:] if ctx.residual_bn else ())
-    needs = [bool(ctx.needs_input_grad[_FIRE_ARGS.index(n)]) and h for n, h in zip(wanted, (True,) + ctx.has)]
-    *grads, grad_rate = _bn_neuron_backward_op(grad_spikes, x, weight, residual, stats, checkpoints, r_weight,
-                                               r_stats, rate, *ctx.params, ctx.training, ctx.repeat, needs)
-    g = {name: grad for name, grad, need in zip(wanted, grads, needs) if need}
-    likes = {"weight": weight, "residual": residual, "residual_weight": r_weight}
-    return _FIRE_ARGS.grads(**{name: _cast(grad, likes[name]) if name in likes else grad for name, grad in g.items()},
-                            rate=None if rate is None else grad_rate)
-
-
-# the fused op's inputs with a gradient, in the order of bn_neuron_backward's outputs (rate's comes last)
-_GRADIENTS = ("x", "weight", "bias", "residual", "residual_weight", "residual_bias")
-
-
-torch.library.register_autograd("fastsnn::bn_neuron_fire", _backward, setup_context=_setup_context)
-
-
-def _compiled(x, weight, bias, residual, running_mean, running_var, spec, training, momentum, eps, repeat,
-              residual_storage, check, residual_bn=None, rate=None, sources=None):
-    """The op as custom ops for torch.compile: statistics (mutating the running ones; the residual's too when
-    residual_bn normalises it), then fire."""
-    detached = [None if t is None else t.detach() for t in (x, weight, bias)]
-    stats = _statistics_op(*detached, running_mean, running_var, training, momentum, eps, repeat)
+def _fused(x, weight, bias, residual, running_mean, running_var, spec, training, momentum, eps, repeat,
+           residual_storage, check, residual_bn=None, rate=None, sources=None):
+    """The op: statistics (updating the running ones; the residual's too when residual_bn normalises it), then
+    the fused fire op through autograd (eager: its derived Function; compiled: its custom op)."""
+    compiling = torch.compiler.is_compiling()
+    stats = _stats(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat, compiling)
     r_weight = r_bias = r_stats = None
     if residual_bn is not None:
         r_weight, r_bias, r_running_mean, r_running_var = residual_bn
-        r_stats = _statistics_op(*[None if t is None else t.detach() for t in (residual, r_weight, r_bias)],
-                                 r_running_mean, r_running_var, training, momentum, eps, 0)
-    spikes, _, _ = _bn_fire_op(x, weight, bias, residual, stats, r_weight, r_bias, r_stats, rate, *spec_args(spec),
-                               training, repeat, residual_storage, check, *recompute.encoded_pair(sources))
-    return spikes
+        r_stats = _stats(as_time_major_like(residual, x), r_weight, r_bias, r_running_mean, r_running_var, training,
+                         momentum, eps, 0, compiling)
+    source_tensors, ints = _NO_SOURCES if sources is None else recompute.encoded_pair(sources)
+    if compiling:
+        return BN_NEURON.op(x, weight, bias, residual, stats, r_weight, r_bias, r_stats, rate, *source_tensors,
+                            *spec_args(spec), training, repeat, residual_storage, check, ints)[0]
+    settings = op_settings(spec, training, repeat, residual_storage, check, None) if ints is None else \
+        spec_args(spec) + (training, repeat, residual_storage, check, ints)
+    return BN_NEURON.Function.apply(x, weight, bias, residual, stats, r_weight, r_bias, r_stats, rate,
+                                    *source_tensors, settings)[0]
 
 
 # ---- checks and the public functions ----
@@ -565,14 +430,8 @@ def apply_bn_neuron(op: str, x: Tensor, weight, bias, running_mean, running_var,
         recompute.check_source(op, "source", source)
         recompute.check_source(op, "residual_source", residual_source)
         sources = (source, None if residual_storage else residual_source)
-    if torch.compiler.is_compiling():
-        return _compiled(x, weight, bias, residual, running_mean, running_var, spec, training, momentum, eps,
-                         repeat or 0, residual_storage, check, residual_bn, rate, sources)
-    call = _call(spec, training, momentum, eps, repeat or 0, residual_storage, check)
-    if residual_bn is not None:
-        return _BNResidualBNFunction.apply(x, weight, bias, residual, running_mean, running_var, *residual_bn, rate,
-                                           call, sources)
-    return _BNNeuronFunction.apply(x, weight, bias, residual, running_mean, running_var, rate, call, sources)
+    return _fused(x, weight, bias, residual, running_mean, running_var, spec, training, momentum, eps, repeat or 0,
+                  residual_storage, check, residual_bn, rate, sources)
 
 
 def bn_lif(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,

@@ -1,9 +1,10 @@
 """Multistep LIF/IF: input checks, backend dispatch, and the Triton path.
 
-Eager calls run a plain torch.autograd.Function (the least host time per call); under torch.compile the
-same launchers run as torch.library custom ops with fake kernels, so a compiled graph has no break. The
-forward saves x (one timestep when it is repeated over time), v_init and, when T > 8, fp32 membrane
-checkpoints at chunk boundaries; the backward recomputes h. The reference backend is plain PyTorch autograd.
+The op is declared once (LIF: forward, saving formula, backward; fastsnn.ops._declare): eager calls run the
+autograd Function derived from it, torch.compile the torch.library custom ops derived from it (with fake
+kernels), so a compiled graph has no break and both paths run the same code. The forward saves x (one timestep
+when it is repeated over time), v_init and, when T > 8, fp32 membrane checkpoints at chunk boundaries; the
+backward recomputes h. The reference backend is plain PyTorch autograd.
 """
 from __future__ import annotations
 
@@ -15,9 +16,8 @@ from torch import Tensor
 from .. import reference
 from ..backend import FLOAT_DTYPES, check_float_tensor, check_same_device, resolve_backend
 from ..spec import PARAMETRIC, NeuronSpec, kind_of, neuron_spec
-from ._autograd import refused
-from ._common import SPEC_FIELDS, empty_f32, membrane_checkpoints, repeated, spec_args
-from ._declare import Args
+from ._common import membrane_checkpoints, op_settings, repeated, spec_args, spec_of
+from ._declare import Op
 from ._layout import as_time_major_like, is_dense_time_major, kernels_loader, same_layout, time_major_like
 
 
@@ -34,155 +34,76 @@ def _v_state(v: Tensor | None, x: Tensor) -> Tensor | None:
 _kernels = kernels_loader("lif")  # imported on first use: importing fastsnn does not import Triton
 
 
+# ---- the op, declared once (fastsnn.ops._declare): its eager Function and its custom ops are derived ----
 
-
-
-
-def _forward_impl(x: Tensor, v_init: Tensor | None, spec: NeuronSpec, return_v: bool, rate: Tensor | None = None):
-    """(spikes, v_final or None, checkpoints or None): one launch. rate: a parametric neuron's k (fp32)."""
-    spikes = time_major_like(x)
-    v_final = _v_like(x) if return_v else None
-    checkpoints = membrane_checkpoints(x)
-    _kernels().lif_forward(x, spikes, _v_state(v_init, x), v_final, checkpoints, spec, rate)
+def _forward(x: Tensor, v_init: Optional[Tensor], rate: Optional[Tensor], kind: str, tau: float, v_threshold: float,
+             v_reset: Optional[float], surrogate: str, alpha: float, detach_reset: bool, return_v: bool,
+             repeat: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(spikes, v_final or None, fp32 membrane checkpoints or None): one launch. x: [T, ...] or, with repeat = T,
+    one timestep [...] presented at every step; rate: a parametric neuron's k = sigmoid(w), fp32."""
+    x_seq = repeated(x, repeat) if repeat else x
+    spikes = time_major_like(x_seq)
+    v_final = _v_like(x_seq) if return_v else None
+    checkpoints = membrane_checkpoints(x_seq)
+    spec = spec_of(kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset)
+    _kernels().lif_forward(x_seq, spikes, _v_state(v_init, x_seq), v_final, checkpoints, spec, rate)
     return spikes, v_final, checkpoints
 
 
-def _backward_impl(grad_spikes: Tensor, grad_v_final: Tensor | None, x: Tensor, v_init: Tensor | None,
-                   checkpoints: Tensor | None, spec: NeuronSpec, sum_over_time: bool, rate: Tensor | None = None):
-    """(grad_x, grad_v_init or None, grad_rate or None): one launch (and, for a parametric neuron, one sum of the
-    programs' partials). With sum_over_time grad_x is one timestep [1, ...]."""
-    grad_x = time_major_like(x[:1] if sum_over_time else x)
-    grad_v_init = None if v_init is None else _v_like(x)
-    if not (grad_spikes.is_contiguous() and grad_x.is_contiguous() and not sum_over_time):
-        grad_spikes = as_time_major_like(grad_spikes, x)
-    partials = _kernels().lif_backward(x, grad_spikes, _v_state(v_init, x), checkpoints, _v_state(grad_v_final, x),
-                                       grad_x, grad_v_init, spec, sum_over_time, rate)
-    return grad_x, grad_v_init, None if partials is None else partials.sum().reshape(rate.shape)
-
-
-
-
-class _LIFFunction(torch.autograd.Function):
-    """x: [T, ...] or, with repeat = T, one timestep [...] presented at every step; rate: a parametric neuron's
-    k = sigmoid(w), fp32 (its gradient dL/dk, the sigmoid's backward left to autograd)."""
-
-    @staticmethod
-    def forward(ctx, x, v_init, rate, spec, return_v, repeat):
-        x_seq = repeated(x, repeat) if repeat else x
-        spikes, v_final, checkpoints = _forward_impl(x_seq, v_init, spec, return_v, rate)
-        ctx.save_for_backward(x, v_init, checkpoints, rate)
-        ctx.spec, ctx.repeat = spec, repeat
-        ctx.set_materialize_grads(False)
-        return spikes, v_final
-
-    @staticmethod
-    def backward(ctx, grad_spikes, grad_v_final):
-        x, v_init, checkpoints, rate = ctx.saved_tensors
-        x_seq = repeated(x, ctx.repeat) if ctx.repeat else x
-        if grad_spikes is None:
-            grad_spikes = torch.zeros_like(x_seq)
-        grad_x, grad_v_init, grad_rate = _backward_impl(grad_spikes, grad_v_final, x_seq, v_init, checkpoints,
-                                                        ctx.spec, bool(ctx.repeat), rate)
-        if ctx.repeat:
-            grad_x = grad_x[0]
-        grads = _FUNCTION_GRADS(grad_x, None if v_init is None else grad_v_init.to(v_init.dtype), grad_rate)
-        return refused("lif_multistep", grads) if torch.is_grad_enabled() else grads
-
-
-_FUNCTION_GRADS = Args(_LIFFunction.forward).returning("x", "v_init", "rate")
-
-
-class _LIFPlain(torch.autograd.Function):
-    """The common call, on the shortest host path: x [T, ...] dense time-major, no v_init, no v_final, no
-    repeat (_LIFFunction takes the rest); the same launches, saved tensors and results."""
-
-    @staticmethod
-    def forward(ctx, x, spec):
-        spikes = time_major_like(x)
-        checkpoints = membrane_checkpoints(x)
-        _kernels().lif_forward(x, spikes, None, None, checkpoints, spec)
-        ctx.save_for_backward(x, checkpoints)
-        ctx.spec = spec
-        return spikes
-
-    @staticmethod
-    def backward(ctx, grad_spikes):
-        x, checkpoints = ctx.saved_tensors
-        grad_x = time_major_like(x)
-        if not (grad_spikes.is_contiguous() and grad_x.is_contiguous()):
-            grad_spikes = as_time_major_like(grad_spikes, x)
-        _kernels().lif_backward(x, grad_spikes, None, checkpoints, None, grad_x, None, ctx.spec)
-        grads = grad_x, None
-        return refused("lif_multistep", grads) if torch.is_grad_enabled() else grads
-
-
-# ---- the same launchers as custom ops, for torch.compile ----
-
-
-
-
-
-@torch.library.custom_op("fastsnn::lif_forward", mutates_args=(), device_types=None)
-def _lif_forward_op(x: Tensor, v_init: Optional[Tensor], rate: Optional[Tensor], kind: str, tau: float,
-                    v_threshold: float, v_reset: Optional[float], surrogate: str, alpha: float, detach_reset: bool,
-                    return_v: bool, repeat: int) -> tuple[Tensor, Tensor, Tensor]:
-    spec = NeuronSpec(kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset)
-    spikes, v_final, checkpoints = _forward_impl(repeated(x, repeat) if repeat else x, v_init, spec, return_v,
-                                                 rate)
-    return spikes, empty_f32(x) if v_final is None else v_final, empty_f32(x) if checkpoints is None else checkpoints
-
-
-@_lif_forward_op.register_fake
-def _(x, v_init, rate, kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset, return_v, repeat):
+def _forward_fake(x, v_init, rate, kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset, return_v, repeat):
     x_seq = repeated(x, repeat) if repeat else x
-    checkpoints = membrane_checkpoints(x_seq)
-    return (time_major_like(x_seq), _v_like(x_seq) if return_v else empty_f32(x),
-            empty_f32(x) if checkpoints is None else checkpoints)
+    return time_major_like(x_seq), _v_like(x_seq) if return_v else None, membrane_checkpoints(x_seq)
 
 
-@torch.library.custom_op("fastsnn::lif_backward", mutates_args=())
-def _lif_backward_op(grad_spikes: Tensor, grad_v_final: Optional[Tensor], x: Tensor, v_init: Optional[Tensor],
-                     checkpoints: Tensor, rate: Optional[Tensor], kind: str, tau: float, v_threshold: float,
-                     v_reset: Optional[float], surrogate: str, alpha: float, detach_reset: bool,
-                     repeat: int) -> tuple[Tensor, Tensor, Tensor]:
-    spec = NeuronSpec(kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset)
-    x_seq = repeated(x, repeat) if repeat else x
-    grad_x, grad_v_init, grad_rate = _backward_impl(grad_spikes, grad_v_final, x_seq, v_init,
-                                                    checkpoints if checkpoints.numel() else None, spec, bool(repeat),
-                                                    rate)
-    return (grad_x[0] if repeat else grad_x, empty_f32(x) if grad_v_init is None else grad_v_init,
-            empty_f32(x) if grad_rate is None else grad_rate)
-
-
-@_lif_backward_op.register_fake
-def _(grad_spikes, grad_v_final, x, v_init, checkpoints, rate, kind, tau, v_threshold, v_reset, surrogate, alpha,
-      detach_reset, repeat):
-    return (torch.empty_like(x), _v_like(repeated(x, repeat) if repeat else x) if v_init is not None else
-            empty_f32(x), empty_f32(x) if rate is None else torch.empty_like(rate))
-
-
-_FORWARD_ARGS = Args(_lif_forward_op._init_fn)
-
-
-def _setup_context(ctx, inputs, output):
-    a = _FORWARD_ARGS.bind(inputs)
-    ctx.params = _FORWARD_ARGS.values(a, SPEC_FIELDS)
+def _save(ctx, a, outputs):
+    checkpoints = outputs[2]
+    ctx.params = a[_SPEC]
     ctx.return_v, ctx.repeat = a.return_v, a.repeat
-    ctx.save_for_backward(a.x, a.v_init, output[2], a.rate)
-    ctx.mark_non_differentiable(output[2])
+    ctx.save_for_backward(a.x, a.v_init, checkpoints, a.rate)
+    if checkpoints is not None:
+        ctx.mark_non_differentiable(checkpoints)
 
 
-def _backward(ctx, grad_spikes, grad_v_final, _):
+def _backward(grad_spikes: Tensor, grad_v_final: Optional[Tensor], x: Tensor, v_init: Optional[Tensor],
+              checkpoints: Optional[Tensor], rate: Optional[Tensor], kind: str, tau: float, v_threshold: float,
+              v_reset: Optional[float], surrogate: str, alpha: float, detach_reset: bool,
+              repeat: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_x, grad_v_init or None, grad_rate or None): one launch (and, for a parametric neuron, one sum of the
+    programs' partials); with repeat, the gradient of the one timestep, summed over time in the kernel."""
+    x_seq = repeated(x, repeat) if repeat else x
+    grad_x = time_major_like(x_seq[:1] if repeat else x_seq)
+    grad_v_init = None if v_init is None else _v_like(x_seq)
+    if not (grad_spikes.is_contiguous() and grad_x.is_contiguous() and not repeat):
+        grad_spikes = as_time_major_like(grad_spikes, x_seq)
+    if checkpoints is not None and not checkpoints.numel():  # the custom op's stand-in for none
+        checkpoints = None
+    spec = spec_of(kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset)
+    partials = _kernels().lif_backward(x_seq, grad_spikes, _v_state(v_init, x_seq), checkpoints,
+                                       _v_state(grad_v_final, x_seq), grad_x, grad_v_init, spec, bool(repeat), rate)
+    return (grad_x[0] if repeat else grad_x, grad_v_init,
+            None if partials is None else partials.sum().reshape(rate.shape))
+
+
+def _backward_fake(grad_spikes, grad_v_final, x, v_init, checkpoints, rate, kind, tau, v_threshold, v_reset,
+                   surrogate, alpha, detach_reset, repeat):
+    return (torch.empty_like(x), None if v_init is None else _v_like(repeated(x, repeat) if repeat else x),
+            None if rate is None else torch.empty_like(rate))
+
+
+def _formula(ctx, backward, grad_spikes, grad_v_final, _checkpoints):
     x, v_init, checkpoints, rate = ctx.saved_tensors
     if grad_spikes is None:
         grad_spikes = torch.zeros_like(repeated(x, ctx.repeat) if ctx.repeat else x)
-    grad_x, grad_v_init, grad_rate = _lif_backward_op(grad_spikes, grad_v_final if ctx.return_v else None, x, v_init,
-                                                      checkpoints, rate, *ctx.params, ctx.repeat)
-    return _FORWARD_ARGS.grads(x=grad_x, v_init=None if v_init is None else grad_v_init.to(v_init.dtype),
-                               rate=None if rate is None else grad_rate)
+    grad_x, grad_v_init, grad_rate = backward(grad_spikes, grad_v_final if ctx.return_v else None, x, v_init,
+                                              checkpoints, rate, *ctx.params, ctx.repeat)
+    return _GRADS(grad_x, None if v_init is None else grad_v_init.to(v_init.dtype),
+                  None if rate is None else grad_rate)
 
 
-torch.library.register_autograd("fastsnn::lif_forward", _backward, setup_context=_setup_context)
+LIF = Op("lif", _forward, fake=_forward_fake, save=_save, backward=_backward, backward_fake=_backward_fake,
+         formula=_formula, internal=1, label="lif_multistep")
+_GRADS = LIF.args.returning("x", "v_init", "rate")
+_SPEC = LIF.args.span("kind", "detach_reset")  # the NeuronSpec's fields, in its order
 
 
 # ---- checks and the public functions ----
@@ -259,11 +180,10 @@ def apply_neuron(op: str, x: Tensor, spec: NeuronSpec, *, v_init: Tensor | None 
     elif not (x.is_contiguous() or is_dense_time_major(x, allow_broadcast=True)):
         x = x.contiguous()
     if torch.compiler.is_compiling():
-        spikes, v_final, _ = _lif_forward_op(x, v_init, rate, *spec_args(spec), bool(return_v), repeat or 0)
-    elif v_init is None and not return_v and not repeat and rate is None:
-        return _LIFPlain.apply(x, spec)
+        spikes, v_final, _ = LIF.op(x, v_init, rate, *spec_args(spec), bool(return_v), repeat or 0)
     else:
-        spikes, v_final = _LIFFunction.apply(x, v_init, rate, spec, bool(return_v), repeat or 0)
+        outputs = LIF.Function.apply(x, v_init, rate, op_settings(spec, bool(return_v), repeat or 0))
+        spikes, v_final = outputs[0], outputs[-1]
     return (spikes, v_final) if return_v else spikes
 
 

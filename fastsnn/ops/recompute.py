@@ -15,7 +15,7 @@ forward's (the forward's spikes, statistics and running statistics are never aff
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -63,17 +63,10 @@ def dense_source(x: Tensor, weight: Tensor, bias: Tensor | None, conv: tuple, ou
     return source(x, weight, bias, conv, spike_storage.layout(x), "dense", out)
 
 
-def rebuild(op: str, tensors: tuple, meta: tuple, shape, strides, as_op: bool = False) -> Tensor:
+def rebuild(op: str, tensors: tuple, meta: tuple, shape, strides) -> Tensor:
     """The convolution's output, recomputed, viewed as the op saw it (shape, strides): the same values as the
-    forward's (see the module docstring for CUDA). as_op (the custom ops' autograd formula, traced by
-    torch.compile): one custom op, since an aten convolution here would be merged with the forward's by the
-    joint graph's common-subexpression elimination, and its output saved after all."""
-    if as_op:
-        return _rebuild_op(*tensors, encode_meta(meta), list(shape), list(strides))
-    return _rebuild(op, tensors, meta, shape, strides)
-
-
-def _rebuild(op: str, tensors: tuple, meta: tuple, shape, strides) -> Tensor:
+    forward's (see the module docstring for CUDA). Runs inside the fused op's backward (its custom op when
+    compiled, so the joint graph cannot merge it with the forward's convolution and save the output after all)."""
     kept, weight, bias = tensors
     conv, x_layout, storage, dtype, _ = meta
     x = kept if storage == "dense" else spike_storage.unpack(op, kept, storage, x_layout)
@@ -84,15 +77,60 @@ def _rebuild(op: str, tensors: tuple, meta: tuple, shape, strides) -> Tensor:
     return out
 
 
-@torch.library.custom_op("fastsnn::conv_rebuild", mutates_args=())
-def _rebuild_op(kept: Tensor, weight: Tensor, bias: Optional[Tensor], meta: list[int], shape: list[int],
-                strides: list[int]) -> Tensor:
-    return _rebuild("recompute", (kept, weight, bias), decode(meta), shape, strides)
+def keep(sources, x: Tensor, residual: Tensor | None) -> tuple:
+    """(the recompute plan, x or None, residual or None, six tensors or Nones): x (the residual) is not saved when
+    its ConvSource matches it, its source's (kept, weight, bias) are; the plan says how to rebuild each (None: it
+    was saved)."""
+    plan, kept, tensors = [], [], []
+    for src, t in zip(sources, (x, residual)):
+        if matches(src, t):
+            plan.append((src.meta(), tuple(t.shape), tuple(t.stride())))
+            tensors += src.tensors()
+            kept.append(None)
+        else:
+            plan.append(None)
+            tensors += (None, None, None)
+            kept.append(t)
+    return (None if plan == [None, None] else plan), kept[0], kept[1], tuple(tensors)
 
 
-@_rebuild_op.register_fake
-def _(kept, weight, bias, meta, shape, strides):
-    return weight.new_empty_strided(shape, strides, dtype=decode(meta)[3])
+def restore(plan, x: Tensor | None, residual: Tensor | None, tensors: tuple) -> tuple:
+    """(x, residual) for the backward: as saved, or rebuilt from their sources' tensors (see keep)."""
+    restored = []
+    for k, (step, t) in enumerate(zip(plan, (x, residual))):
+        if step is not None:
+            t = rebuild("bn_lif", tensors[3 * k:3 * k + 3], *step)
+        restored.append(t)
+    return tuple(restored)
+
+
+def encode_plan(plan) -> list[int]:
+    """A keep() plan as ints, for a custom op's schema (decode_plan is the inverse)."""
+    ints = []
+    for step in plan:
+        if step is None:
+            ints.append(0)
+            continue
+        meta, shape, strides = step
+        m = encode_meta(meta)
+        ints += [len(m), *m, len(shape), *shape, *strides]
+    return ints
+
+
+def decode_plan(ints: list[int]) -> list:
+    plan, k = [], 0
+    for _ in range(2):
+        n = ints[k]
+        k += 1
+        if n == 0:
+            plan.append(None)
+            continue
+        meta = decode(ints[k:k + n])
+        k += n
+        d = ints[k]
+        plan.append((meta, tuple(ints[k + 1:k + 1 + d]), tuple(ints[k + 1 + d:k + 1 + 2 * d])))
+        k += 1 + 2 * d
+    return plan
 
 
 def matches(src: ConvSource | None, t: Tensor | None) -> bool:
@@ -153,15 +191,15 @@ def decode(ints: list[int]) -> tuple:
 
 
 def encoded_pair(sources) -> tuple:
-    """(x_kept, x_conv_weight, x_conv_bias, residual_kept, residual_conv_weight, residual_conv_bias, ints or
-    None): (x's source, the residual's source), either None, as the fused op's custom op takes them."""
+    """((x_kept, x_conv_weight, x_conv_bias, residual_kept, residual_conv_weight, residual_conv_bias), ints or
+    None): (x's source, the residual's source), either None, as the fused op takes them."""
     if sources is None or sources == (None, None):
-        return (None, None, None) * 2 + (None,)  # (kept, weight, bias) twice, the ints
+        return (None, None, None) * 2, None  # (kept, weight, bias) twice, the ints
     tensors, ints = [], []
     for src in sources:
         tensors += src.tensors() if src is not None else (None, None, None)
         ints.append(encode(src) if src is not None else [])
-    return (*tensors, [len(ints[0]), *ints[0], *ints[1]])
+    return tuple(tensors), [len(ints[0]), *ints[0], *ints[1]]
 
 
 def decoded_pair(ints: list[int], x_tensors: tuple, residual_tensors: tuple) -> tuple:

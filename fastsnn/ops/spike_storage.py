@@ -8,9 +8,11 @@
                       unpacked input to find the first maximal position of each window, exactly as
                       nn.MaxPool2d does.
 
-Eager calls run torch.autograd.Functions; under torch.compile the same work runs as torch.library custom ops
-(the convolution or pool and the packing in one, the unpacking and aten's backward in another), so a compiled
-network keeps the bits and has no graph break.
+Each op (SPIKE_CONV2D, SPIKE_MAX_POOL2D) is declared once (fastsnn.ops._declare): eager calls run the autograd
+Function derived from it, torch.compile the derived torch.library custom ops (the convolution or pool and the
+packing in one, the unpacking and aten's backward in another), so a compiled network keeps the bits and has no
+graph break. The input is packed only when a gradient that needs it may be asked for (the weight's, under
+grad mode): inference packs nothing.
 
 Exactness is a contract: storage "bits" holds 0/1 only, "uint8" integers 0…255. In checked mode (the
 `check` argument, or FASTSNN_CHECK_SPIKES=1 in the environment, which the test suite sets) a value that is
@@ -21,7 +23,7 @@ uint8 truncates toward zero and wraps modulo 256 (2.7 → 2, 300 → 44, −1 �
 """
 from __future__ import annotations
 
-import functools
+import math
 import os
 from typing import Optional
 
@@ -30,8 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backend import resolve_backend
-from ._autograd import refused
-from ._declare import Args
+from ._declare import Op
 from ._layout import kernels_loader, same_layout
 
 STORAGES = ("bits", "uint8")
@@ -105,6 +106,9 @@ def unpack(op: str, packed: Tensor, storage: str, x_layout) -> Tensor:
     """The tensor of `x_layout` (shape, strides, dtype, as layout() gives them) rebuilt from `packed`, on its
     device."""
     shape, strides, dtype = x_layout
+    if packed is None or packed.numel() < packed_size(math.prod(shape), storage):  # never read past the buffer
+        raise RuntimeError(f"{op}: the backward needs the input's packed values, which the forward did not keep (it "
+                           f"keeps them when a gradient that needs them may be asked for, under grad mode)")
     out = torch.empty_strided(shape, strides, dtype=dtype, device=packed.device)
     flat = _flat(out)
     if storage == "uint8":
@@ -130,228 +134,139 @@ def unpack_bits_torch(packed: Tensor, flat: Tensor) -> Tensor:
     return flat.copy_(((packed.unsqueeze(1) >> shifts) & 1).view(-1)[:flat.numel()])
 
 
-@torch.library.custom_op("fastsnn::unpack_spikes", mutates_args=())
-def unpack_op(packed: Tensor, shape: list[int], strides: list[int], dtype: torch.dtype, storage: str) -> Tensor:
-    """unpack as a custom op (for backward graphs under torch.compile); the layout as layout() gives it."""
-    return unpack("unpack_spikes", packed, storage, (shape, strides, dtype))
-
-
-@unpack_op.register_fake
-def _(packed, shape, strides, dtype, storage):
-    return packed.new_empty_strided(shape, strides, dtype=dtype)
-
-
 def packed_size(numel, storage: str):
     """Bytes `pack` returns for `numel` values (numel may be symbolic under torch.compile)."""
     return (numel + 7) // 8 if storage == "bits" else numel
 
 
-class _SpikeConv2dFunction(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, conv, storage, check, with_packed=False, packed=None):
-        out = F.conv2d(x, weight, bias, *conv)
-        if packed is None and (ctx.needs_input_grad[1] or with_packed):
-            packed = pack("SpikeConv2d", x, storage, check)
-        ctx.save_for_backward(weight, packed)
-        ctx.x_layout, ctx.storage, ctx.conv, ctx.has_bias = layout(x), storage, conv, bias is not None
-        if with_packed:  # the packed input, for a recompute of out (fastsnn.ops.recompute)
-            ctx.mark_non_differentiable(packed)
-            return out, packed
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out, _packed=None):
-        weight, packed = ctx.saved_tensors
-        grads = _conv_grads(ctx, _CONV_FUNCTION_ARGS, lambda mask: _conv_backward(
-            grad_out, packed, weight, ctx.x_layout, ctx.conv, ctx.storage, mask))
-        return refused("SpikeConv2d", grads) if torch.is_grad_enabled() else grads
-
-
-_CONV_FUNCTION_ARGS = Args(_SpikeConv2dFunction.forward)
-
-
-def _conv_grads(ctx, args: Args, backward) -> tuple:
-    """The gradients of x, weight and bias (a convolution's Function or custom op, `args` its inputs), each
-    where asked for: backward(mask) gives the three, None where the mask says not needed."""
-    n = ctx.needs_input_grad
-    mask = [n[args.index("x")], n[args.index("weight")], ctx.has_bias and n[args.index("bias")]]
-    grad_x, grad_weight, grad_bias = (g if need else None for g, need in zip(backward(mask), mask))
-    return args.grads(x=grad_x, weight=grad_weight, bias=grad_bias)
-
-
-def _conv_backward(grad_out, packed, weight, x_layout, conv, storage, mask):
-    """(grad_x, grad_weight, grad_bias), None where mask says not needed: one aten.convolution_backward on the
-    unpacked input (only its shape when the weight gradient is not needed)."""
-    stride, padding, dilation, groups = conv
-    if packed is not None and mask[1]:
-        x = unpack("SpikeConv2d", packed, storage, x_layout)
-    else:  # the input gradient needs only x's shape
-        x = grad_out.new_empty(1, dtype=x_layout[2]).expand(x_layout[0])
-    bias_sizes = [weight.shape[0]] if mask[2] else None
-    return torch.ops.aten.convolution_backward(grad_out, x, weight, bias_sizes, stride, padding, dilation, False,
-                                               [0, 0], groups, mask)
-
-
-# ---- the same as custom ops, for torch.compile (a traced autograd.Function could not keep the bits) ----
+# ---- the ops, declared once (fastsnn.ops._declare): eager Functions and custom ops derived ----
 
 def _absent(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
-@torch.library.custom_op("fastsnn::spike_conv2d", mutates_args=())
-def _spike_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
-                     dilation: list[int], groups: int, storage: str, check: bool) -> tuple[Tensor, Tensor]:
-    """(the convolution, x packed for the backward)."""
-    return F.conv2d(x, weight, bias, stride, padding, dilation, groups), pack("SpikeConv2d", x, storage, check)
+def _conv_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], packed: Optional[Tensor], stride: list[int],
+                  padding: list[int], dilation: list[int], groups: int, storage: str, check: bool,
+                  keep: bool) -> tuple[Tensor, Tensor]:
+    """(the convolution, x packed for the backward, or None). packed: x already packed as `storage` (by another
+    convolution of the same x), kept instead of packing again; keep=False (no weight gradient will be asked
+    for and nobody needs the bits) packs nothing."""
+    out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return out, pack("SpikeConv2d", x, storage, check) if keep and packed is None else None
 
 
-@_spike_conv2d_op.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, storage, check):
-    return (F.conv2d(x, weight, bias, stride, padding, dilation, groups),
-            x.new_empty(packed_size(x.numel(), storage), dtype=torch.uint8))
+def _conv_fake(x, weight, bias, packed, stride, padding, dilation, groups, storage, check, keep):
+    out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if keep and packed is None:
+        return out, x.new_empty(packed_size(x.numel(), storage), dtype=torch.uint8)
+    return out, None
 
 
-@torch.library.custom_op("fastsnn::spike_conv2d_backward", mutates_args=())
-def _spike_conv2d_backward_op(grad_out: Tensor, packed: Tensor, weight: Tensor, x_shape: list[int],
-                              x_strides: list[int], x_dtype: torch.dtype, stride: list[int], padding: list[int],
-                              dilation: list[int], groups: int, storage: str, mask: list[bool]) -> list[Tensor]:
-    grads = _conv_backward(grad_out, packed, weight, (x_shape, x_strides, x_dtype),
-                           (stride, padding, dilation, groups), storage, mask)
-    # in the layouts the fake kernel declares
-    likes = (torch.empty_strided(x_shape, x_strides, dtype=x_dtype, device=grad_out.device), weight,
-             weight.new_empty(weight.shape[0]))
-    return [_absent(grad_out) if g is None else same_layout(g, like) for g, like in zip(grads, likes)]
+def _conv_save(ctx, a, outputs):
+    ctx.save_for_backward(a.weight, a.packed if a.packed is not None else outputs[1])
+    ctx.x_layout, ctx.storage, ctx.has_bias = layout(a.x), a.storage, a.bias is not None
+    ctx.conv = a[_CONV]
+    if outputs[1] is not None:
+        ctx.mark_non_differentiable(outputs[1])
 
 
-@_spike_conv2d_backward_op.register_fake
-def _(grad_out, packed, weight, x_shape, x_strides, x_dtype, stride, padding, dilation, groups, storage, mask):
+def _conv_backward(grad_out: Tensor, packed: Optional[Tensor], weight: Tensor, x_shape: list[int],
+                   x_strides: list[int], x_dtype: torch.dtype, stride: list[int], padding: list[int],
+                   dilation: list[int], groups: int, storage: str,
+                   mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_x, grad_weight, grad_bias), None where mask says not needed, in x's and the weight's layouts: one
+    aten.convolution_backward on the unpacked input (only its shape when the weight gradient is not needed)."""
+    if mask[1]:
+        x = unpack("SpikeConv2d", packed, storage, (x_shape, x_strides, x_dtype))
+    else:  # the input gradient needs only x's shape
+        x = grad_out.new_empty(1, dtype=x_dtype).expand(x_shape)
+    bias_sizes = [weight.shape[0]] if mask[2] else None
+    grads = torch.ops.aten.convolution_backward(grad_out, x, weight, bias_sizes, stride, padding, dilation, False,
+                                                [0, 0], groups, mask)
+    grad_x, grad_weight, grad_bias = (g if need else None for g, need in zip(grads, mask))
+    if grad_x is not None and list(grad_x.stride()) != list(x_strides):
+        grad_x = torch.empty_strided(x_shape, x_strides, dtype=x_dtype, device=grad_out.device).copy_(grad_x)
+    return grad_x, None if grad_weight is None else same_layout(grad_weight, weight), grad_bias
+
+
+def _conv_backward_fake(grad_out, packed, weight, x_shape, x_strides, x_dtype, stride, padding, dilation, groups,
+                        storage, mask):
     likes = (grad_out.new_empty_strided(x_shape, x_strides, dtype=x_dtype), torch.empty_like(weight),
              weight.new_empty(weight.shape[0]))
-    return [like if need else _absent(grad_out) for like, need in zip(likes, mask)]
+    return tuple(like if need else None for like, need in zip(likes, mask))
 
 
-_CONV_OP_ARGS = Args(_spike_conv2d_op._init_fn)
-_CONV_FIELDS = ("stride", "padding", "dilation", "groups")
-
-
-def _conv_setup_context(ctx, inputs, output, args=_CONV_OP_ARGS, packed=None):
-    a = args.bind(inputs)
-    ctx.save_for_backward(a.weight, output[1] if packed is None else a[packed])
-    ctx.x_layout, ctx.storage, ctx.has_bias = layout(a.x), a.storage, a.bias is not None
-    ctx.conv = args.values(a, _CONV_FIELDS)
-    if packed is None:
-        ctx.mark_non_differentiable(output[1])
-
-
-def _conv_backward_compiled(ctx, grad_out, _packed_grad=None, args=_CONV_OP_ARGS):
+def _conv_formula(ctx, backward, grad_out, _grad_packed):
     weight, packed = ctx.saved_tensors
-    return _conv_grads(ctx, args, lambda mask: _spike_conv2d_backward_op(
-        grad_out, packed, weight, *ctx.x_layout, *ctx.conv, ctx.storage, mask))
+    n = ctx.needs_input_grad
+    mask = [n[_X], n[_WEIGHT], ctx.has_bias and n[_BIAS]]
+    grads = backward(grad_out, packed, weight, *ctx.x_layout, *ctx.conv, ctx.storage, mask)
+    return _CONV_GRADS(*(g if need else None for g, need in zip(grads, mask)))  # compiled: empty for none
 
 
-torch.library.register_autograd("fastsnn::spike_conv2d", _conv_backward_compiled, setup_context=_conv_setup_context)
+SPIKE_CONV2D = Op("spike_conv2d", _conv_forward, fake=_conv_fake, save=_conv_save, backward=_conv_backward,
+                  backward_fake=_conv_backward_fake, formula=_conv_formula, label="SpikeConv2d")
+_CONV_GRADS = SPIKE_CONV2D.args.returning("x", "weight", "bias")
+_CONV = SPIKE_CONV2D.args.span("stride", "groups")
+_X, _WEIGHT, _BIAS = (SPIKE_CONV2D.args.index(n) for n in ("x", "weight", "bias"))
 
 
-@torch.library.custom_op("fastsnn::spike_conv2d_prepacked", mutates_args=())
-def _spike_conv2d_prepacked_op(x: Tensor, packed: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int],
-                               padding: list[int], dilation: list[int], groups: int, storage: str) -> Tensor:
-    """The convolution of x, whose `packed` form (another convolution's of the same x) its backward keeps."""
-    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+def _pool_forward(x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int], dilation: list[int],
+                  ceil_mode: bool, check: bool, keep: bool) -> tuple[Tensor, Tensor]:
+    """(the pool, x packed as bits for the backward, or None without keep)."""
+    out = F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+    return out, pack("SpikeMaxPool2d", x, "bits", check) if keep else None
 
 
-@_spike_conv2d_prepacked_op.register_fake
-def _(x, packed, weight, bias, stride, padding, dilation, groups, storage):
-    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+def _pool_fake(x, kernel_size, stride, padding, dilation, ceil_mode, check, keep):
+    out = F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+    return out, x.new_empty(packed_size(x.numel(), "bits"), dtype=torch.uint8) if keep else None
 
 
-_PREPACKED_ARGS = Args(_spike_conv2d_prepacked_op._init_fn)
-torch.library.register_autograd(
-    "fastsnn::spike_conv2d_prepacked", functools.partial(_conv_backward_compiled, args=_PREPACKED_ARGS),
-    setup_context=functools.partial(_conv_setup_context, args=_PREPACKED_ARGS, packed="packed"))
+def _pool_save(ctx, a, outputs):
+    ctx.save_for_backward(outputs[1])
+    ctx.x_layout, ctx.pool = layout(a.x), a[_POOL]
+    if outputs[1] is not None:
+        ctx.mark_non_differentiable(outputs[1])
 
 
-class _SpikeMaxPool2dFunction(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx, x, pool, check):
-        out = F.max_pool2d(x, *pool)
-        ctx.save_for_backward(pack("SpikeMaxPool2d", x, "bits", check))
-        ctx.x_layout, ctx.pool = layout(x), pool
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (packed,) = ctx.saved_tensors
-        grads = _POOL_FUNCTION_GRADS(_pool_backward(grad_out, packed, ctx.x_layout, ctx.pool))
-        return refused("SpikeMaxPool2d", grads) if torch.is_grad_enabled() else grads
-
-
-_POOL_FUNCTION_GRADS = Args(_SpikeMaxPool2dFunction.forward).returning("x")
-
-
-def _pool_backward(grad_out, packed, x_layout, pool):
-    """dL/dx: the unpacked input re-pooled for the first maximal position of each window (nn.MaxPool2d's)."""
-    x = unpack("SpikeMaxPool2d", packed, "bits", x_layout)
+def _pool_backward(grad_out: Tensor, packed: Tensor, x_shape: list[int], x_strides: list[int], x_dtype: torch.dtype,
+                   kernel_size: list[int], stride: list[int], padding: list[int], dilation: list[int],
+                   ceil_mode: bool) -> Tensor:
+    """dL/dx in x's layout: the unpacked input re-pooled for the first maximal position of each window
+    (nn.MaxPool2d's)."""
+    x = unpack("SpikeMaxPool2d", packed, "bits", (x_shape, x_strides, x_dtype))
+    pool = (kernel_size, stride, padding, dilation, ceil_mode)
     _, indices = F.max_pool2d(x, *pool, return_indices=True)
-    return torch.ops.aten.max_pool2d_with_indices_backward(grad_out, x, *pool, indices)
+    return same_layout(torch.ops.aten.max_pool2d_with_indices_backward(grad_out, x, *pool, indices), x)
 
 
-@torch.library.custom_op("fastsnn::spike_max_pool2d", mutates_args=())
-def _spike_max_pool2d_op(x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
-                         dilation: list[int], ceil_mode: bool, check: bool) -> tuple[Tensor, Tensor]:
-    """(the pool, x packed as bits for the backward)."""
-    return (F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode),
-            pack("SpikeMaxPool2d", x, "bits", check))
-
-
-@_spike_max_pool2d_op.register_fake
-def _(x, kernel_size, stride, padding, dilation, ceil_mode, check):
-    return (F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode),
-            x.new_empty(packed_size(x.numel(), "bits"), dtype=torch.uint8))
-
-
-@torch.library.custom_op("fastsnn::spike_max_pool2d_backward", mutates_args=())
-def _spike_max_pool2d_backward_op(grad_out: Tensor, packed: Tensor, x_shape: list[int], x_strides: list[int],
-                                  x_dtype: torch.dtype, kernel_size: list[int], stride: list[int],
-                                  padding: list[int], dilation: list[int], ceil_mode: bool) -> Tensor:
-    grad_x = _pool_backward(grad_out, packed, (x_shape, x_strides, x_dtype),
-                            (kernel_size, stride, padding, dilation, ceil_mode))
-    return same_layout(grad_x, torch.empty_strided(x_shape, x_strides, dtype=x_dtype, device=grad_out.device))
-
-
-@_spike_max_pool2d_backward_op.register_fake
-def _(grad_out, packed, x_shape, x_strides, x_dtype, kernel_size, stride, padding, dilation, ceil_mode):
+def _pool_backward_fake(grad_out, packed, x_shape, x_strides, x_dtype, kernel_size, stride, padding, dilation,
+                        ceil_mode):
     return grad_out.new_empty_strided(x_shape, x_strides, dtype=x_dtype)
 
 
-_POOL_OP_ARGS = Args(_spike_max_pool2d_op._init_fn)
-
-
-def _pool_setup_context(ctx, inputs, output):
-    a = _POOL_OP_ARGS.bind(inputs)
-    ctx.save_for_backward(output[1])
-    ctx.x_layout, ctx.pool = layout(a.x), _POOL_OP_ARGS.values(a, ("kernel_size", "stride", "padding", "dilation",
-                                                                   "ceil_mode"))
-    ctx.mark_non_differentiable(output[1])
-
-
-def _pool_backward_compiled(ctx, grad_out, _packed_grad):
+def _pool_formula(ctx, backward, grad_out, _grad_packed):
     (packed,) = ctx.saved_tensors
-    return _POOL_OP_ARGS.grads(x=_spike_max_pool2d_backward_op(grad_out, packed, *ctx.x_layout, *ctx.pool))
+    return _POOL_GRADS(backward(grad_out, packed, *ctx.x_layout, *ctx.pool))
 
 
-torch.library.register_autograd("fastsnn::spike_max_pool2d", _pool_backward_compiled,
-                                setup_context=_pool_setup_context)
+SPIKE_MAX_POOL2D = Op("spike_max_pool2d", _pool_forward, fake=_pool_fake, save=_pool_save, backward=_pool_backward,
+                      backward_fake=_pool_backward_fake, formula=_pool_formula, label="SpikeMaxPool2d")
+_POOL_GRADS = SPIKE_MAX_POOL2D.args.returning("x")
+_POOL = SPIKE_MAX_POOL2D.args.span("kernel_size", "ceil_mode")
+
+
+def _needs_bits(weight: Tensor) -> bool:
+    """Whether a backward may ask for the weight gradient (then the input is packed)."""
+    return weight.requires_grad and torch.is_grad_enabled()
 
 
 def spike_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, conv: tuple, storage: str, check: bool) -> Tensor:
     """F.conv2d(x, weight, bias, *conv) whose input is saved for the weight gradient as `storage` (see the
-    module docstring); conv = (stride, padding, dilation, groups) as lists. Eager: the autograd Function; under
-    torch.compile: the custom ops."""
-    if torch.compiler.is_compiling():
-        return _spike_conv2d_op(x, weight, bias, *conv, storage, check)[0]
-    return _SpikeConv2dFunction.apply(x, weight, bias, conv, storage, check)
+    module docstring); conv = (stride, padding, dilation, groups) as lists. Eager: the derived autograd
+    Function; under torch.compile: the custom ops."""
+    return SPIKE_CONV2D(x, weight, bias, None, *conv, storage, check, _needs_bits(weight))[0]
 
 
 def spike_conv2d_packed(x: Tensor, weight: Tensor, bias: Tensor | None, conv: tuple, storage: str,
@@ -360,20 +275,16 @@ def spike_conv2d_packed(x: Tensor, weight: Tensor, bias: Tensor | None, conv: tu
     recompute of the output needs (fastsnn.ops.recompute). packed: x already packed as `storage` (by another
     convolution of the same x), kept instead of packing x again."""
     if packed is not None:
-        if torch.compiler.is_compiling():
-            return _spike_conv2d_prepacked_op(x, packed, weight, bias, *conv, storage), packed
-        return _SpikeConv2dFunction.apply(x, weight, bias, conv, storage, False, False, packed), packed
-    if torch.compiler.is_compiling():
-        return _spike_conv2d_op(x, weight, bias, *conv, storage, check)
-    return _SpikeConv2dFunction.apply(x, weight, bias, conv, storage, check, True)
+        return SPIKE_CONV2D(x, weight, bias, packed, *conv, storage, False, False)[0], packed
+    out, packed = SPIKE_CONV2D(x, weight, bias, None, *conv, storage, check, True)
+    return out, packed
 
 
 def spike_max_pool2d(x: Tensor, pool: tuple, check: bool) -> Tensor:
     """F.max_pool2d(x, *pool) of spikes, saving the input as bits and no indices; pool = (kernel_size, stride,
     padding, dilation, ceil_mode) with lists."""
-    if torch.compiler.is_compiling():
-        return _spike_max_pool2d_op(x, *pool, check)[0]
-    return _SpikeMaxPool2dFunction.apply(x, pool, check)
+    keep = x.requires_grad and torch.is_grad_enabled()
+    return SPIKE_MAX_POOL2D(x, *pool, check, keep)[0]
 
 
 def check_storage(op: str, storage: str) -> str:

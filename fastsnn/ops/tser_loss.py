@@ -1,7 +1,8 @@
 """The TSER distillation loss: input checks, backend dispatch, and the Triton path.
 
-Eager calls run a plain torch.autograd.Function (the least host time per call); under torch.compile the
-same launchers run as torch.library custom ops with fake kernels, so the graph traces without a break.
+The op is declared once (TSER_LOSS; fastsnn.ops._declare): eager calls run the autograd Function derived from
+it, torch.compile the derived torch.library custom ops (with fake kernels), so the graph traces without a
+break.
 The forward saves z, u, y and O(T·B) fp32 statistics; the backward recomputes grad_output·dL/dz.
 The reference backend is plain PyTorch autograd.
 """
@@ -9,13 +10,10 @@ from __future__ import annotations
 
 import functools
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from ._autograd import refused
-from ._declare import Args
+from ._declare import Op
 from .. import reference
 from ._layout import kernels_loader
 from ..backend import (BACKENDS, FLOAT_DTYPES, check_float_tensor, check_number, check_same_device,
@@ -28,151 +26,74 @@ TAU_RANGE = (0.05, 100.0)
 TARGET_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-@dataclass(frozen=True)
-class LossSpec:
-    """The loss's scalar arguments, validated (see tser_loss)."""
-    alpha: float
-    tau: float
-    lam: float
-    ts_ce: bool
-    ts_kl: bool
-    entropy_tau: float
-    ignore_index: int
-    with_entropy: bool  # compute the entropy term even when lam == 0 (for return_terms)
-
-    def kernel_kwargs(self) -> dict:
-        """The launchers' keyword arguments, built once per spec (they are read on every call)."""
-        kwargs = self.__dict__.get("_kwargs")
-        if kwargs is None:
-            kwargs = dict(alpha=self.alpha, tau=self.tau, tau_h=self.entropy_tau, lam=self.lam, ts_ce=self.ts_ce,
-                          ts_kl=self.ts_kl, ignore_index=self.ignore_index)
-            object.__setattr__(self, "_kwargs", kwargs)
-        return kwargs
-
-
 _kernels = kernels_loader("tser_loss")  # imported on first use: importing fastsnn does not import Triton
 
 
-def _forward_impl(z: Tensor, u: Tensor, y: Tensor, spec: LossSpec, one_buffer: bool = True):
-    """(loss, terms, stats): 2 kernel launches, nothing initialised on the host. With one_buffer (eager) the
-    three are one allocation, [stats | loss | terms] (the loss and terms views of it); a custom op's outputs
-    may not alias, so there they are three."""
+# ---- the op, declared once (fastsnn.ops._declare): its eager Function and its custom ops are derived ----
+
+def _forward(z: Tensor, u: Tensor, y: Tensor, alpha: float, tau: float, lam: float, ts_ce: bool, ts_kl: bool,
+             entropy_tau: float, ignore_index: int, with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, terms, stats): 2 kernel launches, nothing initialised on the host; stats (sized from T and B alone,
+    as the fake kernel sizes it) is the backward's."""
     k = _kernels()
     T, B, C = z.shape
-    if one_buffer:
-        size = k.stats_size(T, B, C, spec.ts_ce, spec.ts_kl)
-        stats = z.new_empty(size + 4, dtype=torch.float32)
-        loss, terms = stats[size], stats[size + 1:]
-    else:  # sized as the fake kernel can size it, from T and B alone
-        stats = z.new_empty(k.stats_size_bound(T, B), dtype=torch.float32)
-        loss, terms = stats.new_empty(()), stats.new_empty(3)
-    k.tser_loss_forward(z, u, y, stats, loss, terms, with_entropy=spec.with_entropy, **spec.kernel_kwargs())
+    stats = z.new_empty(k.stats_size_bound(T, B), dtype=torch.float32)
+    loss, terms = stats.new_empty(()), stats.new_empty(3)
+    k.tser_loss_forward(z, u, y, stats, loss, terms, with_entropy=with_entropy,
+                        **_kernel_kwargs(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index))
     return loss, terms, stats
 
 
-def _backward_impl(grad_loss: Tensor, z: Tensor, u: Tensor, y: Tensor, stats: Tensor, spec: LossSpec) -> Tensor:
-    grad_z = z.new_empty(z.shape)  # dense, whatever z's strides
-    _kernels().tser_loss_backward(z, u, y, stats, grad_loss, grad_z, **spec.kernel_kwargs())
-    return grad_z
-
-
-def _forward_and_save(ctx, z: Tensor, u: Tensor, y: Tensor, spec: LossSpec):
-    """Either Function's forward: (loss, terms), the backward's tensors saved."""
-    loss, terms, stats = _forward_impl(z, u, y, spec)
-    ctx.save_for_backward(z, u, y, stats)
-    ctx.spec = spec
-    return loss, terms
-
-
-class _TSERLossFunction(torch.autograd.Function):
-    """Returns (loss, terms); the terms are not differentiable."""
-
-    @staticmethod
-    def forward(ctx, z, u, y, spec):
-        loss, terms = _forward_and_save(ctx, z, u, y, spec)
-        ctx.mark_non_differentiable(terms)
-        ctx.set_materialize_grads(False)  # no zero-filled gradient for the terms
-        return loss, terms
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_terms):
-        grads = _loss_backward(ctx, grad_loss), None, None, None
-        return refused("tser_loss", grads) if torch.is_grad_enabled() else grads
-
-
-class _TSERLossOnly(torch.autograd.Function):
-    """The common call (no terms returned), on the shortest host path: one output, the same launches."""
-
-    @staticmethod
-    def forward(ctx, z, u, y, spec):
-        return _forward_and_save(ctx, z, u, y, spec)[0]
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grads = _loss_backward(ctx, grad_loss), None, None, None
-        return refused("tser_loss", grads) if torch.is_grad_enabled() else grads
-
-
-def _loss_backward(ctx, grad_loss: Tensor) -> Tensor:
-    """grad_z of either Function (grad_loss is 0-d: autograd checks it has the loss's shape)."""
-    z, u, y, stats = ctx.saved_tensors
-    return _backward_impl(grad_loss, z, u, y, stats, ctx.spec)
-
-
-# ---- the same launchers as custom ops, for torch.compile ----
-
-def _spec(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index, with_entropy) -> LossSpec:
-    return LossSpec(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index, with_entropy)
-
-
-@torch.library.custom_op("fastsnn::tser_loss_forward", mutates_args=())
-def _tser_loss_forward_op(z: Tensor, u: Tensor, y: Tensor, alpha: float, tau: float, lam: float, ts_ce: bool,
-                          ts_kl: bool, entropy_tau: float, ignore_index: int,
-                          with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
-    spec = _spec(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index, with_entropy)
-    return _forward_impl(z, u, y, spec, one_buffer=False)
-
-
-@_tser_loss_forward_op.register_fake
-def _(z, u, y, alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index, with_entropy):
+def _forward_fake(z, u, y, alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index, with_entropy):
     T, B, C = z.shape
     f32 = dict(dtype=torch.float32, device=z.device)
     return (torch.empty((), **f32), torch.empty(3, **f32),
             torch.empty(_kernels().stats_size_bound(T, B), **f32))
 
 
-@torch.library.custom_op("fastsnn::tser_loss_backward", mutates_args=())
-def _tser_loss_backward_op(grad_loss: Tensor, z: Tensor, u: Tensor, y: Tensor, stats: Tensor, alpha: float,
-                           tau: float, lam: float, ts_ce: bool, ts_kl: bool, entropy_tau: float,
-                           ignore_index: int) -> Tensor:
-    spec = _spec(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index, False)
-    return _backward_impl(grad_loss, z, u, y, stats, spec)
+def _save(ctx, a, outputs):
+    ctx.params = a[_SETTINGS]
+    ctx.save_for_backward(a.z, a.u, a.y, outputs[2])
+    ctx.mark_non_differentiable(outputs[1], outputs[2])
 
 
-@_tser_loss_backward_op.register_fake
-def _(grad_loss, z, u, y, stats, alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index):
+def _backward(grad_loss: Tensor, z: Tensor, u: Tensor, y: Tensor, stats: Tensor, alpha: float, tau: float,
+              lam: float, ts_ce: bool, ts_kl: bool, entropy_tau: float, ignore_index: int) -> Tensor:
+    """grad_output·dL/dz, dense (whatever z's strides), in z's dtype: one launch (grad_loss is 0-d)."""
+    grad_z = z.new_empty(z.shape)
+    _kernels().tser_loss_backward(z, u, y, stats, grad_loss, grad_z,
+                                  **_kernel_kwargs(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index))
+    return grad_z
+
+
+def _backward_fake(grad_loss, z, u, y, stats, alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index):
     return torch.empty(z.shape, dtype=z.dtype, device=z.device)
 
 
-_FORWARD_ARGS = Args(_tser_loss_forward_op._init_fn)
-# the loss settings the backward takes (with_entropy is the forward's only)
-_SPEC_NAMES = tuple(n for n in Args(_tser_loss_backward_op._init_fn).names if n not in ("grad_loss", "z", "u", "y",
-                                                                                         "stats"))
-
-
-def _setup_context(ctx, inputs, output):
-    a = _FORWARD_ARGS.bind(inputs)
-    ctx.params = _FORWARD_ARGS.values(a, _SPEC_NAMES)
-    ctx.save_for_backward(a.z, a.u, a.y, output[2])
-    ctx.mark_non_differentiable(*output[1:])
-
-
-def _backward(ctx, grad_loss, *_):
+def _formula(ctx, backward, grad_loss, _grad_terms, _grad_stats):
     z, u, y, stats = ctx.saved_tensors
-    return _FORWARD_ARGS.grads(z=_tser_loss_backward_op(grad_loss, z, u, y, stats, *ctx.params))
+    return _GRADS(backward(grad_loss, z, u, y, stats, *ctx.params))
 
 
-torch.library.register_autograd("fastsnn::tser_loss_forward", _backward, setup_context=_setup_context)
+_KWARGS: dict = {}
+
+
+def _kernel_kwargs(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index) -> dict:
+    """The launchers' keyword arguments, built once per distinct set of settings (read on every call)."""
+    key = (alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index)
+    kwargs = _KWARGS.get(key)
+    if kwargs is None:
+        if len(_KWARGS) >= 1024:
+            _KWARGS.clear()
+        kwargs = _KWARGS[key] = dict(alpha=alpha, tau=tau, tau_h=entropy_tau, lam=lam, ts_ce=ts_ce, ts_kl=ts_kl,
+                                     ignore_index=ignore_index)
+    return kwargs
+
+
+TSER_LOSS = Op("tser_loss", _forward, fake=_forward_fake, save=_save, backward=_backward,
+               backward_fake=_backward_fake, formula=_formula, internal=1)
+_GRADS = TSER_LOSS.args.returning("z")
+_SETTINGS = TSER_LOSS.args.span("alpha", "ignore_index")  # the backward's settings (with_entropy is forward's)
 
 
 # ---- checks and the public function ----
@@ -250,8 +171,6 @@ def _check_loss_params(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, backend, igno
 
 
 _checked_loss_params = functools.lru_cache(maxsize=256, typed=True)(_check_loss_params)
-# one LossSpec object per distinct set of (validated) arguments, so its kernel_kwargs are built once
-_loss_spec = functools.lru_cache(maxsize=256)(LossSpec)
 
 
 def _unit_class_stride(t: Tensor) -> Tensor:
@@ -308,17 +227,13 @@ def tser_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, *,
                                    return_terms=return_terms)
     z = _unit_class_stride(student_logits)
     u = _unit_class_stride(teacher_logits.detach() if teacher_logits.requires_grad else teacher_logits)
-    compiling = torch.compiler.is_compiling()
-    spec = (LossSpec if compiling else _loss_spec)(alpha, tau, lam, ts_ce, ts_kl,
-                                                   tau if entropy_tau is None else entropy_tau, ignore_index,
-                                                   bool(return_terms))  # Dynamo does not trace the cache
-    if compiling:
-        loss, terms, *_ = _tser_loss_forward_op(z, u, target, spec.alpha, spec.tau, spec.lam, spec.ts_ce,
-                                                spec.ts_kl, spec.entropy_tau, spec.ignore_index, spec.with_entropy)
-    elif return_terms:
-        loss, terms = _TSERLossFunction.apply(z, u, target, spec)
+    if torch.compiler.is_compiling():
+        loss, terms, _ = TSER_LOSS.op(z, u, target, alpha, tau, lam, ts_ce, ts_kl,
+                                      tau if entropy_tau is None else entropy_tau, ignore_index, bool(return_terms))
     else:
-        return _TSERLossOnly.apply(z, u, target, spec)
+        settings = (alpha, tau, lam, ts_ce, ts_kl, tau if entropy_tau is None else entropy_tau, ignore_index,
+                    bool(return_terms))
+        loss, terms = TSER_LOSS.Function.apply(z, u, target, settings)
     if return_terms:
         return loss, {"ce": terms[0], "kl": terms[1], "entropy": terms[2]}
     return loss
