@@ -88,7 +88,8 @@ def measure(model, loader, device, cfg: TrainConfig, num_images: int) -> dict:
             per_layer = rates.per_layer()
     meter.remove()
     return {"student_acc": result["acc"], "student_acc5": result["acc5"],
-            "per_timestep_acc": result["per_timestep_acc"], "firing_rate": result["firing_rate"],
+            "per_timestep_acc": result["per_timestep_acc"], "acc_at_t": result["acc_at_t"],
+            "firing_rate": result["firing_rate"],
             "per_layer_firing_rate": per_layer, "energy": meter.energy(num_images)}
 
 
@@ -118,7 +119,8 @@ def main(argv=None) -> int:
     write_text(report_path, json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n")
     energy = report["energy"]
     print(f"{cfg.arch} on {cfg.dataset}: accuracy {report['student_acc']:.2f}% (top-5 {report['student_acc5']:.2f}%), "
-          f"per-timestep {' '.join(f'{a:.1f}' for a in report['per_timestep_acc'])}, firing rate "
+          f"per-timestep {' '.join(f'{a:.1f}' for a in report['per_timestep_acc'])}, "
+          f"at t = 1..T {' '.join(f'{a:.1f}' for a in report['acc_at_t'])}, firing rate "
           f"{report['firing_rate']:.4f}, energy {energy['energy_mJ']:.4g} mJ per image ({energy['acs']:.3g} ACs, "
           f"{energy['encoding_macs']:.3g} encoding MACs); report {report_path}")
     return 0

@@ -42,11 +42,12 @@ def test_default_run_reaches_90_percent(tmp_path):
     assert summary["teacher_acc"] >= 90.0
     assert summary["method"] == "tser" and summary["epochs"] == train.DEFAULTS["digits"]["epochs"]
     assert len(summary["per_timestep_acc"]) == 4 and 0 < summary["firing_rate"] < 1
+    assert len(summary["acc_at_t"]) == 4 and summary["acc_at_t"][-1] == summary["student_acc"]
     lines = (runs[0] / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == summary["epochs"]
     row = json.loads(lines[-1])
     for key in ("train_loss", "train_ce", "train_kl", "train_entropy", "test_acc", "per_timestep_acc",
-                "firing_rate", "images_per_s", "peak_gpu_mem_mb"):
+                "acc_at_t", "firing_rate", "images_per_s", "peak_gpu_mem_mb"):
         assert key in row
     for name in ("last.pt", "best.pt", "curves.png", "per_timestep_acc.png"):
         assert (runs[0] / name).is_file()
@@ -61,6 +62,7 @@ def test_evaluate_writes_the_report_with_energy(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "run" / "eval-best.json").read_text())
     assert report["student_acc"] > 50 and len(report["per_timestep_acc"]) == 4
+    assert report["acc_at_t"][-1] == report["student_acc"] and "at t = 1..T" in proc.stdout
     assert report["student_acc"] <= report["student_acc5"] <= 100
     assert set(report["per_layer_firing_rate"]) == {"sn1", "sn2"}
     energy = report["energy"]

@@ -67,11 +67,17 @@ def compute_loss(cfg: TrainConfig, student_logits, teacher_logits, target):
 
 @torch.no_grad()
 def evaluate(model, loader, device, cfg: TrainConfig, world: int = 1) -> dict:
-    """Accuracy (%) of the time-mean logits (top-1 and top-5), of each timestep's logits, and the mean
-    firing rate (NaN for an ANN)."""
+    """Accuracy (%) of the time-mean logits (top-1 and top-5), of each timestep's logits alone
+    (per_timestep_acc), of the running mean of the first t timesteps' logits for t = 1..T (acc_at_t: what a
+    deployment at T = t would score, without retraining; its last entry is acc), and the mean firing rate (NaN
+    for an ANN). The model's mode (train or eval) is left as it was: the teacher stays in eval mode."""
+    was_training = model.training
     model.eval()
     spiking = cfg.spiking
-    stats = torch.zeros(3 + (cfg.T if spiking else 1), device=device, dtype=torch.float64)  # top1 top5 total per-t
+    steps = cfg.T if spiking else 1
+    # top1, top5, total, then per timestep: correct alone, correct with the running mean
+    stats = torch.zeros(3 + 2 * steps, device=device, dtype=torch.float64)
+    counts = torch.arange(1, steps + 1, device=device, dtype=torch.float32).view(-1, 1, 1)
     with (models.record_firing_rates(model) if spiking else nullcontext(None)) as rates:
         for images, target in loader:
             images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
@@ -80,23 +86,26 @@ def evaluate(model, loader, device, cfg: TrainConfig, world: int = 1) -> dict:
             with autocast(cfg, device):
                 logits = model(images).float()
             logits = logits if spiking else logits.unsqueeze(0)
-            mean = logits.mean(0)
+            running = logits.cumsum(0) / counts  # [T, B, classes]: the mean of the first t timesteps' logits
+            mean = running[-1]
             top5 = mean.topk(min(5, mean.shape[-1]), dim=-1).indices
             stats[0] += (mean.argmax(-1) == target).sum()
             stats[1] += (top5 == target.unsqueeze(-1)).any(-1).sum()
             stats[2] += target.numel()
-            stats[3:] += (logits.argmax(-1) == target).sum(-1)
-        firing = rates.mean() if spiking else float("nan")
-    if world > 1:
+            stats[3:3 + steps] += (logits.argmax(-1) == target).sum(-1)
+            stats[3 + steps:] += (running.argmax(-1) == target).sum(-1)
+        spikes = [sum(rates.sums.values()), sum(rates.counts.values())] if spiking else [0.0, 0.0]
+    if world > 1:  # every image counted once (the ranks' shares have no padding): the sums are the whole set's
         dist.all_reduce(stats)
-        if spiking:  # mean of the ranks' rates (each rank sees an equal share of the test set)
-            f = torch.tensor([firing], device=device, dtype=torch.float64)
-            dist.all_reduce(f)
-            firing = float(f) / world
+        spikes = torch.tensor(spikes, device=device, dtype=torch.float64)
+        dist.all_reduce(spikes)
+        spikes = spikes.tolist()
+    firing = spikes[0] / spikes[1] if spiking and spikes[1] else float("nan")
     total = float(stats[2])
-    model.train()
+    model.train(was_training)
     return {"acc": 100.0 * float(stats[0]) / total, "acc5": 100.0 * float(stats[1]) / total,
-            "per_timestep_acc": (100.0 * stats[3:] / total).tolist(), "firing_rate": firing}
+            "per_timestep_acc": (100.0 * stats[3:3 + steps] / total).tolist(),
+            "acc_at_t": (100.0 * stats[3 + steps:] / total).tolist(), "firing_rate": firing}
 
 
 def save(s: Session, state: TrainState, *, best: bool = False) -> None:
@@ -198,6 +207,6 @@ def epoch_row(s: Session, state: TrainState, epoch: int) -> dict:
             "train_kl": float(sums[2]) / seen, "train_entropy": float(sums[3]) / seen,
             "train_acc": 100.0 * float(sums[4]) / seen, "val_acc": val, "test_acc": result["acc"],
             "test_acc5": result["acc5"],
-            "per_timestep_acc": result["per_timestep_acc"], "firing_rate": result["firing_rate"],
-            "images_per_s": float(images[0]) / elapsed, "peak_gpu_mem_mb": peak,
+            "per_timestep_acc": result["per_timestep_acc"], "acc_at_t": result["acc_at_t"],
+            "firing_rate": result["firing_rate"], "images_per_s": float(images[0]) / elapsed, "peak_gpu_mem_mb": peak,
             "lr": s.optimizer.param_groups[0]["lr"], "epoch_time_s": state.elapsed}

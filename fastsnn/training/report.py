@@ -73,8 +73,10 @@ def epoch_line(role: str, spiking: bool, epochs: int, row: dict) -> str:
         head += f" val {row['val_acc']:.2f}%"
     head += f" test {row['test_acc']:.2f}%"
     if spiking:
-        head += (f" per-timestep {' '.join(f'{a:.1f}' for a in row['per_timestep_acc'])}"
-                 f" firing {row['firing_rate']:.4f}")
+        head += f" per-timestep {' '.join(f'{a:.1f}' for a in row['per_timestep_acc'])}"
+        if row.get("acc_at_t"):
+            head += f" at-t {' '.join(f'{a:.1f}' for a in row['acc_at_t'])}"
+        head += f" firing {row['firing_rate']:.4f}"
     return head + f" lr {row['lr']:.4g} {rate(row['images_per_s'])} img/s"
 
 
@@ -128,8 +130,9 @@ class Reporter:
         for key, value in row.items():
             if isinstance(value, (int, float)) and value is not None and key != "epoch":
                 self.writer.add_scalar(key, value, row["epoch"])
-        for t, acc in enumerate(row.get("per_timestep_acc") or []):
-            self.writer.add_scalar(f"per_timestep_acc/t{t + 1}", acc, row["epoch"])
+        for key in ("per_timestep_acc", "acc_at_t"):
+            for t, acc in enumerate(row.get(key) or []):
+                self.writer.add_scalar(f"{key}/t{t + 1}", acc, row["epoch"])
         self.writer.flush()
 
     def summary(self, summary: dict) -> None:
@@ -181,9 +184,13 @@ def write_plots(out: str, history: list[dict], summary: dict) -> None:
     per_t = summary.get("per_timestep_acc") or []
     if per_t and summary.get("student_acc") is not None:
         fig, ax = plt.subplots(figsize=(5, 4))
-        ax.bar([str(t + 1) for t in range(len(per_t))], per_t, color="tab:blue", label="timestep t alone")
+        labels = [str(t + 1) for t in range(len(per_t))]
+        ax.bar(labels, per_t, color="tab:blue", label="timestep t alone")
+        at_t = summary.get("acc_at_t") or []
+        if len(at_t) == len(per_t):
+            ax.plot(labels, at_t, color="tab:green", marker="o", label="mean of timesteps 1..t")
         ax.axhline(summary["student_acc"], color="tab:red", label="time-mean logits")
-        low = min(per_t + [summary["student_acc"]])
+        low = min(per_t + at_t + [summary["student_acc"]])
         ax.set_ylim(max(0.0, low - 5), 100)
         ax.set_xlabel("timestep"), ax.set_ylabel("test accuracy (%)"), ax.legend(loc="lower right")
         ax.set_title("per-timestep accuracy (paper Fig. 2)")

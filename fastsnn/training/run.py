@@ -117,6 +117,8 @@ def build_session(cfg: TrainConfig, rank: int, world: int, local_rank: int, hold
             model, device_ids=[local_rank] if device.type == "cuda" else None)
     if cfg.compile:
         train_model = torch.compile(train_model)
+        if teacher is not None:  # the teacher too: it runs every step (inference only, no_grad, eval mode)
+            teacher = torch.compile(teacher)
     reporter = hold(Reporter(cfg.out, enabled=rank == 0, tensorboard=cfg.tensorboard, log=log))
     return Session(cfg=cfg, rank=rank, world=world, device=device, model=model, train_model=train_model,
                    teacher=teacher, optimizer=optimizer, scheduler=scheduler, scaler=scaler, sampler=sampler,
@@ -184,7 +186,8 @@ def _summary(s: Session, state, teacher_acc, final: bool = False) -> dict:
     last = state.history[-1] if state.history else {}
     best = state.history[state.best_epoch - 1] if state.best_epoch else {}
     summary = {"student_acc": best.get("test_acc"), "final_acc": last.get("test_acc"), "teacher_acc": teacher_acc,
-               "per_timestep_acc": best.get("per_timestep_acc"), "firing_rate": best.get("firing_rate"),
+               "per_timestep_acc": best.get("per_timestep_acc"), "acc_at_t": best.get("acc_at_t"),
+               "firing_rate": best.get("firing_rate"),
                "epochs": len(state.history), "method": "ann" if cfg.ann else cfg.method, "best_acc": best.get(
                    "test_acc"), "best_epoch": state.best_epoch, "arch": cfg.arch,
                "teacher": cfg.teacher if s.teacher is not None else None, "dataset": cfg.dataset,
