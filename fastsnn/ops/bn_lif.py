@@ -167,8 +167,8 @@ def _save(ctx, a, outputs):
         plan, x, residual, kept = recompute.keep(sources, x, residual)
     storage = a.residual_storage if a.residual is not None else None
     ctx.residual_layout = (None, None, None)
-    if storage:  # saved packed, rebuilt in the backward
-        ctx.residual_layout = tuple(spike_storage.layout(as_time_major_like(a.residual, x)))
+    if storage:  # saved packed (as _fire packed it: the residual as given), rebuilt in the backward
+        ctx.residual_layout = tuple(spike_storage.layout(a.residual))
         residual = packed
     ctx.storage, ctx.plan = storage, plan
     ctx.save_for_backward(x, a.weight, residual, a.stats, checkpoints, a.residual_weight, a.residual_stats, a.rate,
@@ -215,16 +215,18 @@ def _backward_fake(grad_spikes, x, weight, residual, stats, checkpoints, residua
                    x_kept, x_conv_weight, x_conv_bias, residual_kept, residual_conv_weight, residual_conv_bias, kind,
                    tau, v_threshold, v_reset, surrogate, alpha, detach_reset, training, repeat, residual_storage,
                    residual_shape, residual_strides, residual_dtype, plan, needs):
-    like = grad_spikes[0] if repeat else grad_spikes  # x's shape and layout (time-major spikes)
     steps = recompute.decode_plan(plan) if plan else (None, None)
-    x_dtype = x.dtype if x is not None else steps[0][0][3]  # a recomputed x: its source's dtype
+    if x is None:  # recomputed in the backward: its shape, strides and dtype are the plan's
+        meta, shape, strides = steps[0]
+        x = grad_spikes.new_empty_strided(shape, strides, dtype=meta[3])
+    x_seq = repeated(x, repeat) if repeat else x
     r_dtype = residual_dtype if residual_storage else residual.dtype if residual is not None else \
-        steps[1][0][3] if steps[1] is not None else x_dtype
+        steps[1][0][3] if steps[1] is not None else x.dtype
 
     def channel(t=None):
         return torch.empty_like(stats[0], dtype=stats.dtype if t is None else t.dtype)
-    grads = (time_major_like(like, dtype=x_dtype), channel(weight), channel(),
-             time_major_like(grad_spikes, dtype=r_dtype), channel(residual_weight), channel())
+    grads = (time_major_like(x), channel(weight), channel(), time_major_like(x_seq, dtype=r_dtype),
+             channel(residual_weight), channel())
     grads = tuple(g if need else None for g, need in zip(grads, needs))
     return grads + (None if rate is None else torch.empty_like(rate),)
 
