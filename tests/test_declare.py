@@ -114,3 +114,22 @@ def test_settings_must_follow_the_tensors():
     with pytest.raises(TypeError, match="tensor parameters must come before its settings"):
         Op("test_declare_bad", bad, fake=bad, save=_save, backward=_backward, backward_fake=_backward_fake,
            formula=_formula)
+
+
+def test_compile_caches_are_keyed_on_the_ops_source(tmp_path):
+    """Inductor's cache keys do not cover the custom ops' fake kernels: fastsnn adds its ops' source to
+    torch.compiler.config.cache_key_tag (a stale graph compiled against older fakes failed a stride check)."""
+    from fastsnn.ops import _declare
+
+    assert _declare.ops_source_tag() in torch.compiler.config.cache_key_tag
+    (tmp_path / "a.py").write_text("x = 1\n")
+    first = _declare.ops_source_tag(str(tmp_path))
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert _declare.ops_source_tag(str(tmp_path)) != first
+    saved = torch.compiler.config.cache_key_tag
+    try:
+        torch.compiler.config.cache_key_tag = "mine"
+        assert _declare.tag_compile_caches("fastsnn-ops-x") == "mine+fastsnn-ops-x"
+        assert _declare.tag_compile_caches("fastsnn-ops-x") == "mine+fastsnn-ops-x"  # added once
+    finally:
+        torch.compiler.config.cache_key_tag = saved

@@ -21,13 +21,43 @@ the plain function, compiled it is the custom op.
 from __future__ import annotations
 
 import collections
+import hashlib
 import inspect
+import os
 import typing
 from typing import Callable
 
 import torch
 
 from ._autograd import refused
+
+
+def ops_source_tag(folder: str = os.path.dirname(__file__)) -> str:
+    """A tag naming the ops' source (the files of fastsnn/ops: forwards, fakes, formulas): "fastsnn-ops-<hash>"."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), "rb") as f:
+                digest.update(name.encode() + b"\0" + f.read())
+    return f"fastsnn-ops-{digest.hexdigest()[:16]}"
+
+
+def tag_compile_caches(tag: str | None = None) -> str:
+    """Adds the ops' source tag to torch.compiler.config.cache_key_tag (after a tag the user set), so that the
+    Inductor and AOTAutograd caches never serve a graph compiled with another version of these ops: their keys
+    cover a graph's code, not the fake kernels of the custom ops it calls, and a graph compiled against older
+    fakes keeps their output layouts (a stride assertion fails at run time). Returns the tag in force."""
+    config = getattr(torch.compiler, "config", None)
+    if config is None or not hasattr(config, "cache_key_tag"):  # an older torch: nothing to add it to
+        return ""
+    tag = tag or ops_source_tag()
+    current = config.cache_key_tag or ""
+    if tag not in current:
+        config.cache_key_tag = f"{current}+{tag}" if current else tag
+    return config.cache_key_tag
+
+
+tag_compile_caches()
 
 
 class Args:
