@@ -202,33 +202,66 @@ def _safe_cifar_class(base, verify: bool):
     return SafeCIFAR
 
 
-def _cifar(name: str, data_dir: str, download: bool, autoaugment: bool, cutout: int) -> DataSpec:
+@dataclass(frozen=True)
+class Augment:
+    """The training images' augmentation beyond crop and flip (CIFAR and ImageNet; the bundled sets take none).
+
+    policy: at most one of AutoAugment (`autoaugment`, the data set's policy), RandAugment (`randaugment` =
+    (number of ops N, magnitude M in 0..30)) or TrivialAugmentWide (`trivialaugment`), on the image before it
+    becomes a tensor; then `random_erasing` (the probability of torchvision's RandomErasing, after
+    normalisation) and `cutout` (a square of that side zeroed, after normalisation)."""
+    autoaugment: bool = False
+    randaugment: tuple[int, int] | None = None
+    trivialaugment: bool = False
+    random_erasing: float = 0.0
+    cutout: int = 0
+
+    def transforms(self, base: list, mean, std, policy: str):
+        """base (crop, flip: transforms on the PIL image) + the policy + to-tensor and normalise + erasing and
+        cutout, as one torchvision.transforms.v2 pipeline; policy: the data set whose AutoAugment policy applies
+        (cifar10 and cifar100 take CIFAR-10's, imagenet ImageNet's)."""
+        from torchvision.transforms import v2
+
+        policies = {"cifar10": v2.AutoAugmentPolicy.CIFAR10, "cifar100": v2.AutoAugmentPolicy.CIFAR10,
+                    "imagenet": v2.AutoAugmentPolicy.IMAGENET}
+        if policy not in policies:
+            raise ValueError(f"Augment.transforms: policy must be one of {', '.join(policies)}, got {policy!r}")
+        steps = list(base)
+        if self.autoaugment:
+            steps.append(v2.AutoAugment(policies[policy]))
+        if self.randaugment is not None:
+            steps.append(v2.RandAugment(num_ops=self.randaugment[0], magnitude=self.randaugment[1]))
+        if self.trivialaugment:
+            steps.append(v2.TrivialAugmentWide())
+        steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+        if self.random_erasing:
+            steps.append(v2.RandomErasing(p=self.random_erasing, value=0))
+        if self.cutout:
+            steps.append(Cutout(self.cutout))
+        return v2.Compose(steps)
+
+
+def _cifar(name: str, data_dir: str, download: bool, augment: Augment) -> DataSpec:
     from torchvision import datasets, transforms as T
 
     mean, std = CIFAR10_STATS if name == "cifar10" else CIFAR100_STATS
-    train_tf = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
-    if autoaugment:
-        policy = T.AutoAugmentPolicy.CIFAR10
-        train_tf.append(T.AutoAugment(policy))
-    train_tf += [T.ToTensor(), T.Normalize(mean, std)]
-    if cutout:
-        train_tf.append(Cutout(cutout))
+    train_tf = augment.transforms([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()], mean, std, name)
     test_tf = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
     base = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
 
     cls = _safe_cifar_class(base, verify=download)
-    train = cls(data_dir, train=True, download=download, transform=T.Compose(train_tf))
+    train = cls(data_dir, train=True, download=download, transform=train_tf)
     test = cls(data_dir, train=False, download=download, transform=test_tf)
     return DataSpec(train, test, 10 if name == "cifar10" else 100, 3, 32,
                     train_unaugmented=with_transform(train, test_tf))
 
 
-def _imagenet(data_dir: str) -> DataSpec:
+def _imagenet(data_dir: str, augment: Augment) -> DataSpec:
     from torchvision import datasets, transforms as T
 
     mean, std = IMAGENET_STATS
-    train = datasets.ImageFolder(os.path.join(data_dir, "train"), T.Compose([
-        T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]))
+    train = datasets.ImageFolder(os.path.join(data_dir, "train"), augment.transforms(
+        [T.RandomResizedCrop(224), T.RandomHorizontalFlip()], mean, std, "imagenet"))
     test_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(mean, std)])
     test = datasets.ImageFolder(os.path.join(data_dir, "val"), test_tf)
     return DataSpec(train, test, len(train.classes), 3, 224, train_unaugmented=with_transform(train, test_tf))
@@ -254,15 +287,17 @@ def check_data_dir(dataset: str, data_dir: str | None, download: bool) -> str | 
 
 
 def load(dataset: str, data_dir: str | None = None, *, download: bool = False, autoaugment: bool = False,
-         cutout: int = 0) -> DataSpec:
+         cutout: int = 0, augment: Augment | None = None) -> DataSpec:
+    """The data set; `augment` (or the older autoaugment/cutout arguments) applies to CIFAR and ImageNet."""
+    augment = augment or Augment(autoaugment=autoaugment, cutout=cutout)
     if dataset == "digits":
         return _digits()
     if dataset == "mnist5k":
         return _mnist5k()
     if dataset in ("cifar10", "cifar100"):
-        return _cifar(dataset, data_dir, download, autoaugment, cutout)
+        return _cifar(dataset, data_dir, download, augment)
     if dataset == "imagenet":
-        return _imagenet(data_dir)
+        return _imagenet(data_dir, augment)
     raise ValueError(f"data.load: dataset must be one of {DATASETS}, got {dataset!r}")
 
 

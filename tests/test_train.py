@@ -231,12 +231,13 @@ def _write_cifar(root, name, n_train=40, n_test=20, classes=10):
             pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)]}, f)
 
 
-@pytest.mark.parametrize("name,classes", [("cifar10", 10), ("cifar100", 100)])
-def test_cifar_loader_on_a_generated_pickle_directory(tmp_path, name, classes):
+@pytest.mark.parametrize("name,classes,augment", [
+    ("cifar10", 10, ["--autoaugment", "--cutout", "8"]),
+    ("cifar100", 100, ["--randaugment", "2", "9", "--random-erasing", "0.5"])])
+def test_cifar_loader_on_a_generated_pickle_directory(tmp_path, name, classes, augment):
     _write_cifar(tmp_path / "data", name, classes=classes)
     proc = _cli(tmp_path, "--dataset", name, "--data-dir", "data", "--arch", "spiking_vgg11", "--method", "ce",
-                "--epochs", "1", "--batch-size", "8", "--T", "1", "--workers", "0", "--autoaugment", "--cutout", "8",
-                "--out", "run")
+                "--epochs", "1", "--batch-size", "8", "--T", "1", "--workers", "0", *augment, "--out", "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert summary["dataset"] == name and summary["student_acc"] is not None
@@ -288,9 +289,11 @@ def _write_imagefolder(root, *, train, val, size):
 def test_imagefolder_loader(tmp_path):
     _write_imagefolder(tmp_path / "imagenet", train=3, val=2, size=(40, 48))
     proc = _cli(tmp_path, "--dataset", "imagenet", "--data-dir", "imagenet", "--arch", "sew_resnet18",
-                "--method", "ce", "--epochs", "1", "--batch-size", "4", "--T", "1", "--workers", "0", "--out", "run")
+                "--method", "ce", "--epochs", "1", "--batch-size", "4", "--T", "1", "--workers", "0",
+                "--trivialaugment", "--random-erasing", "0.25", "--out", "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ckpt.load(tmp_path / "run" / "last.pt")["num_classes"] == 2
+    assert "trivialaugment: true" in (tmp_path / "run" / "config.yaml").read_text()
 
 
 def test_ddp_on_cpu_keeps_ranks_identical(tmp_path):

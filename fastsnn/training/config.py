@@ -42,7 +42,8 @@ BUNDLED_TEACHER_EPOCHS = 30  # the cached teacher of a bundled data set (digits,
 RESUME_COMPATIBLE = frozenset({
     "epochs", "save_every", "workers", "stop_after_epochs", "quiet", "max_bad_steps", "threads", "device", "amp",
     "compile", "channels_last", "data_dir", "download", "cache_dir", "tensorboard", "grad_clip", "ts_ce", "ts_kl",
-    "alpha", "kd_tau", "lam", "entropy_tau", "label_smoothing", "autoaugment", "cutout", "recompute"})
+    "alpha", "kd_tau", "lam", "entropy_tau", "label_smoothing", "autoaugment", "cutout", "recompute", "randaugment",
+    "trivialaugment", "random_erasing"})
 # compatible at an epoch boundary only: mid-epoch they would re-train or skip samples
 RESUME_EPOCH_BOUNDARY = frozenset({"batch_size"})
 # invocation controls, never taken from a checkpoint or written to config.yaml
@@ -105,6 +106,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     grad_clip: float = 0.0
     autoaugment: bool = False
+    randaugment: str | None = None  # "N M": RandAugment's number of ops and magnitude
+    trivialaugment: bool = False
+    random_erasing: float = 0.0
     cutout: int = 0
     # machine
     device: str = "auto"
@@ -177,6 +181,30 @@ class _Renamed(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         _DEPRECATED[option_string] = "--" + self.dest.replace("_", "-")
         setattr(namespace, self.dest, values)
+
+
+def randaugment_setting(value, flag: str = "--randaugment") -> str:
+    """RandAugment's "N M" (ops, magnitude) from a pair or a string "N M" (config.yaml), checked: N in 1..16,
+    M in 0..30 (torchvision's 31 magnitude bins)."""
+    parts = value.replace(",", " ").split() if isinstance(value, str) else list(value)
+    try:
+        n, m = (int(p) if not isinstance(p, bool) and float(p) == int(float(p)) else None for p in parts)
+    except (TypeError, ValueError):
+        n = m = None
+    if n is None or m is None or not (1 <= n <= 16 and 0 <= m <= 30):
+        raise UsageError(f"{flag} takes N M, the number of ops in 1..16 and the magnitude in 0..30, got "
+                         f"{' '.join(map(str, parts)) if isinstance(value, (list, tuple)) else value!r}")
+    return f"{n} {m}"
+
+
+class _RandAugment(argparse.Action):
+    """--randaugment N M, kept as the string "N M" (one setting, one config.yaml line)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            setattr(namespace, self.dest, randaugment_setting(values, option_string))
+        except UsageError as e:
+            parser.error(str(e))
 
 
 def _v_reset(text: str):
@@ -259,8 +287,13 @@ def _optimisation(g) -> None:
     g.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up before the cosine decay")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="for --method ce and --ann")
     g.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: off)")
-    g.add_argument("--autoaugment", action="store_true", help="CIFAR AutoAugment")
-    g.add_argument("--cutout", type=int, default=0, help="CIFAR Cutout square side (0: off)")
+    g.add_argument("--autoaugment", action="store_true", help="AutoAugment, the data set's policy (CIFAR, ImageNet)")
+    g.add_argument("--randaugment", nargs=2, metavar=("N", "M"), action=_RandAugment, default=None,
+                   help="RandAugment with N ops of magnitude M (0..30) (CIFAR, ImageNet; default off)")
+    g.add_argument("--trivialaugment", action="store_true", help="TrivialAugmentWide (CIFAR, ImageNet)")
+    g.add_argument("--random-erasing", type=float, default=0.0,
+                   help="RandomErasing's probability, after normalisation (CIFAR, ImageNet; default 0: off)")
+    g.add_argument("--cutout", type=int, default=0, help="Cutout square side (CIFAR, ImageNet; default 0: off)")
 
 
 def _machine(g) -> None:
@@ -339,6 +372,8 @@ def read_yaml(path: str, parser: argparse.ArgumentParser) -> dict:
 def _typed(path, key, value, action):
     if value is None:
         return None
+    if isinstance(action, _RandAugment):
+        return randaugment_setting(value, f"--config {path}: {key}")
     if action.type is _v_reset:
         if isinstance(value, str) and value.strip().lower() in ("none", "soft"):
             return None
@@ -409,6 +444,7 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
     problem. Reads nothing but the file system's answer to "does this path exist"."""
     _validate_names(cfg)
     _validate_numbers(cfg)
+    _validate_augmentation(cfg)
     if cfg.label_smoothing and not (cfg.ann or cfg.method == "ce"):
         raise UsageError("--label-smoothing applies to --method ce and --ann only (the TSER loss has none)")
     if cfg.batch_size % world:
@@ -434,6 +470,28 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
             if problem:
                 raise UsageError(f"{problem}: the {cfg.dataset} teacher is trained and cached there (FASTSNN_CACHE "
                                  f"or --cache-dir); give a writable one, or --teacher-weights")
+
+
+def _validate_augmentation(cfg: TrainConfig) -> None:
+    """One policy at most; the augmentation flags apply to the image data sets (CIFAR, ImageNet) only."""
+    policies = [flag for flag, on in (("--autoaugment", cfg.autoaugment), ("--randaugment", cfg.randaugment),
+                                      ("--trivialaugment", cfg.trivialaugment)) if on]
+    if len(policies) > 1:
+        raise UsageError(f"{' and '.join(policies)}: give one augmentation policy at most")
+    if cfg.randaugment is not None:
+        randaugment_setting(cfg.randaugment)
+    given = policies + [flag for flag, on in (("--random-erasing", cfg.random_erasing),
+                                              ("--cutout", cfg.cutout)) if on]
+    if given and cfg.dataset in datasets.BUNDLED:
+        raise UsageError(f"{given[0]} applies to cifar10, cifar100 and imagenet; {cfg.dataset} is trained without "
+                         f"augmentation")
+
+
+def augment_of(cfg: TrainConfig):
+    """The data module's Augment for this configuration."""
+    n_m = None if cfg.randaugment is None else tuple(int(v) for v in cfg.randaugment.split())
+    return datasets.Augment(autoaugment=cfg.autoaugment, randaugment=n_m, trivialaugment=cfg.trivialaugment,
+                            random_erasing=cfg.random_erasing, cutout=cfg.cutout)
 
 
 def check_file(flag: str, path: str) -> None:
@@ -493,6 +551,7 @@ def _validate_numbers(cfg: TrainConfig) -> None:
         ("--grad-clip", cfg.grad_clip, cfg.grad_clip >= 0, ">= 0 (0: off)"),
         ("--warmup-epochs", cfg.warmup_epochs, cfg.warmup_epochs >= 0, ">= 0"),
         ("--cutout", cfg.cutout, cfg.cutout >= 0, ">= 0"),
+        ("--random-erasing", cfg.random_erasing, 0 <= cfg.random_erasing <= 1, "in [0, 1]"),
         ("--epochs", cfg.epochs, cfg.epochs >= 1, ">= 1"),
         ("--batch-size", cfg.batch_size, cfg.batch_size >= 1, ">= 1"),
         ("--T", cfg.T, cfg.T >= 1, ">= 1"), ("--lr", cfg.lr, cfg.lr > 0, "> 0"),

@@ -16,7 +16,7 @@ from .. import rundir
 from . import config as config_mod
 from . import setup
 from . import state as state_mod
-from .config import TrainConfig, UsageError
+from .config import TrainConfig, UsageError, augment_of
 from .loop import Session, TooManyBadSteps, evaluate, save, train_epoch
 from .report import Reporter, epoch_line
 from .teacher import load_teacher
@@ -98,7 +98,7 @@ def build_session(cfg: TrainConfig, rank: int, world: int, local_rank: int, hold
     if device.type == "cpu" and world == 1:
         torch.use_deterministic_algorithms(True, warn_only=True)
     spec = datasets.split_validation(datasets.load(cfg.dataset, cfg.data_dir, download=cfg.download and rank == 0,
-                                                   autoaugment=cfg.autoaugment, cutout=cfg.cutout), cfg.val_fraction)
+                                                   augment=augment_of(cfg)), cfg.val_fraction)
     model = setup.build_model(cfg, spec.num_classes, spec.in_channels)
     teacher = None
     if cfg.uses_teacher:
