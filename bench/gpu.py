@@ -66,7 +66,8 @@ def steps(rehearse: bool) -> list[Step]:
                        "-k", "cuda", *kernel_files, "test_properties.py")
         memory = (PY, "bench/memory.py", "--device", "cuda", "--T", "2", "4", "--out", "{out}/memory")
         extras = (f"(test_lif and not ({LIF_HEADLINE})) or (test_tser_loss and not ({LOSS_HEADLINE})) or "
-                  f"(test_spike_pack and not fp16) or (test_train_step and not channels_last) or test_saved")
+                  f"(test_spike_pack and not fp16) or (test_train_step and not channels_last) or test_saved or "
+                  f"test_teacher_share")
     return [
         Step("env", "env", 5, 30, (PY, "bench/gpu.py", "--env", "--out", "{out}"), log="env.log"),
         _bench("lif-headline", "headline", 25, 60, f"{LIF_HEADLINE} and not compile"),

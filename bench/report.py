@@ -172,6 +172,15 @@ def markdown(env: dict, rows: list[dict]) -> str:
                              f"{_fmt(r.get('images/s'))} | " + " | ".join(_fmt(r.get(c), 0) for c in CLOCKS)
                              + f" | {_mb(r.get('saved_bytes'))} | {_fmt(r.get('peak_mem_MB'))} |")
         lines.append("")
+    teacher = [r for r in rows if r["op"] == "teacher_share"]
+    if teacher:
+        lines += ["## The teacher's share of a distillation step (teacher forward: eval, no_grad, the student's "
+                  "autocast and memory format)", "",
+                  "| student | teacher | image | batch | dtype | path | teacher µs | step µs | share | clock |",
+                  "|---" * 10 + "|"]
+        lines += [f"| {r['arch']} | {r['teacher']} | {r['image']} | {r['batch']} | {r['dtype']} | {r['path']} | "
+                  f"{_fmt(r['teacher_kernel_us'], 0)} | {_fmt(r['step_kernel_us'], 0)} | {r['teacher_share']} | "
+                  f"{r['kernel_method']} |" for r in teacher] + [""]
     host = [r for r in rows if r["op"] == "host"]
     if host:
         lines += ["## Host time per eager forward+backward (kernel launches no-op'd)", "",

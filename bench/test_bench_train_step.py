@@ -8,7 +8,7 @@ import torch
 
 import fastsnn
 from common import DEVICE, GPU_ROWS, fastsnn_path, prepare_spikingjelly, record, run_benchmark, saved_bytes, \
-    size, spikingjelly_path
+    size, spikingjelly_path, timings
 from fastsnn import models
 
 CASES = {"sew_resnet34": dict(image=224, batch=32, classes=1000, tiny=(32, 1)),
@@ -129,3 +129,53 @@ def test_saved_activation_bytes(benchmark, arch, T, monkeypatch):
     row["ratio_unfused"] = round(row["fastsnn_unfused_bytes"] / row["spikingjelly_bytes"], 3)
     benchmark.group = "saved bytes"
     record(benchmark, dict(row, gpu_row=False))
+
+
+# the teacher of each student (the training program's pairing) and, for the CPU rows, a size a CPU steps through
+TEACHERS = {"sew_resnet34": ("resnet34", dict(imagenet=True), (64, 2)),
+            "spiking_resnet19": ("resnet19", {}, (32, 4))}
+
+
+@pytest.mark.parametrize("arch", list(TEACHERS))
+def test_teacher_share(benchmark, copy_gbs, arch):
+    """The teacher's share of a distillation step (issue 29 item 7): the teacher's forward as the training program
+    runs it (eval mode, no_grad, the student's autocast and memory format) against the whole step (that forward,
+    then the student's forward, TSER loss, backward and SGD step). GPU rows: fastsnn's student, bf16, channels_last,
+    the headline sizes (device clocks); CPU rows (no FASTSNN_BENCH_DRY_RUN): both networks in plain PyTorch
+    (backend="reference", unfused) at a small size, wall clock: what a CPU run of the program pays."""
+    case = CASES[arch]
+    teacher_name, teacher_kwargs, cpu_size = TEACHERS[arch]
+    if GPU_ROWS:
+        image, batch = size((case["image"], case["batch"]), case["tiny"])
+        student, loss_fn, path = build(arch, "fastsnn", DEVICE, torch.bfloat16 if DEVICE == "cuda" else torch.float32)
+    else:
+        image, batch = cpu_size
+        torch.manual_seed(0)
+        student = models.create(arch, case["classes"], T=4, backend="reference", fuse_bn=False, pack_spikes=False)
+        loss_fn, path = fastsnn.tser_loss, "cpu: plain PyTorch (backend='reference', unfused)"
+    amp = DEVICE == "cuda"
+    layout = torch.channels_last
+    student = student.to(DEVICE, memory_format=layout)
+    teacher = models.create(teacher_name, case["classes"], **teacher_kwargs).to(DEVICE, memory_format=layout).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    images = torch.randn(batch, 3, image, image, device=DEVICE).to(memory_format=layout)
+    target = torch.randint(0, case["classes"], (batch,), device=DEVICE)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
+
+    def teacher_forward():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            return teacher(images).float()
+
+    def step():
+        _step_fn(student, loss_fn, images, teacher_forward(), target, optimizer, amp)()
+
+    benchmark.group = f"teacher share {arch}+{teacher_name} T=4 {image}px B={batch} {'bf16' if amp else 'fp32'}"
+    teacher_t, step_t = timings(teacher_forward), timings(step)
+    record(benchmark, dict(op="teacher_share", provider="fastsnn", arch=arch, teacher=teacher_name, image=image,
+                           batch=batch, dtype="bf16" if amp else "fp32", path=path, device=DEVICE, gpu_row=GPU_ROWS,
+                           kernel_method=step_t["kernel_method"], teacher_kernel_us=teacher_t["kernel_us"],
+                           step_kernel_us=step_t["kernel_us"], teacher_eager_us=teacher_t["eager_us"],
+                           step_eager_us=step_t["eager_us"],
+                           teacher_share=round(teacher_t["kernel_us"] / step_t["kernel_us"], 3),
+                           **{"images/s": float(f"{batch / (step_t['eager_us'] * 1e-6):.4g}")}))
