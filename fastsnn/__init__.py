@@ -1,6 +1,6 @@
 """fastsnn: fused Triton kernels and a training program for spiking neural networks (SNNs) distilled
 from ANN teachers with the TSER loss."""
-from .neuron import BNIF, BNLIF, BNPLIF, IF, LIF, PLIF, BNNeuron, MultistepNeuron
+from .neuron import BNIF, BNLIF, BNPLIF, IF, LIF, PLIF, BNNeuron, MultistepNeuron, SyncBatchNorm, convert_sync_bn
 from .loss import TSERLoss
 from .ops.bn_lif import bn_if, bn_lif, bn_plif
 from .ops.lif import if_multistep, lif_multistep, plif_multistep
@@ -23,4 +23,4 @@ def __getattr__(name):
 __all__ = ["lif_multistep", "if_multistep", "plif_multistep", "LIF", "IF", "PLIF", "MultistepNeuron", "bn_lif", "bn_if",
            "bn_plif", "BNLIF", "BNIF", "BNPLIF", "BNNeuron", "SpikeConv2d", "SpikeMaxPool2d", "NeuronSpec", "tser_loss",
            "TSERLoss",
-           "convert_spikingjelly", "neuron_from_spikingjelly"]
+           "convert_spikingjelly", "neuron_from_spikingjelly", "convert_sync_bn", "SyncBatchNorm"]

@@ -156,6 +156,79 @@ def _batch_norm_args(op: str, name: str, bn: nn.Module):
             training, factor, bn.eps)
 
 
+def sync_group(bn: nn.Module):
+    """The process group whose ranks' batches bn's training statistics span, or None: a fastsnn.SyncBatchNorm or
+    torch's nn.SyncBatchNorm (or a BNNeuron with sync_bn set, see convert_sync_bn) in training mode inside an
+    initialised torch.distributed job (its process_group, None meaning every rank, as nn.SyncBatchNorm's)."""
+    if not bn.training or not (isinstance(bn, nn.SyncBatchNorm) or getattr(bn, "sync_bn", False)):
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None  # nn.SyncBatchNorm's own rule: outside a distributed job it is a BatchNorm
+    return bn.process_group or dist.group.WORLD
+
+
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """A BatchNorm (any [N, C, ...] input) whose training statistics span the ranks of `process_group` (None: every
+    rank) inside a torch.distributed job, on any device (torch's nn.SyncBatchNorm needs a GPU, and DDP refuses it
+    on the CPU): called as a module, plain PyTorch (fastsnn.reference's synchronised form); passed to a fused
+    BatchNorm + neuron call (bn= of a fastsnn neuron, the students' layers), the fused op synchronises itself.
+    Outside a distributed job, or in eval mode, it is an ordinary BatchNorm. nn.BatchNorm2d's state_dict keys."""
+
+    sync_bn = True
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"SyncBatchNorm: expected an input [N, C, ...] with at least 2 dims, got {input.dim()}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = sync_group(self)
+        if group is None:
+            return super().forward(x)
+        from .reference import _sync_batch_norm
+
+        self._check_input_dim(x)
+        weight, bias, running_mean, running_var, training, factor, eps = _batch_norm_args("SyncBatchNorm", "bn", self)
+        return _sync_batch_norm(x, weight, bias, running_mean, running_var, training, factor, eps, x.dtype,
+                                group=group)
+
+    @classmethod
+    def of(cls, bn: nn.modules.batchnorm._BatchNorm, process_group=None) -> "SyncBatchNorm":
+        """A SyncBatchNorm holding bn's parameters and buffers (the same tensors) and mode."""
+        synced = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, process_group)
+        if bn.affine:
+            synced.weight, synced.bias = bn.weight, bn.bias
+        synced.running_mean, synced.running_var = bn.running_mean, bn.running_var
+        synced.num_batches_tracked = bn.num_batches_tracked
+        return synced.train(bn.training)
+
+
+def convert_sync_bn(module: nn.Module, process_group=None) -> nn.Module:
+    """module with every BatchNorm synchronised across the ranks of `process_group` (None: every rank) in training
+    mode, fusion kept: each nn.BatchNorm1d/2d/3d becomes a fastsnn.SyncBatchNorm (same parameters, buffers and
+    state_dict keys), whose fused BatchNorm + neuron calls (fastsnn.bn_lif) then share their statistics inside the
+    op; each BNNeuron module (BNLIF, BNPLIF, BNIF) is marked in place (sync_bn, process_group). torch's
+    nn.SyncBatchNorm.convert_sync_batchnorm would replace a BNNeuron by a plain SyncBatchNorm, dropping its neuron,
+    and its SyncBatchNorm needs a GPU. Returns the module (a new one when module itself is a BatchNorm), like
+    torch's function."""
+    if isinstance(module, BNNeuron):
+        module.sync_bn, module.process_group = True, process_group
+        return module
+    if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+        return SyncBatchNorm.of(module, process_group)
+    for name, child in module.named_children():
+        converted = convert_sync_bn(child, process_group)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module
+
+
 def batch_norm_fire(op: str, bn: nn.Module, spec: NeuronSpec, x: torch.Tensor, *, residual=None,
                     residual_storage=None, residual_bn: nn.Module | None = None, repeat=None,
                     backend: str = "auto", w: torch.Tensor | None = None, source=None,
@@ -164,6 +237,7 @@ def batch_norm_fire(op: str, bn: nn.Module, spec: NeuronSpec, x: torch.Tensor, *
     (see _batch_norm_args). A residual_bn that normalises differently from bn (another mode, momentum factor or
     eps) is applied on its own first, and its output is the residual."""
     *params, training, factor, eps = _batch_norm_args(op, "bn", bn)
+    group = sync_group(bn)
     residual_params = None
     if residual_bn is not None:
         if residual is None:
@@ -171,13 +245,20 @@ def batch_norm_fire(op: str, bn: nn.Module, spec: NeuronSpec, x: torch.Tensor, *
         *r_params, r_training, r_factor, r_eps = _batch_norm_args(op, "residual_bn", residual_bn)
         if (r_training, r_factor, r_eps) == (training, factor, eps):
             residual_params = tuple(r_params)
+        elif sync_group(residual_bn) is not None:  # the unfused shortcut, synchronised: the plain-PyTorch form
+            from .reference import _sync_batch_norm
+
+            residual = _sync_batch_norm(residual.flatten(0, 1), r_params[0], r_params[1], r_params[2], r_params[3],
+                                        r_training, r_factor, r_eps, residual.dtype,
+                                        group=sync_group(residual_bn)).unflatten(0, residual.shape[:2])
         else:  # the unfused shortcut: num_batches_tracked was counted above, so call the functional form
             residual = torch.nn.functional.batch_norm(
                 residual.flatten(0, 1), r_params[2], r_params[3], r_params[0], r_params[1], r_training, r_factor,
                 r_eps).unflatten(0, residual.shape[:2])
     return apply_bn_neuron(op, x, *params, spec, training=training, momentum=factor, eps=eps, residual=residual,
                            residual_storage=residual_storage, residual_bn=residual_params, repeat=repeat,
-                           backend=backend, w=w, source=source, residual_source=residual_source)
+                           backend=backend, w=w, source=source, residual_source=residual_source,
+                           process_group=group)
 
 
 class BNNeuron(nn.modules.batchnorm._BatchNorm):
@@ -197,6 +278,7 @@ class BNNeuron(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"{type(self).__name__}: backend must be one of {BACKENDS}, got {backend!r}")
         self.spec = spec
         self.backend = backend
+        self.sync_bn, self.process_group = False, None  # see convert_sync_bn
 
     def _check_input_dim(self, input):  # the op checks x (any [T, B, C, ...])
         pass

@@ -5,6 +5,8 @@ ordinary autograd; nothing here is fast.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -72,21 +74,24 @@ def lif_multistep(x, spec: NeuronSpec | None = None, *, v_init=None, return_v=Fa
 
 
 def bn_lif_multistep(x, weight, bias, running_mean, running_var, spec: NeuronSpec, *, training, momentum=0.1,
-                     eps=1e-5, residual=None, residual_bn=None, repeat=None, compute_dtype=torch.float32, rate=None):
+                     eps=1e-5, residual=None, residual_bn=None, repeat=None, compute_dtype=torch.float32, rate=None,
+                     process_group=None):
     """BatchNorm over T·B·(spatial) per channel (torch.nn.functional.batch_norm on the folded batch, updating
     the running statistics in training mode), then + residual, then the multistep neuron `spec`.
 
     x: [T, B, C, *spatial], or with repeat = T one timestep [B, C, *spatial] normalised once and presented
     at every step (its statistics are those of that timestep). residual_bn: (weight, bias, running_mean,
-    running_var) of a BatchNorm applied to the residual first (same training, momentum, eps).
+    running_var) of a BatchNorm applied to the residual first (same training, momentum, eps). process_group: in
+    training mode, the statistics span the batches of its ranks (synchronised BatchNorm; see _sync_batch_norm).
     """
     folded = x if repeat else x.flatten(0, 1)
-    y = _batch_norm(folded, weight, bias, running_mean, running_var, training, momentum, eps, compute_dtype)
+    norm = _batch_norm if process_group is None or not training else partial(_sync_batch_norm, group=process_group)
+    y = norm(folded, weight, bias, running_mean, running_var, training, momentum, eps, compute_dtype)
     y = y.unsqueeze(0).expand(repeat, *y.shape) if repeat else y.unflatten(0, x.shape[:2])
     if residual is not None and residual_bn is not None:
         r_weight, r_bias, r_running_mean, r_running_var = residual_bn
-        residual = _batch_norm(residual.flatten(0, 1), r_weight, r_bias, r_running_mean, r_running_var, training,
-                               momentum, eps, compute_dtype).unflatten(0, residual.shape[:2])
+        residual = norm(residual.flatten(0, 1), r_weight, r_bias, r_running_mean, r_running_var, training,
+                        momentum, eps, compute_dtype).unflatten(0, residual.shape[:2])
     if residual is not None:
         y = y + residual.to(compute_dtype)
     return lif_multistep(y, spec, compute_dtype=compute_dtype, rate=rate).to(x.dtype)
@@ -102,6 +107,35 @@ def _batch_norm(x, weight, bias, running_mean, running_var, training, momentum, 
         for given, updated in zip((running_mean, running_var), running):
             if given is not None and updated is not given:
                 given.copy_(updated)
+    return y
+
+
+def _sync_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, compute_dtype, *, group):
+    """Training-mode BatchNorm of x [N, C, ...] whose statistics span every rank of `group`: the per-channel sums
+    Σx, Σx² and the count, in fp64, summed over the ranks by a differentiable all_reduce (its backward sums the
+    ranks' gradients of those sums, so dL/dx is the global batch's); mean and biased variance normalise, the
+    running statistics take the unbiased one. weight and bias get this rank's gradient (DDP sums the ranks')."""
+    from torch.distributed.nn.functional import all_reduce
+
+    C = x.shape[1]
+    dims = [0, *range(2, x.dim())]
+    wide = x.double()
+    count = x.new_full((1,), x.numel() // C, dtype=torch.float64)
+    total = all_reduce(torch.cat((wide.sum(dims), wide.square().sum(dims), count)), group=group)
+    n = total[-1]
+    mean = total[:C] / n
+    var = (total[C:2 * C] / n - mean.square()).clamp(min=0.0)
+    shape = (1, C) + (1,) * (x.dim() - 2)
+    y = ((wide - mean.view(shape)) * torch.rsqrt(var + eps).view(shape)).to(compute_dtype)
+    if weight is not None:
+        y = y * weight.to(compute_dtype).view(shape)
+    if bias is not None:
+        y = y + bias.to(compute_dtype).view(shape)
+    if running_mean is not None:
+        with torch.no_grad():
+            unbiased = var * n / (n - 1).clamp(min=1.0)
+            running_mean.mul_(1.0 - momentum).add_((momentum * mean).to(running_mean.dtype))
+            running_var.mul_(1.0 - momentum).add_((momentum * unbiased).to(running_var.dtype))
     return y
 
 

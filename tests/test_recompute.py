@@ -321,7 +321,7 @@ def test_the_custom_ops_pass_opcheck():
     src = box[0]
     x = y.detach().unflatten(0, (2, 2)).requires_grad_()
     stats = torch.ops.fastsnn.bn_statistics(x.detach(), weight, bias, None, None, True, 0.1, 1e-5, 0)
-    args = ("lif", 2.0, 1.0, 0.0, "atan", 2.0, False, True, 0, None, False)
+    args = ("lif", 2.0, 1.0, 0.0, "atan", 2.0, False, True, 0, None, None, False)
     kept = [t.detach() if t is not None else None for t in src.tensors()]
     ints = recompute.encode(src)
     # the source's output address is not part of the compiled encoding: the op trusts what it is given

@@ -297,16 +297,19 @@ def test_imagefolder_loader(tmp_path):
 
 
 def test_ddp_on_cpu_keeps_ranks_identical(tmp_path):
+    """Two ranks under torchrun, with --sync-bn (the student's BatchNorm statistics over both ranks' batches,
+    inside the fused op; its correctness against one process is tests/test_sync_bn.py's)."""
     assert _cli(tmp_path, "--ann", "--epochs", "2", "--out", "teacher").returncode == 0
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "fastsnn.train", "--device", "cpu", "--epochs", "1", "--batch-size", "64",
-                           "--teacher-weights", "teacher/best.pt", "--out", "ddp", "--quiet"],
+                           "--teacher-weights", "teacher/best.pt", "--out", "ddp", "--quiet", "--sync-bn"],
                           capture_output=True, text=True, env=_env(tmp_path), cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert summary["world_size"] == 2
     sums = summary["rank_param_checksums"]
     assert len(sums) == 2 and sums[0] == sums[1]
+    assert "sync_bn: true" in (tmp_path / "ddp" / "config.yaml").read_text()
 
 
 _NAN_DRIVER = """

@@ -50,6 +50,7 @@ def test_help_shows_choices_architectures_and_defaults():
     (["--lam", "-0.1"], "--lam must be >= 0"),
     (["--config", "missing.yaml"], "--config missing.yaml: cannot be read"),
     (["--teacher-weights", "."], "--teacher-weights .: is a folder; give a file (e.g. ./last.pt)"),
+    (["--sync-bn"], "--sync-bn synchronises BatchNorm across the ranks of a distributed run"),
 ])
 def test_bad_flags_are_one_usage_line(argv, words, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

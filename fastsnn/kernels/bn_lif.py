@@ -36,6 +36,7 @@ import functools
 import math
 from typing import NamedTuple
 
+import torch
 import triton
 import triton.language as tl
 
@@ -553,22 +554,50 @@ def _backward_plan(g: Geometry, spec, cuda: bool, training: bool, has_residual: 
                         residual)
 
 
-def bn_statistics(x, geometry, weight, bias, running_mean, running_var, stats, *, training, momentum, eps):
+def merged_statistics(partials):
+    """The programs' (count, mean, M2) partials [3, P, C] merged into one set per channel [3, 1, C] (Chan's
+    formula, fp32; the finalize kernel's merge, done once more on the host's side of a collective)."""
+    count = partials[0].sum(0)
+    mean = (partials[0] * partials[1]).sum(0) / count.clamp(min=1.0)
+    m2 = (partials[2] + partials[0] * (partials[1] - mean).square()).sum(0)
+    return torch.stack((count, mean, m2)).unsqueeze(1)
+
+
+def gathered_statistics(partials, group):
+    """Synchronised BatchNorm's forward collective: this rank's partials merged (merged_statistics), then every
+    rank's [3, C] gathered into [3, world, C], the partials of the global batch (one all_gather per call; ranks
+    may hold different batch sizes: each carries its own count)."""
+    import torch.distributed as dist
+
+    mine = merged_statistics(partials)[:, 0].contiguous()
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    return torch.stack(every, dim=1)
+
+
+def bn_statistics(x, geometry, weight, bias, running_mean, running_var, stats, *, training, momentum, eps,
+                  group=None):
     """Fills stats [4, C] (fp32: mean, 1/std, scale, shift); in training mode from x (2 launches), updating
-    running_mean/var in place when given; else from the running statistics (1 launch)."""
+    running_mean/var in place when given; else from the running statistics (1 launch). group: a process group
+    whose ranks' batches the training statistics span (synchronised BatchNorm: one all_gather of [3, C]
+    between the two launches), or None."""
     g = geometry
     update = training and running_mean is not None
     plan = _statistics_plan(g, training, weight is not None, bias is not None, update, momentum, eps)
     dummy = stats
+    finalize_args = plan.finalize_args
     if training:
         partials = stats.new_empty(3, g.programs, g.C)
         _bn_stats_kernel[g.grid](x, partials, *plan.stats_args, **plan.stats_kw)
+        if group is not None:
+            partials = gathered_statistics(partials, group)
+            finalize_args = (partials.shape[1], *finalize_args[1:])
     else:
         partials = dummy
     _bn_finalize_fwd_kernel[plan.finalize_grid](
         partials, dummy if weight is None else weight, dummy if bias is None else bias,
         dummy if running_mean is None else running_mean, dummy if running_var is None else running_var, stats,
-        *plan.finalize_args, **plan.finalize_kw)
+        *finalize_args, **plan.finalize_kw)
 
 
 def bn_fire(x, residual, stats, spikes, checkpoints, geometry, spec, residual_stats=None, rate=None):
@@ -584,8 +613,27 @@ def bn_fire(x, residual, stats, spikes, checkpoints, geometry, spec, residual_st
         **plan.kw)
 
 
+def _summed_over_ranks(partials, grad_weights, count: int, group):
+    """Synchronised BatchNorm's backward collective: the programs' sums [rows, P, C] summed into [rows, 1, C];
+    each BatchNorm's dL/dweight, dL/dbias taken from this rank's sums (DDP then averages them over the ranks,
+    as for any parameter); the sums and the element count then all-reduced over the group (one all_reduce per
+    call): what grad_x's coefficients take. grad_weights: ((grad_weight, grad_bias, gx_row), ...). Returns the
+    global sums and 1 / the global count."""
+    import torch.distributed as dist
+
+    local = partials.sum(1, keepdim=True)
+    for grad_weight, grad_bias, gx_row in grad_weights:
+        if grad_weight is not None:
+            grad_weight.copy_(local[gx_row, 0])
+        if grad_bias is not None:
+            grad_bias.copy_(local[0, 0])
+    flat = torch.cat((local.flatten(), local.new_tensor([float(count)])))
+    dist.all_reduce(flat, group=group)
+    return flat[:-1].view_as(local), 1.0 / float(flat[-1])
+
+
 def bn_fire_backward(x, residual, grad_spikes, stats, checkpoints, grad_y, weight, grad_weight, grad_bias, grad_x,
-                     geometry, spec, *, training, residual_bn=None, rate=None):
+                     geometry, spec, *, training, residual_bn=None, rate=None, group=None):
     """grad_y (= dL/d(residual); one timestep when x is broadcast over time), grad_weight/grad_bias (fp32 [C],
     or None) and grad_x (may be grad_y itself: each element is read before it is written): 3 launches
     (2 without grad_x). residual_bn: None, or (stats, weight, grad_weight, grad_bias, grad_input) of the
@@ -605,16 +653,28 @@ def bn_fire_backward(x, residual, grad_spikes, stats, checkpoints, grad_y, weigh
         dummy if residual_bn is None else residual_bn[0], dummy if checkpoints is None else checkpoints, grad_y,
         partials, dummy if rate is None else rate, dummy if rate_partials is None else rate_partials,
         *plan.neuron_args, **plan.neuron_kw)
+    finalize_args, finalize_kw = plan.finalize_args, plan.finalize_kw
+    synced = group is not None and training
+    if synced:  # the sums span every rank's batch; the weights' gradients stay this rank's
+        grad_weights = [(grad_weight, grad_bias, 1)]
+        if residual_bn is not None:
+            grad_weights.append((residual_bn[2], residual_bn[3], 2))
+        partials, inv_count = _summed_over_ranks(partials, grad_weights, g.count, group)
+        finalize_args = (1, g.C, inv_count, 1)
+        finalize_kw = {**finalize_kw, "GRAD_WEIGHT": False, "GRAD_BIAS": False}
     _bn_finalize_bwd_kernel[plan.finalize_grid](
         partials, stats, dummy if weight is None else weight, dummy if grad_weight is None else grad_weight,
-        dummy if grad_bias is None else grad_bias, coef, *plan.finalize_args, **plan.finalize_kw)
+        dummy if grad_bias is None else grad_bias, coef, *finalize_args, **finalize_kw)
     if residual_bn is not None:  # before grad_x, which may overwrite grad_y
         r_stats, r_weight, r_grad_weight, r_grad_bias, r_grad_input = residual_bn
         r_coef = stats.new_empty(3, g.C)
+        r_args, r_kw = plan.residual.finalize_args, plan.residual.finalize_kw
+        if synced:
+            r_args, r_kw = (1, g.C, inv_count, 2), {**r_kw, "GRAD_WEIGHT": False, "GRAD_BIAS": False}
         _bn_finalize_bwd_kernel[plan.finalize_grid](
             partials, r_stats, dummy if r_weight is None else r_weight,
             dummy if r_grad_weight is None else r_grad_weight, dummy if r_grad_bias is None else r_grad_bias, r_coef,
-            *plan.residual.finalize_args, **plan.residual.finalize_kw)
+            *r_args, **r_kw)
         if r_grad_input is not None:
             _bn_grad_input_kernel[g.grid](grad_y, residual, r_stats, r_coef, r_grad_input, *plan.residual.input_args,
                                           **plan.input_kw)

@@ -40,7 +40,7 @@ def _geometry(x_seq: Tensor, *tensors: Tensor | None):
 
 
 def _backward_impl(grad_spikes, x, weight, residual, stats, checkpoints, spec, training, repeat, needs,
-                   geometry=None, residual_bn=None, rate=None):
+                   geometry=None, residual_bn=None, rate=None, group=None):
     """(grad_x, grad_weight, grad_bias, grad_residual, grad_rate), None where `needs` (4 bools) says not needed
     (grad_rate: None without rate); with residual_bn = (the residual's statistics, its BatchNorm weight) also
     (grad_residual_weight, grad_residual_bias) before grad_rate, 6 needs. `geometry`: the forward's, reused when
@@ -67,7 +67,7 @@ def _backward_impl(grad_spikes, x, weight, residual, stats, checkpoints, spec, t
         grad_x = time_major_like(grad_y) if needs[3] else grad_y  # in place over g when g is not returned
     partials = _kernels().bn_fire_backward(x_seq, residual, grad_spikes, stats, checkpoints, grad_y, weight,
                                            grad_weight, grad_bias, grad_x, geometry, spec, training=training,
-                                           residual_bn=launch_residual_bn, rate=rate)
+                                           residual_bn=launch_residual_bn, rate=rate, group=group)
     grad_rate = None if partials is None else partials.sum().reshape(rate.shape)
     if grad_x is not None and broadcast:
         grad_x = grad_x[0]
@@ -83,45 +83,57 @@ def _backward_impl(grad_spikes, x, weight, residual, stats, checkpoints, spec, t
 # membrane checkpoints and the packed residual as outputs) and its backward. The weights and biases enter the
 # fused op only for their gradients (the statistics table holds their effect).
 
+def process_group(name: str | None):
+    """The process group a synchronised call names (its c10d group_name), or None: what the ops' schemas carry,
+    since a custom op's argument cannot be a ProcessGroup."""
+    if name is None:
+        return None
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)
+
+
 def _statistics(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
-                running_var: Optional[Tensor], training: bool, momentum: float, eps: float, repeat: int) -> Tensor:
-    """stats [4, C] fp32 (mean, 1/std, scale, shift); the running statistics updated in training mode."""
+                running_var: Optional[Tensor], training: bool, momentum: float, eps: float, repeat: int,
+                group: Optional[str] = None) -> Tensor:
+    """stats [4, C] fp32 (mean, 1/std, scale, shift); the running statistics updated in training mode; group: the
+    process group (by name) whose ranks' batches the statistics span, or None."""
     x_seq = repeated(x, repeat) if repeat else x
     geometry = _geometry(x_seq)
     stats = x.new_empty(4, geometry.C, dtype=torch.float32)
     _kernels().bn_statistics(x_seq, geometry, weight, bias, running_mean, running_var, stats, training=training,
-                             momentum=momentum, eps=eps)
+                             momentum=momentum, eps=eps, group=process_group(group))
     return stats
 
 
-def _statistics_fake(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat):
+def _statistics_fake(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat, group=None):
     return x.new_empty(4, x.shape[1] if repeat else x.shape[2], dtype=torch.float32)
 
 
 def _batch_statistics(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                      repeat: int) -> Tensor:
+                      repeat: int, group: Optional[str] = None) -> Tensor:
     """_statistics without running statistics (training mode): a pure op, which Inductor takes where a mutating
     op with nothing to mutate fails."""
-    return _statistics(x, weight, bias, None, None, True, 0.0, eps, repeat)
+    return _statistics(x, weight, bias, None, None, True, 0.0, eps, repeat, group)
 
 
-def _batch_statistics_fake(x, weight, bias, eps, repeat):
-    return _statistics_fake(x, weight, bias, None, None, True, 0.0, eps, repeat)
+def _batch_statistics_fake(x, weight, bias, eps, repeat, group=None):
+    return _statistics_fake(x, weight, bias, None, None, True, 0.0, eps, repeat, group)
 
 
 STATISTICS = Op("bn_statistics", _statistics, fake=_statistics_fake, mutates_args=("running_mean", "running_var"))
 BATCH_STATISTICS = Op("bn_batch_statistics", _batch_statistics, fake=_batch_statistics_fake)
 
 
-def _stats(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat, compiling) -> Tensor:
+def _stats(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat, group, compiling) -> Tensor:
     """The statistics of a call: eager, the plain function; compiled, the custom op (the mutating one when there
     are running statistics), given detached inputs (it has no autograd formula: the fused op has)."""
     if not compiling:
-        return _statistics(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat)
+        return _statistics(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat, group)
     x, weight, bias = (None if t is None else t.detach() for t in (x, weight, bias))
     if running_mean is None:
-        return BATCH_STATISTICS.op(x, weight, bias, eps, repeat)
-    return STATISTICS.op(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat)
+        return BATCH_STATISTICS.op(x, weight, bias, eps, repeat, group)
+    return STATISTICS.op(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat, group)
 
 
 def _fire(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor], stats: Tensor,
@@ -129,7 +141,7 @@ def _fire(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual:
           rate: Optional[Tensor], x_kept: Optional[Tensor], x_conv_weight: Optional[Tensor],
           x_conv_bias: Optional[Tensor], residual_kept: Optional[Tensor], residual_conv_weight: Optional[Tensor],
           residual_conv_bias: Optional[Tensor], kind: str, tau: float, v_threshold: float, v_reset: Optional[float],
-          surrogate: str, alpha: float, detach_reset: bool, training: bool, repeat: int,
+          surrogate: str, alpha: float, detach_reset: bool, training: bool, repeat: int, group: Optional[str],
           residual_storage: Optional[str], check: bool,
           sources: Optional[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
     """(spikes, fp32 membrane checkpoints or None, the residual packed for the backward or None): 1 launch (and
@@ -185,7 +197,8 @@ def _backward(grad_spikes: Tensor, x: Optional[Tensor], weight: Optional[Tensor]
               x_conv_weight: Optional[Tensor], x_conv_bias: Optional[Tensor], residual_kept: Optional[Tensor],
               residual_conv_weight: Optional[Tensor], residual_conv_bias: Optional[Tensor], kind: str, tau: float,
               v_threshold: float, v_reset: Optional[float], surrogate: str, alpha: float, detach_reset: bool,
-              training: bool, repeat: int, residual_storage: Optional[str], residual_shape: Optional[list[int]],
+              training: bool, repeat: int, group: Optional[str], residual_storage: Optional[str],
+              residual_shape: Optional[list[int]],
               residual_strides: Optional[list[int]], residual_dtype: Optional[torch.dtype],
               plan: Optional[list[int]],
               needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -205,7 +218,7 @@ def _backward(grad_spikes: Tensor, x: Optional[Tensor], weight: Optional[Tensor]
     spec = spec_of(kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset)
     residual_bn = None if residual_stats is None else (residual_stats, residual_weight)
     *grads, grad_rate = _backward_impl(grad_spikes, x, weight, residual, stats, checkpoints, spec, training, repeat,
-                                       needs, residual_bn=residual_bn, rate=rate)
+                                       needs, residual_bn=residual_bn, rate=rate, group=process_group(group))
     grad_x, grad_weight, grad_bias, grad_residual, grad_r_weight, grad_r_bias = (grads + [None, None])[:6]
     return (grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual), grad_r_weight
             if grad_r_weight is None else _cast(grad_r_weight, residual_weight), grad_r_bias, grad_rate)
@@ -213,8 +226,8 @@ def _backward(grad_spikes: Tensor, x: Optional[Tensor], weight: Optional[Tensor]
 
 def _backward_fake(grad_spikes, x, weight, residual, stats, checkpoints, residual_weight, residual_stats, rate,
                    x_kept, x_conv_weight, x_conv_bias, residual_kept, residual_conv_weight, residual_conv_bias, kind,
-                   tau, v_threshold, v_reset, surrogate, alpha, detach_reset, training, repeat, residual_storage,
-                   residual_shape, residual_strides, residual_dtype, plan, needs):
+                   tau, v_threshold, v_reset, surrogate, alpha, detach_reset, training, repeat, group,
+                   residual_storage, residual_shape, residual_strides, residual_dtype, plan, needs):
     steps = recompute.decode_plan(plan) if plan else (None, None)
     if x is None:  # recomputed in the backward: its shape, strides and dtype are the plan's
         meta, shape, strides = steps[0]
@@ -256,28 +269,29 @@ _GRADS = BN_NEURON.args.returning("x", "weight", "bias", "residual", "residual_w
 _NEEDS = operator.itemgetter(*(BN_NEURON.args.index(n) for n in ("x", "weight", "bias", "residual", "residual_weight",
                                                                   "residual_bias")))
 _NO_SOURCES = ((None,) * 6, None)  # no ConvSource: x and the residual are saved
-_SETTINGS = BN_NEURON.args.span("kind", "repeat")  # the spec's fields, training, repeat: what the backward takes
+_SETTINGS = BN_NEURON.args.span("kind", "group")  # the spec's fields, training, repeat, group: the backward's
 _X_SOURCE = BN_NEURON.args.span("x_kept", "x_conv_bias")
 _RESIDUAL_SOURCE = BN_NEURON.args.span("residual_kept", "residual_conv_bias")
 
 
 def _fused(x, weight, bias, residual, running_mean, running_var, spec, training, momentum, eps, repeat,
-           residual_storage, check, residual_bn=None, rate=None, sources=None):
+           residual_storage, check, residual_bn=None, rate=None, sources=None, group=None):
     """The op: statistics (updating the running ones; the residual's too when residual_bn normalises it), then
     the fused fire op through autograd (eager: its derived Function; compiled: its custom op)."""
     compiling = torch.compiler.is_compiling()
-    stats = _stats(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat, compiling)
+    group = group if training else None  # eval mode normalises with the running statistics: nothing to share
+    stats = _stats(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat, group, compiling)
     r_weight = r_bias = r_stats = None
     if residual_bn is not None:
         r_weight, r_bias, r_running_mean, r_running_var = residual_bn
         r_stats = _stats(as_time_major_like(residual, x), r_weight, r_bias, r_running_mean, r_running_var, training,
-                         momentum, eps, 0, compiling)
+                         momentum, eps, 0, group, compiling)
     source_tensors, ints = _NO_SOURCES if sources is None else recompute.encoded_pair(sources)
     if compiling:
         return BN_NEURON.op(x, weight, bias, residual, stats, r_weight, r_bias, r_stats, rate, *source_tensors,
-                            *spec_args(spec), training, repeat, residual_storage, check, ints)[0]
-    settings = op_settings(spec, training, repeat, residual_storage, check, None) if ints is None else \
-        spec_args(spec) + (training, repeat, residual_storage, check, ints)
+                            *spec_args(spec), training, repeat, group, residual_storage, check, ints)[0]
+    settings = op_settings(spec, training, repeat, group, residual_storage, check, None) if ints is None else \
+        spec_args(spec) + (training, repeat, group, residual_storage, check, ints)
     return BN_NEURON.Function.apply(x, weight, bias, residual, stats, r_weight, r_bias, r_stats, rate,
                                     *source_tensors, settings)[0]
 
@@ -364,6 +378,20 @@ def _check(op, x, weight, bias, running_mean, running_var, residual, training, m
     return momentum, eps, False
 
 
+def _check_process_group(op: str, process_group) -> str | None:
+    """The name of the process group a synchronised call spans (None when it has one rank: nothing to share)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(f"{op}: process_group synchronises BatchNorm statistics across the ranks of a "
+                         f"torch.distributed job, but torch.distributed is not initialised (init_process_group); "
+                         f"pass process_group=None")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"{op}: process_group must be None or a torch.distributed ProcessGroup (e.g. "
+                        f"torch.distributed.group.WORLD), got {type(process_group).__name__}")
+    return process_group.group_name if dist.get_world_size(process_group) > 1 else None
+
+
 def _check_residual_bn(op: str, x: Tensor, residual, residual_bn, residual_storage, training: bool) -> tuple:
     if not isinstance(residual_bn, (tuple, list)) or len(residual_bn) != 4:
         raise TypeError(f"{op}: residual_bn must be None or (weight, bias, running_mean, running_var) of the "
@@ -384,12 +412,15 @@ def _check_residual_bn(op: str, x: Tensor, residual, residual_bn, residual_stora
 def apply_bn_neuron(op: str, x: Tensor, weight, bias, running_mean, running_var, spec: NeuronSpec, *,
                     training: bool, momentum: float = 0.1, eps: float = 1e-5, residual: Tensor | None = None,
                     residual_storage: str | None = None, residual_bn=None, repeat: int | None = None,
-                    backend: str = "auto", w: Tensor | None = None, source=None, residual_source=None) -> Tensor:
+                    backend: str = "auto", w: Tensor | None = None, source=None, residual_source=None,
+                    process_group=None) -> Tensor:
     """spikes [T, B, C, ...] of the neuron `spec` over BN(x) [+ residual, or + BN_r(residual) with residual_bn]
     (see bn_lif); w: a parametric neuron's weight; source, residual_source: ConvSources to recompute x and the
-    residual from (fastsnn.ops.recompute). The spec is trusted."""
+    residual from (fastsnn.ops.recompute); process_group: synchronised statistics (see bn_lif). The spec is
+    trusted."""
     momentum, eps, common = _check(op, x, weight, bias, running_mean, running_var, residual, training, momentum, eps,
                                    repeat)
+    group = None if process_group is None else _check_process_group(op, process_group)
     if w is not None or spec.kind in PARAMETRIC:
         check_w(op, w, spec, x.device)
     if residual_storage is not None and residual_storage not in spike_storage.STORAGES:
@@ -406,7 +437,8 @@ def apply_bn_neuron(op: str, x: Tensor, weight, bias, running_mean, running_var,
     if resolve_backend(op, backend, x.device, dtype) == "reference":
         return reference.bn_lif_multistep(x, weight, bias, running_mean, running_var, spec, training=training,
                                           momentum=momentum, eps=eps, residual=residual, residual_bn=residual_bn,
-                                          repeat=repeat, rate=rate)
+                                          repeat=repeat, rate=rate, process_group=None if group is None else
+                                          process_group)
     vectors = (weight, bias, running_mean, running_var) + (residual_bn or ())
     copies = () if common and residual_bn is None else _dense_vectors(vectors)  # common: x's vectors are dense
     if copies and any(t is not None for t in copies):  # a strided or expanded vector: the kernels take dense copies
@@ -414,7 +446,7 @@ def apply_bn_neuron(op: str, x: Tensor, weight, bias, running_mean, running_var,
         spikes = apply_bn_neuron(op, x, *used[:4], spec, training=training, momentum=momentum, eps=eps,
                                  residual=residual, residual_storage=residual_storage,
                                  residual_bn=used[4:] or None, repeat=repeat, backend=backend, w=w, source=source,
-                                 residual_source=residual_source)
+                                 residual_source=residual_source, process_group=process_group)
         if training:  # the running statistics' updates, written back where the caller keeps them
             for k in (2, 3) if residual_bn is None else (2, 3, 6, 7):
                 if copies[k] is not None:
@@ -433,7 +465,7 @@ def apply_bn_neuron(op: str, x: Tensor, weight, bias, running_mean, running_var,
         recompute.check_source(op, "residual_source", residual_source)
         sources = (source, None if residual_storage else residual_source)
     return _fused(x, weight, bias, residual, running_mean, running_var, spec, training, momentum, eps, repeat or 0,
-                  residual_storage, check, residual_bn, rate, sources)
+                  residual_storage, check, residual_bn, rate, sources, group)
 
 
 def bn_lif(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
@@ -442,7 +474,7 @@ def bn_lif(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: 
            tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,
            v_reset: float | None = 0.0, surrogate: str = "atan", alpha: float | None = None,
            detach_reset: bool = False, repeat: int | None = None, backend: str = "auto", source=None,
-           residual_source=None) -> Tensor:
+           residual_source=None, process_group=None) -> Tensor:
     """BatchNorm, an optional residual add, and the multistep LIF neuron, fused:
 
         y = (x − μ_c)/√(σ²_c + eps)·weight_c + bias_c [+ residual],   spikes = lif_multistep(y, ...)
@@ -471,6 +503,12 @@ def bn_lif(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: 
     with one convolution, the same values in the same layout, so every result equals source=None's. A source
     that is not x's (another tensor, a copy) is ignored.
 
+    process_group: None, or a torch.distributed ProcessGroup (torch.distributed.group.WORLD for every rank): in
+    training mode the statistics are those of the batches of all its ranks (synchronised BatchNorm, fused: one
+    all_gather of per-channel (count, mean, M2) in the forward, one all_reduce of the backward's two per-channel
+    sums per call; x's gradient is the global batch's, weight's and bias's this rank's, which DDP sums); ranks
+    may hold different batch sizes. Every rank must make the same calls in the same order (collectives).
+
     Memory: the backward keeps x (and the residual), or their sources, and per-channel fp32 statistics, never
     the normalised value or the neuron input. Returns spikes [T, B, C, *spatial] in x's dtype and layout.
     The caller (e.g. the BNLIF module) increments num_batches_tracked, as nn.BatchNorm2d's forward does.
@@ -481,7 +519,7 @@ def bn_lif(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: 
     return apply_bn_neuron(op, x, weight, bias, running_mean, running_var, spec, training=training,
                            momentum=momentum, eps=eps, residual=residual, residual_storage=residual_storage,
                            residual_bn=residual_bn, repeat=repeat, backend=backend, source=source,
-                           residual_source=residual_source)
+                           residual_source=residual_source, process_group=process_group)
 
 
 def bn_if(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
@@ -489,7 +527,8 @@ def bn_if(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: T
           residual: Tensor | None = None, residual_storage: str | None = None, residual_bn=None,
           v_threshold: float = 1.0, v_reset: float | None = 0.0,
           surrogate: str = "atan", alpha: float | None = None, detach_reset: bool = False,
-          repeat: int | None = None, backend: str = "auto", source=None, residual_source=None) -> Tensor:
+          repeat: int | None = None, backend: str = "auto", source=None, residual_source=None,
+          process_group=None) -> Tensor:
     """bn_lif with the integrate-and-fire neuron (charge h = v + y): same arguments without tau, decay_input."""
     op = "bn_if"
     spec = neuron_spec(op, kind="if", tau=None, v_threshold=v_threshold, v_reset=v_reset, surrogate=surrogate,
@@ -497,7 +536,7 @@ def bn_if(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: T
     return apply_bn_neuron(op, x, weight, bias, running_mean, running_var, spec, training=training,
                            momentum=momentum, eps=eps, residual=residual, residual_storage=residual_storage,
                            residual_bn=residual_bn, repeat=repeat, backend=backend, source=source,
-                           residual_source=residual_source)
+                           residual_source=residual_source, process_group=process_group)
 
 
 def bn_plif(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
@@ -505,7 +544,7 @@ def bn_plif(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean:
             residual: Tensor | None = None, residual_storage: str | None = None, residual_bn=None,
             decay_input: bool = True, v_threshold: float = 1.0, v_reset: float | None = 0.0, surrogate: str = "atan",
             alpha: float | None = None, detach_reset: bool = False, repeat: int | None = None,
-            backend: str = "auto", source=None, residual_source=None) -> Tensor:
+            backend: str = "auto", source=None, residual_source=None, process_group=None) -> Tensor:
     """bn_lif with the parametric LIF neuron (fastsnn.plif_multistep: rate k = sigmoid(w), w one learnable
     element): same arguments with w in place of tau. dL/dw comes from the backward kernel's per-program partial
     sums and one sum."""
@@ -515,4 +554,4 @@ def bn_plif(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean:
     return apply_bn_neuron(op, x, weight, bias, running_mean, running_var, spec, training=training,
                            momentum=momentum, eps=eps, residual=residual, residual_storage=residual_storage,
                            residual_bn=residual_bn, repeat=repeat, backend=backend, w=w, source=source,
-                           residual_source=residual_source)
+                           residual_source=residual_source, process_group=process_group)

@@ -117,6 +117,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     recompute: bool = False
+    sync_bn: bool = False
     seed: int = 0
     threads: int = 0
     # run
@@ -306,6 +307,9 @@ def _machine(g) -> None:
                    help="the student saves no convolution output: each conv -> BN -> neuron unit recomputes it in "
                         "the backward from the spikes its convolution keeps as bits (one extra convolution forward "
                         "per unit; 7-22x fewer saved bytes at T=4, identical results, changeable on resume)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="BatchNorm statistics over the global batch of a distributed run (torchrun), computed "
+                        "inside the fused BatchNorm + neuron op (default off; refused with one process)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=0,
                    help="CPU intra-op threads (0: auto = 1 for the small digits/mnist5k models on the CPU unless "
@@ -447,6 +451,9 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
     _validate_augmentation(cfg)
     if cfg.label_smoothing and not (cfg.ann or cfg.method == "ce"):
         raise UsageError("--label-smoothing applies to --method ce and --ann only (the TSER loss has none)")
+    if cfg.sync_bn and world == 1:
+        raise UsageError("--sync-bn synchronises BatchNorm across the ranks of a distributed run (torchrun "
+                         "--nproc-per-node N -m fastsnn.train ...); this run has one process")
     if cfg.batch_size % world:
         raise UsageError(f"--batch-size {cfg.batch_size} is not divisible by the {world} ranks")
     import torch

@@ -16,6 +16,7 @@ from .. import rundir
 from . import config as config_mod
 from . import setup
 from . import state as state_mod
+from ..neuron import convert_sync_bn
 from .config import TrainConfig, UsageError, augment_of
 from .loop import Session, TooManyBadSteps, evaluate, save, train_epoch
 from .report import Reporter, epoch_line
@@ -106,6 +107,8 @@ def build_session(cfg: TrainConfig, rank: int, world: int, local_rank: int, hold
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    if cfg.sync_bn:  # the student's fused BatchNorm + neuron ops (and an ANN's BatchNorms) across the ranks
+        model = convert_sync_bn(model)
     per_rank_batch = cfg.batch_size // world
     sampler = datasets.EpochSampler(len(spec.train), seed=cfg.seed, epoch=0, rank=rank, world=world,
                                     global_batch=cfg.batch_size, drop_last=world > 1)
