@@ -148,21 +148,33 @@ def tser_loss(student_logits, teacher_logits, target, *, alpha=0.5, tau=5.0, lam
     CE(z, y) = logsumexp(z) − z_y; KL(p‖q) = Σ p·(log p − log q); H(q) = −Σ q·log q, with 0·log 0 = 0: a class
     whose logit is −inf (a masked class) has probability 0 and adds nothing.
     Labels equal to ignore_index are left out of CE (averaged over the labelled samples, 0 if none); any
-    other label outside [0, C) makes the loss, the terms and the gradient NaN (no host sync).
+    other label outside [0, C) makes the loss, the terms and the gradient NaN (no host sync). A float target
+    [B, C] is a soft target q (mixup/CutMix, label smoothing): CE(z, q) = −Σ_c q_c·log softmax(z)_c, every
+    sample labelled.
     """
     z = student_logits.to(compute_dtype)
     u = teacher_logits.detach().to(compute_dtype)
     T, B, C = z.shape
     tau_h = tau if entropy_tau is None else entropy_tau
-    y = target.long()
-    labelled = y != ignore_index
-    in_range = (y >= 0) & (y < C)
-    counts = (labelled & in_range).to(compute_dtype)
-    poison = torch.where((labelled & ~in_range).any(), float("nan"), 1.0).to(compute_dtype)
-    y_index = torch.where(labelled & in_range, y, 0).unsqueeze(-1)
+    if target.is_floating_point():  # soft targets q [B, C]: CE(z, q) = −Σ_c q_c·log softmax(z)_c, 0·log 0 = 0
+        q_target = target.to(compute_dtype)
+        counts = torch.ones(B, dtype=compute_dtype, device=z.device)
+        poison = torch.ones((), dtype=compute_dtype, device=z.device)
 
-    def ce_rows(logits):  # [..., B, C] -> [..., B]
-        return torch.logsumexp(logits, dim=-1) - logits.gather(-1, y_index.expand(*logits.shape[:-1], 1)).squeeze(-1)
+        def ce_rows(logits):  # [..., B, C] -> [..., B]
+            log_p = F.log_softmax(logits, dim=-1)
+            return -(q_target * torch.where(q_target > 0, log_p, 0.0)).sum(dim=-1)
+    else:
+        y = target.long()
+        labelled = y != ignore_index
+        in_range = (y >= 0) & (y < C)
+        counts = (labelled & in_range).to(compute_dtype)
+        poison = torch.where((labelled & ~in_range).any(), float("nan"), 1.0).to(compute_dtype)
+        y_index = torch.where(labelled & in_range, y, 0).unsqueeze(-1)
+
+        def ce_rows(logits):  # [..., B, C] -> [..., B]
+            index = y_index.expand(*logits.shape[:-1], 1)
+            return torch.logsumexp(logits, dim=-1) - logits.gather(-1, index).squeeze(-1)
 
     log_p_teacher = F.log_softmax(u / tau, dim=-1)
     p_teacher = log_p_teacher.exp()

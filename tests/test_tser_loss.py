@@ -120,13 +120,17 @@ def test_non_finite_logits_give_a_non_finite_loss(device):
     assert fastsnn.tser_loss(z, u, y, backend="triton") == float("inf")
 
 
-def _paper_formula(z, u, y, *, alpha, tau, lam, ts_ce, ts_kl):
+def _paper_formula(z, u, y, *, alpha, tau, lam, ts_ce, ts_kl, keep_graph=False):
     """The TSER loss (paper eq. 7-11, our τ² and batch-mean conventions) in float64, written with xlogy, whose
-    xlogy(0, ·) = 0 is the 0·log 0 = 0 convention: KL(p‖q) = Σ xlogy(p, p) − xlogy(p, q), H(q) = −Σ xlogy(q, q)."""
-    z, u = z.detach().double(), u.double()
+    xlogy(0, ·) = 0 is the 0·log 0 = 0 convention: KL(p‖q) = Σ xlogy(p, p) − xlogy(p, q), H(q) = −Σ xlogy(q, q).
+    keep_graph: differentiable in z (give a float64 leaf)."""
+    z, u = (z if keep_graph else z.detach()).double(), u.double()
     p = torch.softmax(u / tau, dim=-1)
 
     def ce(logits):
+        if y.is_floating_point():  # soft targets: −Σ q·log softmax, a class with q = 0 adding nothing
+            q = y.double()
+            return -torch.where(q > 0, q * torch.log_softmax(logits, dim=-1), 0.0).sum(-1)
         return -torch.log_softmax(logits, dim=-1).gather(-1, y.view(-1, 1).expand(*logits.shape[:-1], 1))[..., 0]
 
     def kl(logits):
@@ -239,7 +243,11 @@ Y = torch.tensor([0, 9, 4])
     ((Z[0], U, Y), {}, ValueError, "student_logits must have shape [T, B, C]"),
     ((Z, U[:2], Y), {}, ValueError, "teacher_logits must have shape [B, C] = [3, 10]"),
     ((Z, U[:, :9], Y), {}, ValueError, "teacher_logits must have shape [B, C] = [3, 10]"),
-    ((Z, U, Y.float()), {}, TypeError, "target must be an integer tensor"),
+    ((Z, U, Y.float()), {}, ValueError, "a float target holds soft targets (probabilities) of shape [B, C] = [3, 10]"),
+    ((Z, U, torch.full((3, 10), 0.1).index_fill(1, torch.tensor([2]), -0.1)), {}, ValueError,
+     "a soft target must hold probabilities (finite, >= 0), got 3 entries"),
+    ((Z, U, torch.full((3, 10), float("nan"))), {}, ValueError, "a soft target must hold probabilities"),
+    ((Z, U, Y.double()), {}, TypeError, "or a float tensor of soft targets [B, C]"),
     ((Z, U, Y[:2]), {}, ValueError, "target must have shape [B] = [3]"),
     ((Z, U, torch.tensor([0, 10, 1])), {}, ValueError,
      "target must hold class indices in [0, 10) or ignore_index=-100, got min 0 and max 10"),
@@ -458,3 +466,85 @@ def test_forward_and_backward_take_three_launches(device, ts_ce, ts_kl, lam, mon
         torch.autograd.grad(loss, z, grad_outputs=go)
     assert len(launches["triton"]) == 3, launches
     assert launches["aten"] == [], launches
+
+
+# ---- soft targets (mixup/CutMix, label smoothing): against the formula, on hostile layouts ----
+
+def _soft_target_layout(kind, B, C, generator):
+    """A soft target [B, C] (rows of probabilities, some classes with no mass) in one layout."""
+    rows = torch.softmax(torch.randn(B, C, generator=generator) * 2, dim=-1)
+    rows[:, 1] = 0.0
+    rows = rows / rows.sum(-1, keepdim=True)
+    if kind == "dense":
+        return rows
+    if kind == "transposed":  # class stride B: copied to unit class stride
+        return rows.t().contiguous().t()
+    if kind == "batch-slice":  # every other row of a bigger buffer, offset
+        big = torch.zeros(2 * B + 1, C)
+        big[1::2] = rows
+        return big[1::2]
+    if kind == "broadcast":  # one row for the whole batch (row stride 0)
+        return rows[:1].expand(B, C)
+    if kind == "unnormalised":  # rows summing to 0.5..1.5: CE = Σq·lse(z) − Σ q·z
+        return rows * torch.linspace(0.5, 1.5, B).unsqueeze(1)
+    if kind == "smoothed-mix":  # what the training loop builds: a mixup of label-smoothed one-hots
+        y1, y2 = torch.randint(0, C, (B,), generator=generator), torch.randint(0, C, (B,), generator=generator)
+        hot = [F.one_hot(y, C).float() * 0.9 + 0.1 / C for y in (y1, y2)]
+        return 0.7 * hot[0] + 0.3 * hot[1]
+    raise ValueError(kind)
+
+
+SOFT_LAYOUTS = ["dense", "transposed", "batch-slice", "broadcast", "unnormalised", "smoothed-mix"]
+
+
+@pytest.mark.parametrize("kind", SOFT_LAYOUTS)
+@pytest.mark.parametrize("ts_ce,ts_kl,lam", VARIANTS, ids=VARIANT_IDS)
+def test_soft_targets_match_the_formula(device, kind, ts_ce, ts_kl, lam):
+    g = torch.Generator().manual_seed(7)
+    T, B, C = 3, 5, 37
+    z = (torch.randn(T, B, C, generator=g) * 3).to(device).requires_grad_()
+    u = (torch.randn(B, C, generator=g) * 3).to(device)
+    q = _soft_target_layout(kind, B, C, g).to(device)
+    kw = dict(alpha=0.4, tau=4.0, lam=lam, ts_ce=ts_ce, ts_kl=ts_kl)
+    want = _paper_formula(z, u, q, **kw)
+    zd = z.detach().double().requires_grad_()
+    want_grad, = torch.autograd.grad(_paper_formula(zd, u, q, keep_graph=True, **kw), zd)
+    for backend in ("triton", "reference"):
+        loss = fastsnn.tser_loss(z, u, q, backend=backend, **kw)
+        grad, = torch.autograd.grad(loss, z)
+        assert_close(loss, want.float(), torch.float32, scale=10 * max(1.0, float(want.abs())))
+        assert_close(grad, want_grad.float(), torch.float32)
+    _check_against_reference(z, u, q, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_soft_targets(device, dtype):
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 4, 12, generator=g).to(device, dtype).requires_grad_()
+    u = torch.randn(4, 12, generator=g).to(device, dtype)
+    q = torch.softmax(torch.randn(4, 12, generator=g), -1).to(device, dtype)
+    _check_against_reference(z, u, q)
+
+
+@pytest.mark.parametrize("ts_ce", [True, False], ids=["ts_ce", "fused_ce"])
+def test_one_hot_soft_targets_give_the_class_index_loss(device, ts_ce):
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(3, 6, 11, generator=g).to(device).requires_grad_()
+    u = torch.randn(6, 11, generator=g).to(device)
+    y = torch.randint(0, 11, (6,), generator=g).to(device)
+    hard = fastsnn.tser_loss(z, u, y, ts_ce=ts_ce, backend="triton")
+    soft = fastsnn.tser_loss(z, u, F.one_hot(y, 11).float(), ts_ce=ts_ce, backend="triton")
+    assert_close(soft, hard, torch.float32)
+    assert_close(torch.autograd.grad(soft, z)[0], torch.autograd.grad(hard, z)[0], torch.float32)
+
+
+def test_smoothed_soft_target_ce_is_cross_entropy_with_label_smoothing(device):
+    """alpha = 0, lam = 0, ts_ce=False: the loss is CE of the time-mean logits, which F.cross_entropy gives with
+    label_smoothing for the smoothed one-hot q = (1 − ε)·onehot + ε/C."""
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(2, 6, 9, generator=g).to(device)
+    y = torch.randint(0, 9, (6,), generator=g).to(device)
+    q = F.one_hot(y, 9).float() * 0.8 + 0.2 / 9
+    loss = fastsnn.tser_loss(z, torch.zeros(6, 9, device=device), q, alpha=0.0, lam=0.0, ts_ce=False,
+                             backend="triton")
+    assert_close(loss, F.cross_entropy(z.mean(0), y, label_smoothing=0.2), torch.float32)

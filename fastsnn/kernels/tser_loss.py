@@ -90,14 +90,33 @@ def _teacher_probs(p_ub, o_c, m_c, inv_tau, lse_u):
 
 
 @triton.jit
-def _label(p_y, i_b, stride_y, ignore_index, C):
+def _label(p_y, i_b, stride_y, ignore_index, C, SOFT: tl.constexpr):
     """(class index or −1, 1.0 if the label counts for CE else 0.0, 1.0 if it is bad else 0.0); −1 never
-    matches a class, so an ignored or bad label adds nothing to CE."""
+    matches a class, so an ignored or bad label adds nothing to CE. A soft target (a row of probabilities)
+    always counts and is never bad; its class index is −1 (its CE reads the row)."""
+    if SOFT:
+        return tl.full([], -1, tl.int64), 1.0, 0.0
     i_y = tl.load(p_y + i_b * stride_y).to(tl.int64)
     labelled = i_y != ignore_index
     out_of_range = (i_y < 0) | (i_y >= C)
     counts = labelled & (i_y >= 0) & (i_y < C)
     return tl.where(counts, i_y, -1), counts.to(tl.float32), (labelled & out_of_range).to(tl.float32)
+
+
+@triton.jit
+def _target_probs(p_y, i_b, stride_y, o_c, m_c):
+    """One class block of a soft target row, [1, BLOCK_C] fp32, 0 in masked lanes."""
+    return tl.load(p_y + i_b * stride_y + o_c[None, :], mask=m_c[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _target_sum(p_y, i_b, stride_y, C, BLOCK_C: tl.constexpr):
+    """Σ_c q_c of a soft target row (1 for a probability row; CE(z, q) = Σq·lse(z) − Σ q·z in general)."""
+    b_q = tl.zeros([1], tl.float32)
+    for i_c in range(0, tl.cdiv(C, BLOCK_C)):
+        o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        b_q += tl.sum(_target_probs(p_y, i_b, stride_y, o_c, o_c < C), axis=1)
+    return tl.sum(b_q, axis=0)
 
 
 @triton.jit
@@ -121,12 +140,12 @@ def _tser_loss_fwd_kernel(
     T, B, C, stride_zt, stride_zb, stride_ub, stride_y, ignore_index, inv_T, inv_tau, inv_tau_h,
     off_sample, off_part,
     T_TILE: tl.constexpr, BLOCK_C: tl.constexpr, TS_CE: tl.constexpr, TS_KL: tl.constexpr, HAS_ENT: tl.constexpr,
-    VEC: tl.constexpr,
+    VEC: tl.constexpr, SOFT: tl.constexpr,
 ):
     NEED_MEAN: tl.constexpr = (not TS_CE) or (not TS_KL)
     p_row, p_sample, p_part = p_stats, p_stats + off_sample, p_stats + off_part
     C, i_b, o_t, m_t, p_zb, p_ub = _program_tile(p_z, p_u, T, C, stride_zt, stride_zb, stride_ub, T_TILE, VEC)
-    i_y, counts, bad = _label(p_y, i_b, stride_y, ignore_index, C)
+    i_y, counts, bad = _label(p_y, i_b, stride_y, ignore_index, C, SOFT)
     lse_u, neg_ent_u = _teacher_lse(p_ub, C, inv_tau, BLOCK_C)
 
     # per row of the tile: CE at 1 (lse, z_y), KL at τ (lse, Σ p_u·z/τ), entropy at τ_H (lse, Σ e·a)
@@ -141,15 +160,22 @@ def _tser_loss_fwd_kernel(
     b_zym = tl.zeros([1], tl.float32)
     b_mkm, b_skm = _lse_start(1)
     b_xkm = tl.zeros([1], tl.float32)
+    b_qs = tl.zeros([1], tl.float32)  # Σ q of a soft target
     for i_c in range(0, tl.cdiv(C, BLOCK_C)):
         o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
         m_c = o_c < C
         m_z = m_t[:, None] & m_c[None, :]
         b_z = tl.load(p_zb + o_c[None, :], mask=m_z, other=0.0).to(tl.float32)  # [T_TILE, BC]
         b_is_y = (o_c == i_y)[None, :]
+        if SOFT:
+            b_q = _target_probs(p_y, i_b, stride_y, o_c, m_c)  # [1, BC]
+            b_qs += tl.sum(b_q, axis=1)
         if TS_CE:
             b_m1, _, _, b_s1 = _online_rows(b_z, m_z, b_m1, b_s1)
-            b_zy += tl.sum(tl.where(b_is_y & m_z, b_z, 0.0), axis=1)
+            if SOFT:  # Σ q·z, with 0·(−inf) = 0 for a masked class the target gives no mass
+                b_zy += tl.sum(_xlogx_term(b_q, tl.where(m_z, b_z, 0.0)), axis=1)
+            else:
+                b_zy += tl.sum(tl.where(b_is_y & m_z, b_z, 0.0), axis=1)
         if HAS_ENT:
             b_ah = b_z * inv_tau_h
             b_mh, b_scale, b_e, b_sh = _online_rows(b_ah, m_z, b_mh, b_sh)
@@ -163,7 +189,10 @@ def _tser_loss_fwd_kernel(
             m_m = m_c[None, :]
             if not TS_CE:
                 b_m1m, _, _, b_s1m = _online_rows(b_zm, m_m, b_m1m, b_s1m)
-                b_zym += tl.sum(tl.where(b_is_y & m_m, b_zm, 0.0), axis=1)
+                if SOFT:
+                    b_zym += tl.sum(_xlogx_term(b_q, b_zm), axis=1)
+                else:
+                    b_zym += tl.sum(tl.where(b_is_y & m_m, b_zm, 0.0), axis=1)
             if not TS_KL:
                 b_mkm, _, _, b_skm = _online_rows(b_zm * inv_tau, m_m, b_mkm, b_skm)
                 b_xkm += tl.sum(_xlogx_term(b_pu, b_zm), axis=1) * inv_tau
@@ -174,12 +203,13 @@ def _tser_loss_fwd_kernel(
     ce = 0.0
     kl = 0.0
     ent = 0.0
+    q_sum = tl.sum(b_qs, axis=0) if SOFT else 1.0  # CE(z, q) = Σq·lse(z) − Σ q·z (a class index: q one-hot)
     if TS_CE:
         b_lse1 = b_m1 + tl.log(tl.where(m_t, b_s1, 1.0))
         tl.store(p_rows + ROW_LSE, b_lse1, mask=m_t)
-        ce = tl.sum(tl.where(m_t, b_lse1 - b_zy, 0.0), axis=0)
+        ce = tl.sum(tl.where(m_t, b_lse1 * q_sum - b_zy, 0.0), axis=0)
     else:
-        ce = tl.sum(b_m1m + tl.log(b_s1m) - b_zym, axis=0)
+        ce = tl.sum((b_m1m + tl.log(b_s1m)) * q_sum - b_zym, axis=0)
     if TS_KL:
         b_lsek = b_mk + tl.log(tl.where(m_t, b_sk, 1.0))
         tl.store(p_rows + ROW_LSE_KL, b_lsek, mask=m_t)
@@ -254,13 +284,14 @@ def _tser_loss_bwd_kernel(
     T, B, C, stride_zt, stride_zb, stride_ub, stride_y, ignore_index, inv_T, inv_tau, inv_tau_h, w_kl, w_ent,
     off_sample, off_scalars,
     T_TILE: tl.constexpr, BLOCK_C: tl.constexpr, TS_CE: tl.constexpr, TS_KL: tl.constexpr, HAS_ENT: tl.constexpr,
-    VEC: tl.constexpr,
+    VEC: tl.constexpr, SOFT: tl.constexpr,
 ):
     NEED_MEAN: tl.constexpr = (not TS_CE) or (not TS_KL)
     p_row, p_sample, p_scalars = p_stats, p_stats + off_sample, p_stats + off_scalars
     C, i_b, o_t, m_t, p_zb, p_ub = _program_tile(p_z, p_u, T, C, stride_zt, stride_zb, stride_ub, T_TILE, VEC)
     p_gb = p_gz + (o_t.to(tl.int64)[:, None] * B + i_b) * C  # grad is dense [T, B, C]
-    i_y, counts, bad = _label(p_y, i_b, stride_y, ignore_index, C)
+    i_y, counts, bad = _label(p_y, i_b, stride_y, ignore_index, C, SOFT)
+    q_sum = _target_sum(p_y, i_b, stride_y, C, BLOCK_C) if SOFT else 1.0  # dCE/dz = Σq·softmax(z) − q
     go = tl.load(p_go).to(tl.float32)
     # dL/dz weights, grad_output folded in before anything is rounded to z's dtype
     w_ce = tl.load(p_scalars) * go * counts
@@ -278,11 +309,14 @@ def _tser_loss_bwd_kernel(
         m_c = o_c < C
         m_z = m_t[:, None] & m_c[None, :]
         b_z = tl.load(p_zb + o_c[None, :], mask=m_z, other=0.0).to(tl.float32)  # [T_TILE, BC]
-        b_onehot = (o_c == i_y).to(tl.float32)[None, :]
+        if SOFT:
+            b_onehot = _target_probs(p_y, i_b, stride_y, o_c, m_c)  # the target row's block
+        else:
+            b_onehot = (o_c == i_y).to(tl.float32)[None, :]
         b_pu = _teacher_probs(p_ub, o_c, m_c, inv_tau, lse_u)  # [1, BC]
         b_g = tl.zeros([T_TILE, BLOCK_C], tl.float32)
         if TS_CE:
-            b_g += w_ce * (tl.exp(b_z - b_lse1) - b_onehot)
+            b_g += w_ce * (tl.exp(b_z - b_lse1) * q_sum - b_onehot)
         if TS_KL:
             b_g += w_kl * (tl.exp(b_z * inv_tau - b_lsek) - b_pu)
         if HAS_ENT:
@@ -291,7 +325,7 @@ def _tser_loss_bwd_kernel(
         if NEED_MEAN:
             b_zm = tl.sum(b_z, axis=0)[None, :] * inv_T  # [1, BC]
             if not TS_CE:
-                b_g += w_ce * (tl.exp(b_zm - tl.load(p_s + SAMPLE_LSE_MEAN)) - b_onehot)
+                b_g += w_ce * (tl.exp(b_zm - tl.load(p_s + SAMPLE_LSE_MEAN)) * q_sum - b_onehot)
             if not TS_KL:
                 b_g += w_kl * (tl.exp(b_zm * inv_tau - tl.load(p_s + SAMPLE_LSE_MEAN_KL)) - b_pu)
         tl.store(p_gb + o_c[None, :], b_g.to(p_gz.dtype.element_ty), mask=m_z)
@@ -326,7 +360,7 @@ def _vec(C: int, *strides: int) -> int:
 
 @functools.lru_cache(maxsize=1024)
 def _plan(shape: tuple, z_strides: tuple, u_stride: int, y_stride: int, alpha, tau, tau_h, lam, ts_ce, ts_kl,
-          with_entropy, ignore_index) -> "Plan":
+          with_entropy, ignore_index, soft: bool = False) -> "Plan":
     """Everything the launches need besides the pointers, decided once per (shape, strides, arguments)."""
     T, B, C = shape
     t_tile, block_c, warps = tile_for(T, C, ts_ce, ts_kl)
@@ -336,12 +370,12 @@ def _plan(shape: tuple, z_strides: tuple, u_stride: int, y_stride: int, alpha, t
     vec = _vec(C, z_strides[0], z_strides[1], u_stride)
     fwd_args = (*common, off_sample, off_part)
     fwd_kw = dict(T_TILE=t_tile, BLOCK_C=block_c, TS_CE=ts_ce, TS_KL=ts_kl, HAS_ENT=with_entropy or lam > 0, VEC=vec,
-                  num_warps=warps, maxnreg=MAXNREG)
+                  SOFT=soft, num_warps=warps, maxnreg=MAXNREG)
     reduce_args = (B, n_tt * B, T if ts_ce else 1, T if ts_kl else 1, 1.0 / T, 1.0 / (T * B), 1.0 - alpha,
                    alpha * tau * tau, lam, off_sample, off_part, off_scalars)
     # dL/dz weights of the batch-mean terms (the CE one depends on the labelled count, read on the device)
     bwd_args = (*common, alpha * tau / (T * B), lam / (tau_h * T * B), off_sample, off_scalars)
-    bwd_kw = dict(T_TILE=t_tile, BLOCK_C=block_c, TS_CE=ts_ce, TS_KL=ts_kl, HAS_ENT=lam > 0, VEC=vec,
+    bwd_kw = dict(T_TILE=t_tile, BLOCK_C=block_c, TS_CE=ts_ce, TS_KL=ts_kl, HAS_ENT=lam > 0, VEC=vec, SOFT=soft,
                   num_warps=warps)
     return Plan((B, n_tt), fwd_args, fwd_kw, reduce_args, bwd_args, bwd_kw)
 
@@ -379,10 +413,11 @@ def stats_size_bound(T, B):
 def tser_loss_forward(z, u, y, stats, loss, terms, *, alpha, tau, tau_h, lam, ts_ce, ts_kl, with_entropy,
                       ignore_index):
     """z [T, B, C] and u [B, C] with unit class stride (any other strides, 0 included), y [B] integer (any
-    stride). Writes stats (fp32, at least stats_size(...) elements: per (t, b) row, per sample, partial sums,
-    the CE gradient weight), loss (fp32 0-d) and terms (fp32 [3]: CE part, KL part, mean entropy): 2 launches."""
+    stride), or a soft target [B, C] (float, unit class stride, any row stride). Writes stats (fp32, at least
+    stats_size(...) elements: per (t, b) row, per sample, partial sums, the CE gradient weight), loss (fp32 0-d)
+    and terms (fp32 [3]: CE part, KL part, mean entropy): 2 launches."""
     plan = _plan(tuple(z.shape), z.stride(), u.stride(0), y.stride(0), alpha, tau, tau_h, lam, ts_ce, ts_kl,
-                 with_entropy, ignore_index)
+                 with_entropy, ignore_index, y.dim() == 2)
     _tser_loss_fwd_kernel[plan.grid](z, u, y, stats, *plan.fwd_args, **plan.fwd_kw)
     _tser_loss_reduce_kernel[(1,)](stats, loss, terms, *plan.reduce_args, BLOCK=REDUCE_BLOCK, num_warps=4)
 
@@ -390,5 +425,5 @@ def tser_loss_forward(z, u, y, stats, loss, terms, *, alpha, tau, tau_h, lam, ts
 def tser_loss_backward(z, u, y, stats, grad_loss, grad_z, *, alpha, tau, tau_h, lam, ts_ce, ts_kl, ignore_index):
     """Writes grad_z (dense [T, B, C], z's dtype) = grad_loss · dL/dz (grad_loss: one element): 1 launch."""
     plan = _plan(tuple(z.shape), z.stride(), u.stride(0), y.stride(0), alpha, tau, tau_h, lam, ts_ce, ts_kl, False,
-                 ignore_index)
+                 ignore_index, y.dim() == 2)
     _tser_loss_bwd_kernel[plan.grid](z, u, y, stats, grad_loss, grad_z, *plan.bwd_args, **plan.bwd_kw)

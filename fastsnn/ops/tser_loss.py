@@ -119,13 +119,29 @@ def _check_tensors(student_logits, teacher_logits, target):
     if teacher_logits.shape != (B, C):
         raise ValueError(f"{_OP}: teacher_logits must have shape [B, C] = [{B}, {C}] to match student_logits "
                          f"[T, B, C], got {tuple(teacher_logits.shape)}")
-    if target.dtype not in TARGET_DTYPES:
+    if target.dtype in FLOAT_DTYPES:  # soft targets: a probability row per sample
+        if target.shape != (B, C):
+            raise ValueError(f"{_OP}: a float target holds soft targets (probabilities) of shape [B, C] = [{B}, {C}], "
+                             f"got {tuple(target.shape)}")
+    elif target.dtype not in TARGET_DTYPES:
         allowed = ", ".join(str(d).replace("torch.", "") for d in TARGET_DTYPES)
-        raise TypeError(f"{_OP}: target must be an integer tensor of class indices ({allowed}), "
-                        f"got dtype {str(target.dtype).replace('torch.', '')}")
-    if target.shape != (B,):
+        raise TypeError(f"{_OP}: target must be an integer tensor of class indices ({allowed}) or a float tensor of "
+                        f"soft targets [B, C] (float32, float16, bfloat16), got dtype "
+                        f"{str(target.dtype).replace('torch.', '')}")
+    elif target.shape != (B,):
         raise ValueError(f"{_OP}: target must have shape [B] = [{B}], got {tuple(target.shape)}")
     return check_same_device(_OP, student_logits=student_logits, teacher_logits=teacher_logits, target=target)
+
+
+def _check_soft_targets_on_host(target: Tensor) -> None:
+    """On the CPU a soft target with a negative or non-finite entry is an error; on CUDA (no sync) the loss takes
+    it as given."""
+    if torch.compiler.is_compiling():
+        return
+    bad = ~torch.isfinite(target) | (target < 0)
+    if bool(bad.any()):
+        raise ValueError(f"{_OP}: a soft target must hold probabilities (finite, >= 0), got {int(bad.sum())} "
+                         f"entries that are not (the first: {float(target[bad][0])})")
 
 
 def _check_labels_on_host(target: Tensor, C: int, ignore_index: int) -> None:
@@ -199,7 +215,11 @@ def tser_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, *,
         student_logits: [T, B, C] fp32/fp16/bf16, any strides (read in place when the classes are
             adjacent, else copied).
         teacher_logits: [B, C], any of those dtypes; never receives a gradient.
-        target: [B] class indices, any integer dtype (int8/16/32/64, uint8) and stride. A sample labelled
+        target: [B] class indices, any integer dtype (int8/16/32/64, uint8) and stride; or soft targets
+            [B, C] (fp32/fp16/bf16, any strides; mixup/CutMix, label smoothing): rows of probabilities q, with
+            CE(z, q) = −Σ_c q_c·log softmax(z)_c (= Σq·lse(z) − Σ_c q_c·z_c, also for a row that does not
+            sum to 1; a class with q_c = 0 adds nothing, a −inf logit included), every sample counted; a
+            negative or non-finite entry raises ValueError on the CPU. For class indices: a sample labelled
             ignore_index (default −100, as F.cross_entropy) is left out of CE, whose batch mean then runs
             over the labelled samples (0 if none); it still counts for KL and entropy. Any other label
             outside [0, C) raises ValueError on the CPU and, on CUDA (no host sync), makes the loss, the
@@ -217,10 +237,16 @@ def tser_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, *,
     device = _check_tensors(student_logits, teacher_logits, target)
     alpha, tau, lam, entropy_tau = check_loss_params(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, backend,
                                                      ignore_index)
-    if not student_logits.is_cuda:
+    soft = target.dtype in FLOAT_DTYPES
+    if soft:
+        target = _unit_class_stride(target.detach() if target.requires_grad else target)
+        if not student_logits.is_cuda:
+            _check_soft_targets_on_host(target)
+    elif not student_logits.is_cuda:
         _check_labels_on_host(target, student_logits.shape[2], ignore_index)
     bf16 = torch.bfloat16  # the dtype that decides the backend under the interpreter
-    dtype = bf16 if not student_logits.is_cuda and bf16 in (student_logits.dtype, teacher_logits.dtype) else None
+    dtype = bf16 if not student_logits.is_cuda and bf16 in (student_logits.dtype, teacher_logits.dtype,
+                                                             target.dtype) else None
     if resolve_backend(_OP, backend, device, dtype) == "reference":
         return reference.tser_loss(student_logits, teacher_logits, target, alpha=alpha, tau=tau, lam=lam,
                                    ts_ce=ts_ce, ts_kl=ts_kl, entropy_tau=entropy_tau, ignore_index=ignore_index,
