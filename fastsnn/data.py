@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -200,6 +201,81 @@ def _safe_cifar_class(base, verify: bool):
             self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
     return SafeCIFAR
+
+
+class Mix:
+    """mixup and CutMix on a batch, with soft targets (what timm's Mixup does in its "batch" mode): with
+    probability `prob` a batch is mixed with itself reversed, by mixup (images λ·x + (1 − λ)·x_flipped) or CutMix
+    (a box of the reversed batch pasted in, λ corrected to the kept area), λ ~ Beta(a, a) of the chosen one;
+    when both are on, CutMix is chosen with probability `switch_prob`. The targets are the label-smoothed one-hots
+    (1 − ε)·onehot + ε/C mixed with the same λ: float [B, C], what fastsnn.tser_loss and F.cross_entropy take.
+    Its random numbers come from its own generator (random.Random(seed)), whose state_dict() the training program
+    keeps in every checkpoint: nothing else (a DataLoader drawing its base seed) shifts them, so a run is
+    reproducible and resumes exactly. Called on a batch that is not mixed (prob, or both alphas 0), it returns
+    the images as they are and the smoothed one-hots.
+    """
+
+    def __init__(self, num_classes: int, *, mixup: float = 0.0, cutmix: float = 0.0, prob: float = 1.0,
+                 switch_prob: float = 0.5, label_smoothing: float = 0.0, seed: int | str = 0):
+        for name, value, ok, rule in (("mixup", mixup, mixup >= 0, ">= 0 (0: off)"),
+                                      ("cutmix", cutmix, cutmix >= 0, ">= 0 (0: off)"),
+                                      ("prob", prob, 0 <= prob <= 1, "in [0, 1]"),
+                                      ("switch_prob", switch_prob, 0 <= switch_prob <= 1, "in [0, 1]"),
+                                      ("label_smoothing", label_smoothing, 0 <= label_smoothing < 1, "in [0, 1)")):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value) or not ok:
+                raise ValueError(f"Mix: {name} must be a finite number {rule}, got {value!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"Mix: num_classes must be an int >= 1, got {num_classes!r}")
+        self.num_classes, self.mixup, self.cutmix, self.prob = num_classes, float(mixup), float(cutmix), float(prob)
+        self.switch_prob, self.label_smoothing = float(switch_prob), float(label_smoothing)
+        self.rng = random.Random(seed)
+
+    def state_dict(self) -> dict:
+        """The generator's state, as plain numbers (a checkpoint loads it with weights_only=True)."""
+        version, internal, gauss = self.rng.getstate()
+        return {"version": version, "state": list(internal), "gauss": gauss}
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            self.rng.setstate((state["version"], tuple(state["state"]), state["gauss"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"Mix: not a state this class wrote ({e})") from None
+
+    @property
+    def mixes(self) -> bool:
+        return (self.mixup > 0 or self.cutmix > 0) and self.prob > 0
+
+    def soft_targets(self, target: torch.Tensor) -> torch.Tensor:
+        """The label-smoothed one-hots of class indices [B]: float32 [B, C]."""
+        eps = self.label_smoothing
+        hot = torch.nn.functional.one_hot(target.long(), self.num_classes).float()
+        return hot * (1.0 - eps) + eps / self.num_classes if eps else hot
+
+    def __call__(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, soft targets [B, C]) of a batch of images [B, ...] and class indices [B]."""
+        soft = self.soft_targets(target)
+        rng = self.rng
+        if not self.mixes or rng.random() >= self.prob:
+            return images, soft
+        use_cutmix = self.cutmix > 0 and (self.mixup == 0 or rng.random() < self.switch_prob)
+        a = self.cutmix if use_cutmix else self.mixup
+        lam = rng.betavariate(a, a)
+        flipped = images.flip(0)
+        if use_cutmix:
+            if images.dim() < 3:
+                raise ValueError(f"Mix: CutMix needs images [B, ..., H, W], got shape {tuple(images.shape)}")
+            H, W = images.shape[-2:]
+            side = (1.0 - lam) ** 0.5
+            h, w = int(H * side), int(W * side)
+            cy, cx = rng.randrange(H), rng.randrange(W)
+            y0, y1 = max(cy - h // 2, 0), min(cy + h - h // 2, H)
+            x0, x1 = max(cx - w // 2, 0), min(cx + w - w // 2, W)
+            images = images.clone()
+            images[..., y0:y1, x0:x1] = flipped[..., y0:y1, x0:x1]
+            lam = 1.0 - (y1 - y0) * (x1 - x0) / (H * W)
+        else:
+            images = images * lam + flipped * (1.0 - lam)
+        return images, soft * lam + soft.flip(0) * (1.0 - lam)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,25 @@ def build_parser():
     p.add_argument("--out", help="report directory (default: beside the checkpoint); the report is "
                                  "eval-<checkpoint name>.json")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report of this checkpoint")
+    p.add_argument("--weights", default="auto", choices=("auto", "raw", "ema"),
+                   help="raw: the trained weights; ema: the weight EMA of a run with --model-ema; auto (default): "
+                        "the one the checkpoint's epoch selected (the better on the selection split), raw without "
+                        "an EMA")
     return p
+
+
+def chosen_weights(state: dict, asked: str) -> tuple[str, dict]:
+    """("raw" or "ema", the state_dict) of a checkpoint for --weights `asked`, or _Refused."""
+    ema = state.get("model_ema")
+    if asked == "auto":
+        history, epoch = state.get("history") or [], state.get("epoch") or 0
+        row = history[epoch - 1] if 0 < epoch <= len(history) and isinstance(history[epoch - 1], dict) else {}
+        asked = "ema" if ema is not None and row.get("selected_model") == "ema" else "raw"
+    if asked == "raw":
+        return "raw", state["model"]
+    if not isinstance(ema, dict) or not isinstance(ema.get("module"), dict):
+        raise _Refused("--weights ema: the checkpoint holds no weight EMA (train with --model-ema DECAY)")
+    return "ema", ema["module"]
 
 
 class _Refused(Exception):
@@ -97,6 +115,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         state, cfg, report_path = _checked(args)
+        which, weights = chosen_weights(state, args.weights)
     except _Refused as e:
         print(f"fastsnn.evaluate: error: {e}", file=sys.stderr)
         return 2
@@ -104,7 +123,7 @@ def main(argv=None) -> int:
     spec = datasets.load(cfg.dataset, cfg.data_dir)
     try:
         model = build_model(cfg, state["num_classes"], state["in_channels"])
-        model.load_state_dict(state["model"])
+        model.load_state_dict(weights)
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         print(f"fastsnn.evaluate: error: --checkpoint {args.checkpoint}: its model does not fit its configuration "
@@ -114,11 +133,12 @@ def main(argv=None) -> int:
     loader = torch.utils.data.DataLoader(spec.test, batch_size=args.batch_size, shuffle=False)
     report = measure(model, loader, device, cfg, len(spec.test))
     report.update(arch=cfg.arch, dataset=cfg.dataset, T=cfg.T if cfg.spiking else None,
-                  checkpoint=os.path.abspath(args.checkpoint), epoch=state.get("epoch"))
+                  checkpoint=os.path.abspath(args.checkpoint), epoch=state.get("epoch"), weights=which)
     os.makedirs(os.path.dirname(report_path), exist_ok=True)
     write_text(report_path, json.dumps(strict_json(report), indent=2, allow_nan=False) + "\n")
     energy = report["energy"]
-    print(f"{cfg.arch} on {cfg.dataset}: accuracy {report['student_acc']:.2f}% (top-5 {report['student_acc5']:.2f}%), "
+    print(f"{cfg.arch} on {cfg.dataset} ({which} weights): accuracy {report['student_acc']:.2f}% "
+          f"(top-5 {report['student_acc5']:.2f}%), "
           f"per-timestep {' '.join(f'{a:.1f}' for a in report['per_timestep_acc'])}, "
           f"at t = 1..T {' '.join(f'{a:.1f}' for a in report['acc_at_t'])}, firing rate "
           f"{report['firing_rate']:.4f}, energy {energy['energy_mJ']:.4g} mJ per image ({energy['acs']:.3g} ACs, "

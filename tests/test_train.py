@@ -360,7 +360,10 @@ def test_non_finite_losses(tmp_path):
     (["--dataset", "cifar100"], "--dataset cifar100 needs --data-dir"),
     (["--teacher-weights", "missing.pt"], "--teacher-weights missing.pt: no such file"),
     (["--alpha", "2"], "--alpha must be in [0, 1]"),
-    (["--label-smoothing", "0.1"], "--label-smoothing applies to --method ce and --ann only"),
+    (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),
+    (["--mixup", "-0.2"], "--mixup must be >= 0 (0: off), got -0.2"),
+    (["--cutmix", "nan"], "--cutmix must be a finite number"),
+    (["--mix-prob", "1.5"], "--mix-prob must be in [0, 1], got 1.5"),
     (["--ann", "--arch", "digits_snn"], "--arch with --ann must be a teacher"),
     (["--surrogate", "relu"], "--surrogate must be one of atan, sigmoid, piecewise_quadratic, erf, got 'relu'"),
     (["--entropy-tau", "0"], "--entropy-tau must be in [0.05, 100.0], got 0.0"),
@@ -504,7 +507,9 @@ _POINTS = {"mid-epoch": ("kill-between-steps", 15),     # last.pt: epoch 1, step
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp("matrix")
-    args = ["--epochs", "2", "--batch-size", "32", "--save-every", "10", "--quiet"]
+    # mixup/CutMix (their random draws) and a weight EMA (its state) ride along: both must resume exactly too
+    args = ["--epochs", "2", "--batch-size", "32", "--save-every", "10", "--quiet", "--mixup", "0.2", "--cutmix", "1.0",
+            "--mix-prob", "0.7", "--label-smoothing", "0.1", "--model-ema", "0.9", "--model-ema-warmup"]
     proc = subprocess.run([sys.executable, "-m", "fastsnn.train", *args, "--out", str(root / "full")],
                           capture_output=True, text=True, env=_env(root), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -540,6 +545,8 @@ def test_resume_matrix(uninterrupted, point):
                                        "tensorboard True -> False"]
         for name in ("last.pt", "best.pt"):
             assert _same_weights(_weights(root / "full" / name), _weights(copy / name)), (point, flags, name)
+            full, resumed = ckpt.load(root / "full" / name)["model_ema"], ckpt.load(copy / name)["model_ema"]
+            assert full["updates"] == resumed["updates"] > 0 and _same_weights(full["module"], resumed["module"])
         assert _rows(copy) == _rows(root / "full"), (point, flags)
         assert not any(p.name.startswith(".tmp-") for p in copy.iterdir())
         assert (copy / "metrics.csv").read_text().count("\n") == 3
@@ -555,6 +562,7 @@ def test_incompatible_changes_on_resume_are_refused(tmp_path):
                          (["--arch", "spiking_vgg11"], "holds the architecture 'digits_snn'"),
                          (["--batch-size", "64"], "--batch-size cannot change from 32 to 64 when resuming mid-epoch"),
                          (["--T", "2"], "--T cannot change on resume"),
+                         (["--model-ema", "0.5"], "--model-ema cannot change on resume"),
                          (["--out", "elsewhere", "--seed", "1"], "--seed cannot change")]:
         proc = _cli(tmp_path, "--resume", "run/last.pt", *flags)
         assert proc.returncode == 2 and words in proc.stderr, (flags, proc.stderr[-2000:])

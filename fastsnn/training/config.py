@@ -43,7 +43,7 @@ RESUME_COMPATIBLE = frozenset({
     "epochs", "save_every", "workers", "stop_after_epochs", "quiet", "max_bad_steps", "threads", "device", "amp",
     "compile", "channels_last", "data_dir", "download", "cache_dir", "tensorboard", "grad_clip", "ts_ce", "ts_kl",
     "alpha", "kd_tau", "lam", "entropy_tau", "label_smoothing", "autoaugment", "cutout", "recompute", "randaugment",
-    "trivialaugment", "random_erasing"})
+    "trivialaugment", "random_erasing", "mixup", "cutmix", "mix_prob"})
 # compatible at an epoch boundary only: mid-epoch they would re-train or skip samples
 RESUME_EPOCH_BOUNDARY = frozenset({"batch_size"})
 # invocation controls, never taken from a checkpoint or written to config.yaml
@@ -110,6 +110,11 @@ class TrainConfig:
     trivialaugment: bool = False
     random_erasing: float = 0.0
     cutout: int = 0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_prob: float = 1.0
+    model_ema: float = 0.0  # the EMA's decay (0: off)
+    model_ema_warmup: bool = False
     # machine
     device: str = "auto"
     workers: int | None = None
@@ -286,8 +291,15 @@ def _optimisation(g) -> None:
     g.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
     g.add_argument("--momentum", type=float, default=0.9, help="in [0, 1) (default 0.9)")
     g.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up before the cosine decay")
-    g.add_argument("--label-smoothing", type=float, default=0.0, help="for --method ce and --ann")
+    g.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="in [0, 1) (default 0); with --method tser/ts/skd the CE term takes the smoothed one-hots as "
+                        "soft targets")
     g.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: off)")
+    g.add_argument("--model-ema", type=float, default=0.0, metavar="DECAY",
+                   help="keep an EMA of the student's weights with this decay in (0, 1), e.g. 0.9998 (default 0: "
+                        "off); evaluated every epoch beside the raw weights, best.pt picked on the better one")
+    g.add_argument("--model-ema-warmup", action="store_true",
+                   help="the EMA's decay ramps up as timm's ModelEmaV3 warm-up: min(DECAY, 1 - (1 + n)^(-2/3))")
     g.add_argument("--autoaugment", action="store_true", help="AutoAugment, the data set's policy (CIFAR, ImageNet)")
     g.add_argument("--randaugment", nargs=2, metavar=("N", "M"), action=_RandAugment, default=None,
                    help="RandAugment with N ops of magnitude M (0..30) (CIFAR, ImageNet; default off)")
@@ -295,6 +307,13 @@ def _optimisation(g) -> None:
     g.add_argument("--random-erasing", type=float, default=0.0,
                    help="RandomErasing's probability, after normalisation (CIFAR, ImageNet; default 0: off)")
     g.add_argument("--cutout", type=int, default=0, help="Cutout square side (CIFAR, ImageNet; default 0: off)")
+    g.add_argument("--mixup", type=float, default=0.0,
+                   help="mixup with λ ~ Beta(A, A) (timm's 0.8; default 0: off); the teacher sees the mixed images "
+                        "and the loss's CE term the mixed soft targets")
+    g.add_argument("--cutmix", type=float, default=0.0,
+                   help="CutMix with λ ~ Beta(A, A) (timm's 1.0; default 0: off); with --mixup, one of the two per "
+                        "batch, each half of the time")
+    g.add_argument("--mix-prob", type=float, default=1.0, help="probability that a batch is mixed (default 1)")
 
 
 def _machine(g) -> None:
@@ -449,8 +468,8 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
     _validate_names(cfg)
     _validate_numbers(cfg)
     _validate_augmentation(cfg)
-    if cfg.label_smoothing and not (cfg.ann or cfg.method == "ce"):
-        raise UsageError("--label-smoothing applies to --method ce and --ann only (the TSER loss has none)")
+    if cfg.model_ema_warmup and not cfg.model_ema:
+        raise UsageError("--model-ema-warmup ramps up the EMA's decay; give --model-ema DECAY too")
     if cfg.sync_bn and world == 1:
         raise UsageError("--sync-bn synchronises BatchNorm across the ranks of a distributed run (torchrun "
                          "--nproc-per-node N -m fastsnn.train ...); this run has one process")
@@ -492,6 +511,18 @@ def _validate_augmentation(cfg: TrainConfig) -> None:
     if given and cfg.dataset in datasets.BUNDLED:
         raise UsageError(f"{given[0]} applies to cifar10, cifar100 and imagenet; {cfg.dataset} is trained without "
                          f"augmentation")
+
+
+def mix_of(cfg: TrainConfig, num_classes: int, rank: int = 0):
+    """The data module's Mix of this run (its generator seeded by the run's seed and the rank), or None when its
+    targets are class indices: no mixup or CutMix, and no label smoothing in a distillation loss
+    (F.cross_entropy smooths --method ce and --ann itself)."""
+    mixes = (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mix_prob > 0
+    smooths = cfg.label_smoothing > 0 and not (cfg.ann or cfg.method == "ce")
+    if not (mixes or smooths):
+        return None
+    return datasets.Mix(num_classes, mixup=cfg.mixup, cutmix=cfg.cutmix, prob=cfg.mix_prob,
+                        label_smoothing=cfg.label_smoothing, seed=f"fastsnn-mix-{cfg.seed}-{rank}")
 
 
 def augment_of(cfg: TrainConfig):
@@ -539,7 +570,7 @@ def _validate_numbers(cfg: TrainConfig) -> None:
 
     for name in ("alpha", "kd_tau", "lam", "entropy_tau", "membrane_tau", "v_threshold", "v_reset",
                  "surrogate_alpha", "lr", "weight_decay", "momentum", "label_smoothing", "grad_clip", "warmup_epochs",
-                 "val_fraction"):
+                 "val_fraction", "mixup", "cutmix", "mix_prob", "model_ema"):
         value = getattr(cfg, name)
         if value is not None and not math.isfinite(value):
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
@@ -559,6 +590,10 @@ def _validate_numbers(cfg: TrainConfig) -> None:
         ("--warmup-epochs", cfg.warmup_epochs, cfg.warmup_epochs >= 0, ">= 0"),
         ("--cutout", cfg.cutout, cfg.cutout >= 0, ">= 0"),
         ("--random-erasing", cfg.random_erasing, 0 <= cfg.random_erasing <= 1, "in [0, 1]"),
+        ("--mixup", cfg.mixup, cfg.mixup >= 0, ">= 0 (0: off)"),
+        ("--cutmix", cfg.cutmix, cfg.cutmix >= 0, ">= 0 (0: off)"),
+        ("--mix-prob", cfg.mix_prob, 0 <= cfg.mix_prob <= 1, "in [0, 1]"),
+        ("--model-ema", cfg.model_ema, 0 <= cfg.model_ema < 1, "in (0, 1), or 0 for off"),
         ("--epochs", cfg.epochs, cfg.epochs >= 1, ">= 1"),
         ("--batch-size", cfg.batch_size, cfg.batch_size >= 1, ">= 1"),
         ("--T", cfg.T, cfg.T >= 1, ">= 1"), ("--lr", cfg.lr, cfg.lr > 0, "> 0"),

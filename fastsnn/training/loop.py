@@ -48,6 +48,8 @@ class Session:
     out: str
     reporter: Reporter
     log: Callable[[str], None]
+    mix: object = None              # fastsnn.data.Mix: mixup/CutMix and soft targets, or None (class indices)
+    ema: object = None              # fastsnn.training.ema.ModelEma of model, or None
 
     @property
     def is_main(self) -> bool:
@@ -55,10 +57,12 @@ class Session:
 
 
 def compute_loss(cfg: TrainConfig, student_logits, teacher_logits, target):
-    """The training loss and its terms {ce, kl, entropy} (detached fp32 scalars)."""
+    """The training loss and its terms {ce, kl, entropy} (detached fp32 scalars). target: class indices [B], or
+    soft targets [B, C] (fastsnn.data.Mix: mixed and/or label-smoothed one-hots, which the CE term takes)."""
     if cfg.ann or cfg.method == "ce":
         logits = student_logits.float() if cfg.ann else student_logits.float().mean(0)
-        loss = F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
+        smoothing = 0.0 if target.is_floating_point() else cfg.label_smoothing  # a soft target is smoothed already
+        loss = F.cross_entropy(logits, target, label_smoothing=smoothing)
         zero = torch.zeros((), device=loss.device)
         return loss, {"ce": loss.detach(), "kl": zero, "entropy": zero}
     return tser_loss(student_logits, teacher_logits, target, alpha=cfg.alpha, tau=cfg.kd_tau, lam=cfg.lam,
@@ -111,7 +115,7 @@ def evaluate(model, loader, device, cfg: TrainConfig, world: int = 1) -> dict:
 def save(s: Session, state: TrainState, *, best: bool = False) -> None:
     """last.pt (and best.pt) of the run, each written whole or not at all; every rank contributes its RNG
     states and running sums."""
-    ranks = [state.rank_part()]
+    ranks = [dict(state.rank_part(), **({} if s.mix is None else {"mix": s.mix.state_dict()}))]
     if s.world > 1:
         gathered = [None] * s.world
         dist.all_gather_object(gathered, ranks[0])
@@ -119,7 +123,8 @@ def save(s: Session, state: TrainState, *, best: bool = False) -> None:
     if not s.is_main:
         return
     obj = to_checkpoint(state, cfg=s.cfg, model=s.model, optimizer=s.optimizer, scheduler=s.scheduler,
-                        scaler=s.scaler, ranks=ranks, num_classes=s.num_classes, in_channels=s.in_channels)
+                        scaler=s.scaler, ranks=ranks, num_classes=s.num_classes, in_channels=s.in_channels,
+                        ema=s.ema)
     ckpt.save_atomic(obj, os.path.join(s.out, "last.pt"))
     if best:
         ckpt.save_atomic(obj, os.path.join(s.out, "best.pt"))
@@ -129,6 +134,9 @@ def train_step(s: Session, state: TrainState, images, target, bad_steps: int) ->
     """One optimisation step; (loss, bad steps in a row). A non-finite loss skips the update with a warning."""
     cfg, device = s.cfg, s.device
     images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+    loss_target = target
+    if s.mix is not None:  # mixed images (the teacher sees them too) and soft targets
+        images, loss_target = s.mix(images, target)
     if cfg.channels_last:
         images = images.to(memory_format=torch.channels_last)
     with autocast(cfg, device):
@@ -137,7 +145,7 @@ def train_step(s: Session, state: TrainState, images, target, bad_steps: int) ->
         if s.teacher is not None:
             with torch.no_grad():
                 teacher_logits = s.teacher(images)
-    loss, terms = compute_loss(cfg, student_logits, teacher_logits, target)
+    loss, terms = compute_loss(cfg, student_logits, teacher_logits, loss_target)
     s.optimizer.zero_grad(set_to_none=True)
     if not bool(torch.isfinite(loss.detach())):
         bad_steps += 1
@@ -155,6 +163,8 @@ def train_step(s: Session, state: TrainState, images, target, bad_steps: int) ->
     s.scaler.step(s.optimizer)
     s.scaler.update()
     s.scheduler.step()
+    if s.ema is not None:
+        s.ema.update(s.model)
     with torch.no_grad():
         mean_logits = student_logits.float().mean(0) if cfg.spiking else student_logits.float()
         batch = target.numel()
@@ -200,6 +210,13 @@ def epoch_row(s: Session, state: TrainState, epoch: int) -> dict:
         dist.all_reduce(images)
     result = evaluate(s.model, s.test_loader, s.device, s.cfg, s.world)
     val = evaluate(s.model, s.val_loader, s.device, s.cfg, s.world)["acc"] if s.val_loader is not None else None
+    ema = {}
+    if s.ema is not None:  # the EMA weights, evaluated the same way
+        ema_result = evaluate(s.ema.module, s.test_loader, s.device, s.cfg, s.world)
+        ema = {"ema_test_acc": ema_result["acc"], "ema_test_acc5": ema_result["acc5"],
+               "ema_acc_at_t": ema_result["acc_at_t"],
+               "ema_val_acc": evaluate(s.ema.module, s.val_loader, s.device, s.cfg, s.world)["acc"]
+               if s.val_loader is not None else None}
     seen = max(1.0, float(sums[5]))
     elapsed = max(state.elapsed, 1e-9)
     peak = torch.cuda.max_memory_allocated(s.device) / 2**20 if s.device.type == "cuda" else None
@@ -209,4 +226,12 @@ def epoch_row(s: Session, state: TrainState, epoch: int) -> dict:
             "test_acc5": result["acc5"],
             "per_timestep_acc": result["per_timestep_acc"], "acc_at_t": result["acc_at_t"],
             "firing_rate": result["firing_rate"], "images_per_s": float(images[0]) / elapsed, "peak_gpu_mem_mb": peak,
-            "lr": s.optimizer.param_groups[0]["lr"], "epoch_time_s": state.elapsed}
+            "lr": s.optimizer.param_groups[0]["lr"], "epoch_time_s": state.elapsed, **ema}
+
+
+def selection(row: dict, on_validation: bool) -> tuple[float, str]:
+    """(the accuracy best.pt is chosen on, "raw" or "ema": whose it is): the validation accuracy (else the test
+    accuracy) of the raw weights, or of the EMA weights when the run keeps an EMA and it scores higher."""
+    split = "val_acc" if on_validation else "test_acc"
+    raw, ema = row[split], row.get("ema_" + split)
+    return (ema, "ema") if ema is not None and ema > raw else (raw, "raw")

@@ -72,6 +72,9 @@ def epoch_line(role: str, spiking: bool, epochs: int, row: dict) -> str:
     if row.get("val_acc") is not None:
         head += f" val {row['val_acc']:.2f}%"
     head += f" test {row['test_acc']:.2f}%"
+    if row.get("ema_test_acc") is not None:
+        ema_val = row.get("ema_val_acc")
+        head += (f" ema{'' if ema_val is None else f' val {ema_val:.2f}%'} test {row['ema_test_acc']:.2f}%")
     if spiking:
         head += f" per-timestep {' '.join(f'{a:.1f}' for a in row['per_timestep_acc'])}"
         if row.get("acc_at_t"):

@@ -17,8 +17,9 @@ from . import config as config_mod
 from . import setup
 from . import state as state_mod
 from ..neuron import convert_sync_bn
-from .config import TrainConfig, UsageError, augment_of
-from .loop import Session, TooManyBadSteps, evaluate, save, train_epoch
+from .config import TrainConfig, UsageError, augment_of, mix_of
+from .ema import ModelEma
+from .loop import Session, TooManyBadSteps, evaluate, save, selection, train_epoch
 from .report import Reporter, epoch_line
 from .teacher import load_teacher
 
@@ -109,6 +110,7 @@ def build_session(cfg: TrainConfig, rank: int, world: int, local_rank: int, hold
         model.to(memory_format=torch.channels_last)
     if cfg.sync_bn:  # the student's fused BatchNorm + neuron ops (and an ANN's BatchNorms) across the ranks
         model = convert_sync_bn(model)
+    ema = ModelEma(model, cfg.model_ema, cfg.model_ema_warmup) if cfg.model_ema else None
     per_rank_batch = cfg.batch_size // world
     sampler = datasets.EpochSampler(len(spec.train), seed=cfg.seed, epoch=0, rank=rank, world=world,
                                     global_batch=cfg.batch_size, drop_last=world > 1)
@@ -129,7 +131,7 @@ def build_session(cfg: TrainConfig, rank: int, world: int, local_rank: int, hold
                    test_loader=setup.eval_loader(spec.test, cfg, device, rank, world),
                    val_loader=setup.eval_loader(spec.val, cfg, device, rank, world), per_rank_batch=per_rank_batch,
                    num_classes=spec.num_classes, in_channels=spec.in_channels, out=cfg.out, reporter=reporter,
-                   log=log)
+                   log=log, mix=mix_of(cfg, spec.num_classes, rank), ema=ema)
 
 
 def restore(s: Session, changes: list[str]) -> state_mod.TrainState:
@@ -139,9 +141,12 @@ def restore(s: Session, changes: list[str]) -> state_mod.TrainState:
         return state_mod.TrainState(sums=state_mod.zero_sums(s.device))
     obj = state_mod.read(cfg.resume, role=cfg.role, arch=cfg.arch)
     state = state_mod.restore(obj, rank=s.rank, world=s.world, model=s.model, optimizer=s.optimizer,
-                              scheduler=s.scheduler, scaler=s.scaler, device=s.device, path=cfg.resume)
+                              scheduler=s.scheduler, scaler=s.scaler, device=s.device, path=cfg.resume, ema=s.ema)
     if any(c.split()[0] in ("epochs", "batch_size") for c in changes):
         setup.align_schedule(s.scheduler, state.epoch * len(s.loader) + state.step_in_epoch)
+    if s.mix is not None and state.mix is not None:  # mixup/CutMix's own generator, where this rank left it
+        state_mod.loaded("--resume", cfg.resume, "mixup/CutMix generator state",
+                         lambda: s.mix.load_state_dict(state.mix))
     state_mod.set_rng(state, cfg.resume)
     s.log(f"resumed from {cfg.resume}: epoch {state.epoch + 1}, step {state.step_in_epoch}"
           + (f"; changed: {', '.join(changes)}" if changes else ""))
@@ -169,7 +174,8 @@ def run(cfg: TrainConfig, rank: int = 0, world: int = 1, local_rank: int = 0, ho
     summary = _summary(s, state, teacher_acc)
     for epoch in range(state.epoch, last):
         row = train_epoch(s, state, epoch)
-        best = state.record_epoch(row, row["val_acc"] if s.val_loader is not None else row["test_acc"])
+        acc, row["selected_model"] = selection(row, s.val_loader is not None)
+        best = state.record_epoch(row, acc)
         save(s, state, best=best)
         summary = _summary(s, state, teacher_acc)
         s.reporter.epoch(row, state.history, summary)
@@ -188,15 +194,20 @@ def _summary(s: Session, state, teacher_acc, final: bool = False) -> dict:
     cfg = s.cfg
     last = state.history[-1] if state.history else {}
     best = state.history[state.best_epoch - 1] if state.best_epoch else {}
-    summary = {"student_acc": best.get("test_acc"), "final_acc": last.get("test_acc"), "teacher_acc": teacher_acc,
-               "per_timestep_acc": best.get("per_timestep_acc"), "acc_at_t": best.get("acc_at_t"),
+    chosen = "ema_" if best.get("selected_model") == "ema" else ""  # best.pt's better weights: raw or the EMA's
+    summary = {"student_acc": best.get(chosen + "test_acc"), "final_acc": last.get("test_acc"),
+               "teacher_acc": teacher_acc, "best_model": best.get("selected_model") if s.ema is not None else None,
+               "per_timestep_acc": best.get("per_timestep_acc"), "acc_at_t": best.get(chosen + "acc_at_t"),
                "firing_rate": best.get("firing_rate"),
                "epochs": len(state.history), "method": "ann" if cfg.ann else cfg.method, "best_acc": best.get(
                    "test_acc"), "best_epoch": state.best_epoch, "arch": cfg.arch,
                "teacher": cfg.teacher if s.teacher is not None else None, "dataset": cfg.dataset,
                "T": cfg.T if cfg.spiking else None, "world_size": s.world, "device": str(s.device),
                "selected_on": "validation" if s.val_loader is not None else "test",
-               "val_acc": best.get("val_acc"), "val_fraction": cfg.val_fraction}
+               "val_acc": best.get(chosen + "val_acc"), "val_fraction": cfg.val_fraction}
+    if s.ema is not None:
+        summary.update(raw_acc=best.get("test_acc"), ema_acc=best.get("ema_test_acc"),
+                       final_ema_acc=last.get("ema_test_acc"))
     if final and s.world > 1:
         checksum = float(sum(float(p.double().sum()) for p in s.model.parameters()))
         gathered = [None] * s.world

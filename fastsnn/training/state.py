@@ -42,6 +42,7 @@ class TrainState:
     images_seen: int = 0
     elapsed: float = 0.0
     rng: dict | None = None  # this rank's generator states, restored at resume
+    mix: dict | None = None  # this rank's mixup/CutMix generator state (fastsnn.data.Mix), restored at resume
 
     def rank_part(self) -> dict:
         return {"rng": ckpt.rng_state(), "sums": self.sums.detach().cpu().clone(), "images_seen": self.images_seen,
@@ -59,8 +60,9 @@ class TrainState:
 
 
 def to_checkpoint(state: TrainState, *, cfg, model, optimizer, scheduler, scaler, ranks: list[dict],
-                  num_classes: int, in_channels: int) -> dict:
+                  num_classes: int, in_channels: int, ema=None) -> dict:
     return {**ckpt.describe(role=cfg.role, arch=cfg.arch), "model": model.state_dict(),
+            **({} if ema is None else {"model_ema": ema.state_dict()}),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "config": cfg.saved(), "epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "ranks": ranks,
             "best_acc": state.best_acc, "best_epoch": state.best_epoch, "history": state.history,
@@ -95,6 +97,11 @@ def _structure_problem(obj: dict) -> str | None:
     if not isinstance(model, dict) or not model or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
         return "model is not a state_dict of named tensors"
+    ema = obj.get("model_ema")
+    if ema is not None and not (isinstance(ema, dict) and isinstance(ema.get("module"), dict) and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ema["module"].items())
+            and _is_int(ema.get("updates"))):
+        return "model_ema is not {module: a state_dict of named tensors, updates: an integer >= 0}"
     for key in ("optimizer", "scheduler", "scaler"):
         if not isinstance(obj[key], dict):
             return f"{key} is not a state_dict"
@@ -124,7 +131,7 @@ def _structure_problem(obj: dict) -> str | None:
     return None
 
 
-def _loaded(what: str, path: str, part: str, load) -> None:
+def loaded(what: str, path: str, part: str, load) -> None:
     """load(), a CheckpointError line naming the part of the checkpoint that does not fit."""
     try:
         load()
@@ -134,13 +141,18 @@ def _loaded(what: str, path: str, part: str, load) -> None:
 
 
 def restore(obj: dict, *, rank: int, world: int, model, optimizer, scheduler, scaler, device, path: str,
-            what: str = "--resume") -> TrainState:
+            what: str = "--resume", ema=None) -> TrainState:
     """Loads the tensors into the given objects and returns the state; the caller sets the RNG last
     (:func:`set_rng`). A part that does not fit is one CheckpointError line."""
-    _loaded(what, path, "model", lambda: model.load_state_dict(obj["model"]))
-    _loaded(what, path, "optimizer state", lambda: optimizer.load_state_dict(obj["optimizer"]))
-    _loaded(what, path, "scheduler state", lambda: scheduler.load_state_dict(obj["scheduler"]))
-    _loaded(what, path, "gradient scaler state", lambda: scaler.load_state_dict(obj["scaler"]))
+    loaded(what, path, "model", lambda: model.load_state_dict(obj["model"]))
+    if ema is not None:
+        if "model_ema" not in obj:
+            raise ckpt.CheckpointError(f"{what} {path}: the run keeps a weight EMA (--model-ema) but the checkpoint "
+                                       f"holds none")
+        loaded(what, path, "weight EMA", lambda: ema.load_state_dict(obj["model_ema"]))
+    loaded(what, path, "optimizer state", lambda: optimizer.load_state_dict(obj["optimizer"]))
+    loaded(what, path, "scheduler state", lambda: scheduler.load_state_dict(obj["scheduler"]))
+    loaded(what, path, "gradient scaler state", lambda: scaler.load_state_dict(obj["scaler"]))
     ranks = obj["ranks"]
     if obj["step_in_epoch"] and len(ranks) != world:
         raise ckpt.CheckpointError(f"{what}: the checkpoint was written mid-epoch by {len(ranks)} ranks and "
@@ -151,9 +163,9 @@ def restore(obj: dict, *, rank: int, world: int, model, optimizer, scheduler, sc
                       best_epoch=obj["best_epoch"], history=list(obj["history"]),
                       sums=mine["sums"].to(device, torch.float64) if mid else zero_sums(device),
                       images_seen=mine["images_seen"] if mid else 0, elapsed=mine["elapsed"] if mid else 0.0,
-                      rng=mine["rng"])
+                      rng=mine["rng"], mix=mine.get("mix"))
 
 
 def set_rng(state: TrainState, path: str, what: str = "--resume") -> None:
     """The resumed rank's generator states, restored (last, after everything that draws from them)."""
-    _loaded(what, path, "random generator state", lambda: ckpt.set_rng_state(state.rng))
+    loaded(what, path, "random generator state", lambda: ckpt.set_rng_state(state.rng))
