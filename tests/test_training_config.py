@@ -95,6 +95,24 @@ def test_a_bad_config_file_is_one_line(tmp_path, text, words):
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
+def test_the_long_run_flags_round_trip_and_show_their_defaults(tmp_path):
+    """issue 29's flags: each in --help with its default, each through config.yaml and back."""
+    cfg, _ = _parse("--mixup", "0.8", "--cutmix", "1", "--mix-prob", "0.5", "--label-smoothing", "0.1",
+                    "--model-ema", "0.9998", "--model-ema-warmup")
+    (tmp_path / "config.yaml").write_text(C.to_yaml(cfg))
+    again, _ = _parse("--config", str(tmp_path / "config.yaml"))
+    assert again.saved() == cfg.saved()
+    assert (again.mixup, again.cutmix, again.mix_prob, again.model_ema, again.model_ema_warmup) == (
+        0.8, 1.0, 0.5, 0.9998, True)
+    text = C.build_parser().format_help()
+    for flag, default in (("--mixup", "default 0: off"), ("--cutmix", "default 0: off"), ("--mix-prob", "default 1"),
+                          ("--model-ema DECAY", "default 0: off"), ("--model-ema-warmup", "default off"),
+                          ("--label-smoothing", "default 0"), ("--sync-bn", "default off"),
+                          ("--trivialaugment", "default off"), ("--random-erasing", "default 0")):
+        start = text.index("\n  " + flag)  # the flag's own entry (not the usage line, nor another's help)
+        assert default in " ".join(text[start:start + 500].split()), flag
+
+
 def test_the_written_config_reproduces_the_run(tmp_path):
     cfg, _ = _parse("--method", "ts", "--T", "2", "--no-detach-reset", "--epochs", "4", "--lr", "1e-5",
                     "--lam", "1e20", "--weight-decay", "0", "--cache-dir", 'a "quoted": dir\\')

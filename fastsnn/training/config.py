@@ -299,11 +299,13 @@ def _optimisation(g) -> None:
                    help="keep an EMA of the student's weights with this decay in (0, 1), e.g. 0.9998 (default 0: "
                         "off); evaluated every epoch beside the raw weights, best.pt picked on the better one")
     g.add_argument("--model-ema-warmup", action="store_true",
-                   help="the EMA's decay ramps up as timm's ModelEmaV3 warm-up: min(DECAY, 1 - (1 + n)^(-2/3))")
-    g.add_argument("--autoaugment", action="store_true", help="AutoAugment, the data set's policy (CIFAR, ImageNet)")
+                   help="the EMA's decay ramps up as timm's ModelEmaV3 warm-up: min(DECAY, 1 - (1 + n)^(-2/3)) "
+                        "(default off)")
+    g.add_argument("--autoaugment", action="store_true",
+                   help="AutoAugment, the data set's policy (CIFAR, ImageNet; default off)")
     g.add_argument("--randaugment", nargs=2, metavar=("N", "M"), action=_RandAugment, default=None,
                    help="RandAugment with N ops of magnitude M (0..30) (CIFAR, ImageNet; default off)")
-    g.add_argument("--trivialaugment", action="store_true", help="TrivialAugmentWide (CIFAR, ImageNet)")
+    g.add_argument("--trivialaugment", action="store_true", help="TrivialAugmentWide (CIFAR, ImageNet; default off)")
     g.add_argument("--random-erasing", type=float, default=0.0,
                    help="RandomErasing's probability, after normalisation (CIFAR, ImageNet; default 0: off)")
     g.add_argument("--cutout", type=int, default=0, help="Cutout square side (CIFAR, ImageNet; default 0: off)")
