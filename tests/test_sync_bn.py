@@ -152,3 +152,40 @@ def test_convert_sync_bn_keeps_the_neuron_and_the_state_dict():
     reference = models.create("digits_snn", 10, T=2, in_channels=1)
     reference.load_state_dict(before)
     assert torch.equal(model(x), reference(x))
+
+
+def _compiled_rank(rank, port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        x, _, _, grad = _data(sum(SHARES[2]))
+        share = slice(sum(SHARES[2][:rank]), sum(SHARES[2][:rank + 1]))
+        x, grad = x[:, share], grad[:, share]
+        group = dist.group.WORLD
+
+        def step(x, weight, bias, running_mean, running_var):
+            return fastsnn.bn_lif(x, weight, bias, running_mean, running_var, training=True, backend="triton",
+                                  process_group=group)
+
+        out = {}
+        for name, fn in (("eager", step), ("compiled", torch.compile(step))):
+            weight, bias = (p.clone().requires_grad_() for p in _params())
+            running = [torch.zeros(C), torch.ones(C)]
+            xr = x.clone().requires_grad_()
+            spikes = fn(xr, weight, bias, *running)
+            out[name] = [spikes.detach(), *running, *torch.autograd.grad(spikes, (xr, weight, bias), grad)]
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
+def test_compiled_synchronised_call_gives_the_eager_one():
+    """torch.compile carries the process group through the custom ops (by name): 2 ranks, compiled = eager."""
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_compiled_rank, args=(_free_port(), results), nprocs=2, join=True)
+        ranks = [results[r] for r in range(2)]
+    for out in ranks:
+        for k, (got, want) in enumerate(zip(out["compiled"], out["eager"])):
+            assert torch.equal(got, want), k
