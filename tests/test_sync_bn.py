@@ -2,8 +2,8 @@
 holding unequal shares of one global batch give what one process gives on the whole batch: the same spikes,
 running statistics, dL/dx for each rank's share, and weight/bias gradients that sum over the ranks to the global
 ones. Run with 2 and 3 ranks, through the Triton kernels (interpreter) and the plain-PyTorch reference, for a
-plain layer, a downsample shortcut (residual_bn), a time-broadcast stem (repeat), a BNLIF module and a
-BatchNorm2d converted by convert_sync_bn and called on its own."""
+plain layer, a downsample shortcut (residual_bn), a time-broadcast stem (repeat), a BNLIF module, the module pair
+(a converted BatchNorm2d given to a LIF neuron) and a converted BatchNorm2d called on its own."""
 import os
 import socket
 
@@ -59,6 +59,12 @@ def _cases(x, residual, stem, grad, backend, group):
     spikes = bn(xm)
     out["module"] = [spikes.detach(), bn.running_mean.clone(), bn.running_var.clone(),
                      *torch.autograd.grad(spikes, (xm, bn.weight, bn.bias), grad)]
+    # the module pair: a converted nn.BatchNorm2d handed to a neuron (what the zoo's students do)
+    pair_bn = fastsnn.convert_sync_bn(torch.nn.BatchNorm2d(C, momentum=0.2), group)
+    xm = x.clone().requires_grad_()
+    spikes = fastsnn.LIF(backend=backend)(xm, bn=pair_bn)
+    out["pair"] = [spikes.detach(), pair_bn.running_mean.clone(), pair_bn.running_var.clone(),
+                   *torch.autograd.grad(spikes, (xm, pair_bn.weight, pair_bn.bias), grad)]
     # a BatchNorm called on its own (no fused op: the plain-PyTorch synchronised form), on the folded batch
     plain = fastsnn.convert_sync_bn(torch.nn.BatchNorm2d(C, momentum=0.2), group)
     xm = x.clone().requires_grad_()
