@@ -128,3 +128,30 @@ def saved_activation_bytes(model, fn, copies_of_parameters=True):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return out, sum(seen.values())
+
+
+def gloo_results(target, world: int, *args) -> list:
+    """Runs target(rank, results, *args) in `world` spawned processes joined in a gloo group (MASTER_ADDR/PORT
+    set, the group destroyed afterwards); returns what each rank put in results[rank], in rank order."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_gloo_rank, args=(world, port, results, target, args), nprocs=world, join=True)
+        return [results[r] for r in range(world)]
+
+
+def _gloo_rank(rank, world, port, results, target, args):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        target(rank, results, *args)
+    finally:
+        dist.destroy_process_group()

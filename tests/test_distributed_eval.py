@@ -1,15 +1,12 @@
 """Exact distributed evaluation: under DDP every test image is counted exactly once (no padding duplicates, no
 dropped tail), so 3 gloo ranks on a data set whose size is not a multiple of 3 give the single process's
 accuracies, per-timestep and running-mean accuracies and firing rate."""
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fastsnn import models
+from helpers import gloo_results
 from fastsnn.training import setup
 from fastsnn.training.config import TrainConfig
 from fastsnn.training.loop import evaluate
@@ -28,34 +25,20 @@ def _model():
     return models.create("digits_snn", 10, T=T, in_channels=1)
 
 
-def _rank(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        cfg = TrainConfig(T=T, batch_size=6, workers=0)
-        loader = setup.eval_loader(_data(), cfg, torch.device("cpu"), rank, WORLD)
-        seen = torch.tensor([float(sum(len(t) for _, t in loader))])
-        dist.all_reduce(seen)
-        result = evaluate(_model(), loader, torch.device("cpu"), cfg, WORLD)
-        out[rank] = dict(result, seen=float(seen))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rank(rank, out):
+    cfg = TrainConfig(T=T, batch_size=6, workers=0)
+    loader = setup.eval_loader(_data(), cfg, torch.device("cpu"), rank, WORLD)
+    seen = torch.tensor([float(sum(len(t) for _, t in loader))])
+    dist.all_reduce(seen)
+    result = evaluate(_model(), loader, torch.device("cpu"), cfg, WORLD)
+    out[rank] = dict(result, seen=float(seen))
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
 def test_three_ranks_count_every_image_once_and_match_one_process():
     cfg = TrainConfig(T=T, batch_size=6, workers=0)
     alone = evaluate(_model(), setup.eval_loader(_data(), cfg, torch.device("cpu"), 0, 1), torch.device("cpu"), cfg)
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_rank, args=(_free_port(), out), nprocs=WORLD, join=True)
-        results = [out[r] for r in range(WORLD)]
+    results = gloo_results(_rank, WORLD)
     for result in results:
         assert result["seen"] == SIZE  # 11 + 10 + 10: none twice, none dropped
         for key in ("acc", "acc5", "per_timestep_acc", "acc_at_t"):

@@ -4,15 +4,12 @@ running statistics, dL/dx for each rank's share, and weight/bias gradients that 
 ones. Run with 2 and 3 ranks, through the Triton kernels (interpreter) and the plain-PyTorch reference, for a
 plain layer, a downsample shortcut (residual_bn), a time-broadcast stem (repeat), a BNLIF module, the module pair
 (a converted BatchNorm2d given to a LIF neuron) and a converted BatchNorm2d called on its own."""
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastsnn
+from helpers import gloo_results
 
 T, C, HW = 2, 4, 3
 SHARES = {2: (3, 2), 3: (3, 1, 2)}  # unequal per-rank batches
@@ -74,24 +71,13 @@ def _cases(x, residual, stem, grad, backend, group):
     return out
 
 
-def _rank(rank, world, port, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        shares = SHARES[world]
-        start = sum(shares[:rank])
-        x, residual, stem, grad = (t[:, start:start + shares[rank]] if t.dim() == 5 else t[start:start + shares[rank]]
-                                   for t in _data(sum(shares)))
-        results[rank] = {backend: _cases(x, residual, stem, grad, backend, dist.group.WORLD)
-                         for backend in ("triton", "reference")}
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rank(rank, results, world):
+    shares = SHARES[world]
+    start = sum(shares[:rank])
+    x, residual, stem, grad = (t[:, start:start + shares[rank]] if t.dim() == 5 else t[start:start + shares[rank]]
+                               for t in _data(sum(shares)))
+    results[rank] = {backend: _cases(x, residual, stem, grad, backend, dist.group.WORLD)
+                     for backend in ("triton", "reference")}
 
 
 def _batch_dim(case, k):
@@ -112,10 +98,7 @@ def _batch_dim(case, k):
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_match_one_process_on_the_global_batch(world):
     alone = {backend: _cases(*_data(sum(SHARES[world])), backend, None) for backend in ("triton", "reference")}
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_rank, args=(world, _free_port(), results), nprocs=world, join=True)
-        ranks = [results[r] for r in range(world)]
+    ranks = gloo_results(_rank, world, world)
     for backend, cases in alone.items():
         for case, expected in cases.items():
             for k, want in enumerate(expected):
@@ -160,38 +143,30 @@ def test_convert_sync_bn_keeps_the_neuron_and_the_state_dict():
     assert torch.equal(model(x), reference(x))
 
 
-def _compiled_rank(rank, port, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        x, _, _, grad = _data(sum(SHARES[2]))
-        share = slice(sum(SHARES[2][:rank]), sum(SHARES[2][:rank + 1]))
-        x, grad = x[:, share], grad[:, share]
-        group = dist.group.WORLD
+def _compiled_rank(rank, results):
+    x, _, _, grad = _data(sum(SHARES[2]))
+    share = slice(sum(SHARES[2][:rank]), sum(SHARES[2][:rank + 1]))
+    x, grad = x[:, share], grad[:, share]
+    group = dist.group.WORLD
 
-        def step(x, weight, bias, running_mean, running_var):
-            return fastsnn.bn_lif(x, weight, bias, running_mean, running_var, training=True, backend="triton",
-                                  process_group=group)
+    def step(x, weight, bias, running_mean, running_var):
+        return fastsnn.bn_lif(x, weight, bias, running_mean, running_var, training=True, backend="triton",
+                              process_group=group)
 
-        out = {}
-        for name, fn in (("eager", step), ("compiled", torch.compile(step))):
-            weight, bias = (p.clone().requires_grad_() for p in _params())
-            running = [torch.zeros(C), torch.ones(C)]
-            xr = x.clone().requires_grad_()
-            spikes = fn(xr, weight, bias, *running)
-            out[name] = [spikes.detach(), *running, *torch.autograd.grad(spikes, (xr, weight, bias), grad)]
-        results[rank] = out
-    finally:
-        dist.destroy_process_group()
+    out = {}
+    for name, fn in (("eager", step), ("compiled", torch.compile(step))):
+        weight, bias = (p.clone().requires_grad_() for p in _params())
+        running = [torch.zeros(C), torch.ones(C)]
+        xr = x.clone().requires_grad_()
+        spikes = fn(xr, weight, bias, *running)
+        out[name] = [spikes.detach(), *running, *torch.autograd.grad(spikes, (xr, weight, bias), grad)]
+    results[rank] = out
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
 def test_compiled_synchronised_call_gives_the_eager_one():
     """torch.compile carries the process group through the custom ops (by name): 2 ranks, compiled = eager."""
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_compiled_rank, args=(_free_port(), results), nprocs=2, join=True)
-        ranks = [results[r] for r in range(2)]
+    ranks = gloo_results(_compiled_rank, 2)
     for out in ranks:
         for k, (got, want) in enumerate(zip(out["compiled"], out["eager"])):
             assert torch.equal(got, want), k
