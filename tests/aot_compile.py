@@ -280,12 +280,14 @@ def jobs(scope: str = "full", kernels=(), dtypes=(), archs=(), unaligned_archs=(
 # ---- capture a launch, bind it as the JIT does, compile ----
 
 def capture_launches(call):
-    """Runs call() with every Triton launch captured instead of run: [(kernel, args, kwargs)]."""
+    """Runs call() with every Triton launch captured instead of run: [(kernel, (), kwargs)], every argument by name
+    (the launchers pass the constexprs positionally: fastsnn.kernels.positional)."""
     from triton.runtime.jit import KernelInterface
 
     launches = []
     original = KernelInterface.__getitem__
-    KernelInterface.__getitem__ = lambda kernel, grid: (lambda *a, **kw: launches.append((kernel, a, kw)))
+    KernelInterface.__getitem__ = lambda kernel, grid: (
+        lambda *a, **kw: launches.append((kernel, (), {**dict(zip(kernel.arg_names, a)), **kw})))
     try:
         call()
     finally:

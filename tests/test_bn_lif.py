@@ -527,16 +527,16 @@ def test_ops_pass_opcheck(device):
     stats = torch.ops.fastsnn.bn_statistics(x.detach(), w.detach(), b.detach(), None, None, True, 0.1, 1e-5, 0)
     fire = torch.ops.fastsnn.bn_neuron.default
     no_sources = (None,) * 6
-    torch.library.opcheck(fire, (x, w, b, None, stats, None, None, None, None, *no_sources, *args, True, 0, None,
+    torch.library.opcheck(fire, (x, w, b, None, None, None, None, stats, None, *no_sources, *args, True, 0, None,
                                  None, False, None))
     spike_residual = (torch.rand(x.shape, device=device) < 0.3).float().requires_grad_()
-    torch.library.opcheck(fire, (x, w, b, spike_residual, stats, None, None, None, None, *no_sources, *args, True, 0,
+    torch.library.opcheck(fire, (x, w, b, spike_residual, None, None, None, stats, None, *no_sources, *args, True, 0,
                                  None, "bits", True, None))
     residual = torch.randn(x.shape, device=device, requires_grad=True)
     wr, br = torch.rand(4, device=device, requires_grad=True), torch.randn(4, device=device, requires_grad=True)
     residual_stats = torch.ops.fastsnn.bn_statistics(residual.detach(), wr.detach(), br.detach(), None, None, True,
                                                      0.1, 1e-5, 0)
-    torch.library.opcheck(fire, (x, w, b, residual, stats, wr, br, residual_stats, None, *no_sources, *args, True, 0,
+    torch.library.opcheck(fire, (x, w, b, residual, wr, br, None, stats, residual_stats, *no_sources, *args, True, 0,
                                  None, None, False, None))
     torch.library.opcheck(torch.ops.fastsnn.bn_statistics.default,
                           (x.detach(), w.detach(), b.detach(), torch.zeros(4, device=device),

@@ -1,35 +1,43 @@
 """fastsnn.ops._declare: an op declared once, by name; its eager Function and its custom ops derived from it."""
 from typing import Optional
 
+import dataclasses
+
 import pytest
 import torch
 from torch import Tensor
 
-from fastsnn.ops._declare import Args, Op
+from fastsnn.ops._declare import Args, Host, Op
 
 
-def _op(ctx, x, weight, bias, spec, repeat=0):
+@dataclasses.dataclass(frozen=True)
+class _Knobs:
+    gain: float = 1.0
+    offset: Optional[float] = None
+
+
+def _op(ctx, x: Tensor, weight: Optional[Tensor], knobs: _Knobs, repeat: int = 0, plan: Host = None) -> Tensor:
     pass
 
 
 def test_names_come_from_the_signature_without_ctx():
     args = Args(_op)
-    assert args.names == ("x", "weight", "bias", "spec", "repeat")
-    bound = args.bind((1, 2, 3, "s", 4))
-    assert (bound.x, bound.weight, bound.repeat) == (1, 2, 4) and args.values(bound, ("spec", "x")) == ("s", 1)
-    assert bound[args.span("weight", "spec")] == (2, 3, "s")
+    assert args.names == ("x", "weight", "knobs", "repeat", "plan")
+    bound = args.bind((1, 2, "k", 4, None))
+    assert (bound.x, bound.weight, bound.repeat) == (1, 2, 4) and bound[args.span("weight", "repeat")] == (2, "k", 4)
+    assert args.index("repeat") == 3
 
 
-def test_gradients_by_name_fill_every_other_argument_with_none():
+def test_a_dataclass_is_its_fields_in_the_schema_and_a_host_argument_is_absent():
     args = Args(_op)
-    assert args.grads(bias="gb", x="gx") == ("gx", None, "gb", None, None)
-    assert args.returning("bias", "x")("gb", "gx") == args.grads(bias="gb", x="gx")
-    assert args.returning()() == (None,) * 5
-    with pytest.raises(KeyError):
-        args.grads(wieght="gw")  # a misspelt name is an error, not a dropped gradient
-    with pytest.raises(KeyError):
-        args.returning("wieght")
-
+    schema = torch.library.infer_schema(args.prototype(), mutates_args=())
+    assert schema == "(Tensor x, Tensor? weight, float gain, float? offset, SymInt repeat=0) -> Tensor"
+    knobs, x = _Knobs(2.0, None), torch.ones(1)
+    flat = args.flat((x, None, knobs, 3, object()))
+    assert flat == (x, None, 2.0, None, 3)
+    back = args.unflat(flat)
+    assert back[:2] == (x, None) and back[2] == knobs and back[3:] == (3, None)
+    assert args.unflat(args.flat((x, None, _Knobs(2.0, None), 3, None)))[2] is back[2]  # rebuilt once per value set
 
 # ---- a toy op: y = x·scale (+ shift), an optional second output, a tensor kept for the backward only ----
 
@@ -65,11 +73,11 @@ def _formula(ctx, backward, grad_y, grad_square, _grad_kept):
     y, kept = ctx.saved_tensors
     grad_x, grad_shift = backward(grad_y, grad_square if ctx.with_square else None, y, kept, ctx.scale,
                                   ctx.has_shift)
-    return _TOY.args.grads(x=grad_x, shift=grad_shift if ctx.has_shift else None)
+    return grad_x, (grad_shift if ctx.has_shift else None)
 
 
 _TOY = Op("test_declare_toy", _forward, fake=_fake, save=_save, backward=_backward, backward_fake=_backward_fake,
-          formula=_formula, internal=1)
+          formula=_formula, differentiable=("x", "shift"), internal=1)
 
 
 @pytest.mark.parametrize("with_shift", [False, True])
@@ -107,13 +115,13 @@ def test_an_unused_output_gets_no_zeros_and_the_gradient_refuses_double_backward
         (g * g).sum().backward()
 
 
-def test_settings_must_follow_the_tensors():
+def test_the_differentiable_arguments_must_lead():
     def bad(scale: float, x: Tensor) -> Tensor:
         return x * scale
 
-    with pytest.raises(TypeError, match="tensor parameters must come before its settings"):
+    with pytest.raises(TypeError, match=r"the arguments with a gradient \('x',\) must lead its signature"):
         Op("test_declare_bad", bad, fake=bad, save=_save, backward=_backward, backward_fake=_backward_fake,
-           formula=_formula)
+           formula=_formula, differentiable=("x",))
 
 
 def test_compile_caches_are_keyed_on_the_ops_source(tmp_path):

@@ -237,7 +237,7 @@ def test_plif_ops_pass_opcheck(device):
     w, b = torch.rand(4, device=device, requires_grad=True), torch.randn(4, device=device, requires_grad=True)
     stats = torch.ops.fastsnn.bn_statistics(x.detach(), w.detach(), b.detach(), None, None, True, 0.1, 1e-5, 0)
     torch.library.opcheck(torch.ops.fastsnn.bn_neuron.default,
-                          (x, w, b, None, stats, None, None, None, rate, *(None,) * 6, *args, True, 0, None, None,
+                          (x, w, b, None, None, None, rate, stats, None, *(None,) * 6, *args, True, 0, None, None,
                            False, None))
 
 

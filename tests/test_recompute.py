@@ -326,7 +326,7 @@ def test_the_custom_ops_pass_opcheck():
     ints = recompute.encode(src)
     # the source's output address is not part of the compiled encoding: the op trusts what it is given
     torch.library.opcheck(torch.ops.fastsnn.bn_neuron.default,
-                          (x, weight.requires_grad_(), bias, None, stats, None, None, None, None, *kept,
+                          (x, weight.requires_grad_(), bias, None, None, None, None, stats, None, *kept,
                            None, None, None, *args, [len(ints), *ints]))
     packed = src.kept
     torch.library.opcheck(torch.ops.fastsnn.spike_conv2d.default,

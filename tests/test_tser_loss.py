@@ -425,7 +425,7 @@ def test_bad_label_without_a_host_check_poisons_loss_terms_and_gradient(device, 
 
     z, u, y = _data(2, 4, 10, torch.float32)
     y[2] = label
-    loss, terms = TSER_LOSS.Function.apply(z, u, y, (0.5, 5.0, 0.01, True, True, 5.0, -100, True))
+    loss, terms = TSER_LOSS(z, u, y, 0.5, 5.0, 0.01, True, True, 5.0, -100, True)
     (grad,) = torch.autograd.grad(loss, z)
     ref, ref_terms = reference.tser_loss(z, u, y, return_terms=True)
     (ref_grad,) = torch.autograd.grad(ref, z)

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import next_pow2
+from . import next_pow2, positional
 from .neuron import (NEURON_PLIF, NEURON_PLIF_NO_DECAY, NUM_WARPS, PARAMETRIC, SURROGATE_CODES, UNALIGNED_ELEMENTS,
                      arithmetic_modes, charge, charge_slopes, checkpoints_for, chunk_for, fire_and_reset,
                      launch_constants, membrane_grad, parametric_charge, rate_slope)
@@ -467,22 +467,29 @@ def _finalize_grid(C: int) -> tuple:
 # Launch plans: everything a launch needs besides the pointers (grid, scalar arguments, constexprs), decided
 # once per (Geometry, arguments) and then looked up: per call only the pointers are gathered.
 
+class Kw(NamedTuple):
+    """A launch's constexprs in the kernel's order and its options (see fastsnn.kernels.positional)."""
+    constexprs: tuple
+    options: dict
+
+
 class StatisticsPlan(NamedTuple):
     stats_args: tuple
-    stats_kw: dict
+    stats_kw: Kw
     finalize_grid: tuple
     finalize_args: tuple
-    finalize_kw: dict
+    finalize_kw: Kw
 
 
 @functools.lru_cache(maxsize=1024)
 def _statistics_plan(g: Geometry, training: bool, has_weight: bool, has_bias: bool, update: bool, momentum: float,
                      eps: float) -> StatisticsPlan:
     stats_args = (g.steps, g.stride_xt, *g.view_args(), g.programs)
-    stats_kw = dict(num_warps=NUM_WARPS, **g.blocks())
+    stats_kw = Kw(*positional(_bn_stats_kernel, dict(num_warps=NUM_WARPS, **g.blocks())))
     finalize_args = (g.programs, g.C, float(momentum), float(eps))
-    finalize_kw = dict(TRAINING=training, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, UPDATE_RUNNING=update,
-                       BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C)
+    finalize_kw = Kw(*positional(_bn_finalize_fwd_kernel, dict(
+        TRAINING=training, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, UPDATE_RUNNING=update, BLOCK_P=FINALIZE_BLOCK_P,
+        BLOCK_C=FINALIZE_BLOCK_C)))
     return StatisticsPlan(stats_args, stats_kw, _finalize_grid(g.C), finalize_args, finalize_kw)
 
 
@@ -494,7 +501,7 @@ def _warps(itemsize: int, T: int, heavy: bool) -> int:
 
 class FirePlan(NamedTuple):
     args: tuple
-    kw: dict
+    kw: Kw
 
 
 @functools.lru_cache(maxsize=1024)
@@ -504,29 +511,31 @@ def _fire_plan(g: Geometry, spec, cuda: bool, has_residual: bool, residual_bn: b
     heavy = residual_bn or spec.kind in PARAMETRIC
     kw = dict(T=g.T, CHUNK=chunk_for(g.T), HAS_RESIDUAL=has_residual, RESIDUAL_BN=residual_bn,
               num_warps=_warps(g.itemsize, g.T, heavy), **arithmetic_modes(cuda), **constants.constexprs, **g.blocks())
-    return FirePlan(args, kw)
+    return FirePlan(args, Kw(*positional(_bn_lif_fwd_kernel, kw)))
 
 
-def _finalize_kw(training: bool, has_weight: bool, grad_weight: bool, grad_bias: bool) -> dict:
-    return dict(TRAINING=training, HAS_WEIGHT=has_weight, GRAD_WEIGHT=grad_weight, GRAD_BIAS=grad_bias,
-                BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C)
+@functools.lru_cache(maxsize=64)
+def _finalize_kw(training: bool, has_weight: bool, grad_weight: bool, grad_bias: bool) -> Kw:
+    return Kw(*positional(_bn_finalize_bwd_kernel, dict(
+        TRAINING=training, HAS_WEIGHT=has_weight, GRAD_WEIGHT=grad_weight, GRAD_BIAS=grad_bias,
+        BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C)))
 
 
 class ResidualPlan(NamedTuple):
     """The residual BatchNorm's finalisation (Σg·r̂ in row 2) and grad_input (time stride N)."""
     finalize_args: tuple
-    finalize_kw: dict
+    finalize_kw: Kw
     input_args: tuple
 
 
 class BackwardPlan(NamedTuple):
     neuron_args: tuple
-    neuron_kw: dict
+    neuron_kw: Kw
     finalize_grid: tuple
     finalize_args: tuple
-    finalize_kw: dict
+    finalize_kw: Kw
     input_args: tuple
-    input_kw: dict
+    input_kw: Kw
     residual: ResidualPlan | None
 
 
@@ -542,10 +551,11 @@ def _backward_plan(g: Geometry, spec, cuda: bool, training: bool, has_residual: 
                      DETACH_RESET=spec.detach_reset, SUM_OVER_TIME=g.stride_xt == 0 and g.T > 1,
                      HAS_RESIDUAL=has_residual, RESIDUAL_BN=residual_bn is not None, num_warps=warps,
                      **arithmetic_modes(cuda), **constants.constexprs, **g.blocks())
+    neuron_kw = Kw(*positional(_bn_lif_bwd_kernel, neuron_kw))
     finalize_args = (g.programs, g.C, 1.0 / g.count, 1)
     finalize_kw = _finalize_kw(training, has_weight, grad_weight, grad_bias)
     input_args = (g.steps, g.stride_xt, g.N, *g.view_args())
-    input_kw = dict(num_warps=NUM_WARPS, **g.blocks())
+    input_kw = Kw(*positional(_bn_grad_input_kernel, dict(num_warps=NUM_WARPS, **g.blocks())))
     residual = None
     if residual_bn is not None:
         residual = ResidualPlan((g.programs, g.C, 1.0 / (g.T * g.outer * g.inner), 2),
@@ -588,7 +598,7 @@ def bn_statistics(x, geometry, weight, bias, running_mean, running_var, stats, *
     finalize_args = plan.finalize_args
     if training:
         partials = stats.new_empty(3, g.programs, g.C)
-        _bn_stats_kernel[g.grid](x, partials, *plan.stats_args, **plan.stats_kw)
+        _bn_stats_kernel[g.grid](x, partials, *plan.stats_args, *plan.stats_kw.constexprs, **plan.stats_kw.options)
         if group is not None:
             partials = gathered_statistics(partials, group)
             finalize_args = (partials.shape[1], *finalize_args[1:])
@@ -597,7 +607,7 @@ def bn_statistics(x, geometry, weight, bias, running_mean, running_var, stats, *
     _bn_finalize_fwd_kernel[plan.finalize_grid](
         partials, dummy if weight is None else weight, dummy if bias is None else bias,
         dummy if running_mean is None else running_mean, dummy if running_var is None else running_var, stats,
-        *finalize_args, **plan.finalize_kw)
+        *finalize_args, *plan.finalize_kw.constexprs, **plan.finalize_kw.options)
 
 
 def bn_fire(x, residual, stats, spikes, checkpoints, geometry, spec, residual_stats=None, rate=None):
@@ -610,7 +620,7 @@ def bn_fire(x, residual, stats, spikes, checkpoints, geometry, spec, residual_st
     _bn_lif_fwd_kernel[g.grid](
         x, dummy if residual is None else residual, stats, dummy if residual_stats is None else residual_stats,
         spikes, dummy if checkpoints is None else checkpoints, dummy if rate is None else rate, *plan.args,
-        **plan.kw)
+        *plan.kw.constexprs, **plan.kw.options)
 
 
 def _summed_over_ranks(partials, grad_weights, count: int, group):
@@ -652,7 +662,7 @@ def bn_fire_backward(x, residual, grad_spikes, stats, checkpoints, grad_y, weigh
         x, dummy if residual is None else residual, grad_spikes, stats,
         dummy if residual_bn is None else residual_bn[0], dummy if checkpoints is None else checkpoints, grad_y,
         partials, dummy if rate is None else rate, dummy if rate_partials is None else rate_partials,
-        *plan.neuron_args, **plan.neuron_kw)
+        *plan.neuron_args, *plan.neuron_kw.constexprs, **plan.neuron_kw.options)
     finalize_args, finalize_kw = plan.finalize_args, plan.finalize_kw
     synced = group is not None and training
     if synced:  # the sums span every rank's batch; the weights' gradients stay this rank's
@@ -661,25 +671,27 @@ def bn_fire_backward(x, residual, grad_spikes, stats, checkpoints, grad_y, weigh
             grad_weights.append((residual_bn[2], residual_bn[3], 2))
         partials, inv_count = _summed_over_ranks(partials, grad_weights, g.count, group)
         finalize_args = (1, g.C, inv_count, 1)
-        finalize_kw = {**finalize_kw, "GRAD_WEIGHT": False, "GRAD_BIAS": False}
+        finalize_kw = _finalize_kw(training, weight is not None, False, False)
     _bn_finalize_bwd_kernel[plan.finalize_grid](
         partials, stats, dummy if weight is None else weight, dummy if grad_weight is None else grad_weight,
-        dummy if grad_bias is None else grad_bias, coef, *finalize_args, **finalize_kw)
+        dummy if grad_bias is None else grad_bias, coef, *finalize_args, *finalize_kw.constexprs,
+        **finalize_kw.options)
     if residual_bn is not None:  # before grad_x, which may overwrite grad_y
         r_stats, r_weight, r_grad_weight, r_grad_bias, r_grad_input = residual_bn
         r_coef = stats.new_empty(3, g.C)
         r_args, r_kw = plan.residual.finalize_args, plan.residual.finalize_kw
         if synced:
-            r_args, r_kw = (1, g.C, inv_count, 2), {**r_kw, "GRAD_WEIGHT": False, "GRAD_BIAS": False}
+            r_args, r_kw = (1, g.C, inv_count, 2), _finalize_kw(training, r_weight is not None, False, False)
         _bn_finalize_bwd_kernel[plan.finalize_grid](
             partials, r_stats, dummy if r_weight is None else r_weight,
             dummy if r_grad_weight is None else r_grad_weight, dummy if r_grad_bias is None else r_grad_bias, r_coef,
-            *r_args, **r_kw)
+            *r_args, *r_kw.constexprs, **r_kw.options)
         if r_grad_input is not None:
             _bn_grad_input_kernel[g.grid](grad_y, residual, r_stats, r_coef, r_grad_input, *plan.residual.input_args,
-                                          **plan.input_kw)
+                                          *plan.input_kw.constexprs, **plan.input_kw.options)
     if grad_x is not None:
-        _bn_grad_input_kernel[g.grid](grad_y, x, stats, coef, grad_x, *plan.input_args, **plan.input_kw)
+        _bn_grad_input_kernel[g.grid](grad_y, x, stats, coef, grad_x, *plan.input_args, *plan.input_kw.constexprs,
+                                      **plan.input_kw.options)
     return rate_partials
 
 

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import positional
 from .neuron import (MAX_CHUNK, NEURON_CODES, NEURON_PLIF, NEURON_PLIF_NO_DECAY, NUM_WARPS, PARAMETRIC,
                      SURROGATE_CODES, UNALIGNED_ELEMENTS, arithmetic_modes, charge, charge_slopes, checkpoints_for,
                      chunk_for, fire_and_reset, launch_constants, membrane_grad, parametric_charge, rate_slope)
@@ -130,7 +131,8 @@ def _fp32_placeholder(device):
 
 class Launch(NamedTuple):
     grid: tuple
-    kwargs: dict  # constexprs and launch options
+    constexprs: tuple  # in the kernel's order, passed positionally (see fastsnn.kernels.positional)
+    options: dict  # num_warps
 
 
 class Plan(NamedTuple):
@@ -157,10 +159,11 @@ def _plan(backward: bool, T: int, N: int, x_time_stride: int, itemsize: int, cud
         scalars = (*scalars, spec.alpha)
         kw.update(SURROGATE=SURROGATE_CODES[spec.surrogate], DETACH_RESET=spec.detach_reset,
                   SUM_OVER_TIME=sum_over_time)
+    kernel = _lif_bwd_kernel if backward else _lif_fwd_kernel
     launches = []
     for aligned in (False, True):
         block = (per_thread if aligned else UNALIGNED_ELEMENTS) * 32 * NUM_WARPS
-        launches.append(Launch((-(-N // block),), {**kw, "BLOCK": block}))
+        launches.append(Launch((-(-N // block),), *positional(kernel, {**kw, "BLOCK": block})))
     shape_aligned = N % per_thread == 0 and x_time_stride % per_thread == 0
     return Plan(scalars, launches[0], launches[1] if shape_aligned else launches[0])
 
@@ -176,12 +179,12 @@ def lif_forward(x, spikes, v_init, v_final, checkpoints, spec, rate=None):
     N, x_stride = spikes.stride(0), x.stride(0)  # spikes is dense time-major: its time stride is N
     plan = _plan(False, x.shape[0], N, x_stride, x.element_size(), x.is_cuda, spec)
     addresses = x.data_ptr() | spikes.data_ptr() | _ptr(v_init) | _ptr(v_final) | _ptr(checkpoints)
-    grid, kw = plan.unaligned if addresses % 16 else plan.aligned
+    grid, constexprs, options = plan.unaligned if addresses % 16 else plan.aligned
     none = _fp32_placeholder(x.device)
     _lif_fwd_kernel[grid](
         x, spikes, none if v_init is None else v_init, none if v_final is None else v_final,
         none if checkpoints is None else checkpoints, none if rate is None else rate,
-        N, x_stride, *plan.scalars, int(v_init is not None), int(v_final is not None), **kw)
+        N, x_stride, *plan.scalars, int(v_init is not None), int(v_final is not None), *constexprs, **options)
 
 
 def lif_backward(x, grad_spikes, v_init, checkpoints, grad_v_final, grad_x, grad_v_init, spec, sum_over_time=False,
@@ -194,14 +197,14 @@ def lif_backward(x, grad_spikes, v_init, checkpoints, grad_v_final, grad_x, grad
     plan = _plan(True, x.shape[0], N, x_stride, x.element_size(), x.is_cuda, spec, sum_over_time)
     addresses = (x.data_ptr() | grad_spikes.data_ptr() | grad_x.data_ptr() | _ptr(v_init) | _ptr(checkpoints)
                  | _ptr(grad_v_final) | _ptr(grad_v_init))
-    grid, kw = plan.unaligned if addresses % 16 else plan.aligned
+    grid, constexprs, options = plan.unaligned if addresses % 16 else plan.aligned
     none = _fp32_placeholder(x.device)
     partials = None if rate is None else torch.empty(grid[0], dtype=torch.float32, device=x.device)
     _lif_bwd_kernel[grid](
         x, grad_spikes, none if v_init is None else v_init, none if checkpoints is None else checkpoints,
         none if grad_v_final is None else grad_v_final, grad_x, none if grad_v_init is None else grad_v_init,
         none if rate is None else rate, none if partials is None else partials,
-        N, x_stride, *plan.scalars, int(v_init is not None), int(grad_v_final is not None), **kw)
+        N, x_stride, *plan.scalars, int(v_init is not None), int(grad_v_final is not None), *constexprs, **options)
     return partials
 
 

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
-from . import next_pow2
+from . import next_pow2, positional
 
 ROW_STATS: tl.constexpr = tl.constexpr(4)  # per (t, b) row, the slots:
 ROW_LSE: tl.constexpr = tl.constexpr(0)  # lse(z)
@@ -369,24 +369,25 @@ def _plan(shape: tuple, z_strides: tuple, u_stride: int, y_stride: int, alpha, t
     common = (T, B, C, z_strides[0], z_strides[1], u_stride, y_stride, ignore_index, 1.0 / T, 1.0 / tau, 1.0 / tau_h)
     vec = _vec(C, z_strides[0], z_strides[1], u_stride)
     fwd_args = (*common, off_sample, off_part)
-    fwd_kw = dict(T_TILE=t_tile, BLOCK_C=block_c, TS_CE=ts_ce, TS_KL=ts_kl, HAS_ENT=with_entropy or lam > 0, VEC=vec,
-                  SOFT=soft, num_warps=warps, maxnreg=MAXNREG)
+    fwd_kw = positional(_tser_loss_fwd_kernel, dict(
+        T_TILE=t_tile, BLOCK_C=block_c, TS_CE=ts_ce, TS_KL=ts_kl, HAS_ENT=with_entropy or lam > 0, VEC=vec, SOFT=soft,
+        num_warps=warps, maxnreg=MAXNREG))
     reduce_args = (B, n_tt * B, T if ts_ce else 1, T if ts_kl else 1, 1.0 / T, 1.0 / (T * B), 1.0 - alpha,
                    alpha * tau * tau, lam, off_sample, off_part, off_scalars)
     # dL/dz weights of the batch-mean terms (the CE one depends on the labelled count, read on the device)
     bwd_args = (*common, alpha * tau / (T * B), lam / (tau_h * T * B), off_sample, off_scalars)
-    bwd_kw = dict(T_TILE=t_tile, BLOCK_C=block_c, TS_CE=ts_ce, TS_KL=ts_kl, HAS_ENT=lam > 0, VEC=vec, SOFT=soft,
-                  num_warps=warps)
+    bwd_kw = positional(_tser_loss_bwd_kernel, dict(
+        T_TILE=t_tile, BLOCK_C=block_c, TS_CE=ts_ce, TS_KL=ts_kl, HAS_ENT=lam > 0, VEC=vec, SOFT=soft, num_warps=warps))
     return Plan((B, n_tt), fwd_args, fwd_kw, reduce_args, bwd_args, bwd_kw)
 
 
 class Plan(NamedTuple):
     grid: tuple  # (samples, time tiles), forward and backward alike
     fwd_args: tuple  # after the pointers
-    fwd_kw: dict
+    fwd_kw: tuple  # (constexprs in the kernel's order, options): see fastsnn.kernels.positional
     reduce_args: tuple
     bwd_args: tuple
-    bwd_kw: dict
+    bwd_kw: tuple
 
 
 def _stats_layout(T, B) -> tuple:
@@ -418,12 +419,13 @@ def tser_loss_forward(z, u, y, stats, loss, terms, *, alpha, tau, tau_h, lam, ts
     and terms (fp32 [3]: CE part, KL part, mean entropy): 2 launches."""
     plan = _plan(tuple(z.shape), z.stride(), u.stride(0), y.stride(0), alpha, tau, tau_h, lam, ts_ce, ts_kl,
                  with_entropy, ignore_index, y.dim() == 2)
-    _tser_loss_fwd_kernel[plan.grid](z, u, y, stats, *plan.fwd_args, **plan.fwd_kw)
-    _tser_loss_reduce_kernel[(1,)](stats, loss, terms, *plan.reduce_args, BLOCK=REDUCE_BLOCK, num_warps=4)
+    _tser_loss_fwd_kernel[plan.grid](z, u, y, stats, *plan.fwd_args, *plan.fwd_kw[0], **plan.fwd_kw[1])
+    _tser_loss_reduce_kernel[(1,)](stats, loss, terms, *plan.reduce_args, REDUCE_BLOCK, num_warps=4)
 
 
 def tser_loss_backward(z, u, y, stats, grad_loss, grad_z, *, alpha, tau, tau_h, lam, ts_ce, ts_kl, ignore_index):
     """Writes grad_z (dense [T, B, C], z's dtype) = grad_loss · dL/dz (grad_loss: one element): 1 launch."""
     plan = _plan(tuple(z.shape), z.stride(), u.stride(0), y.stride(0), alpha, tau, tau_h, lam, ts_ce, ts_kl, False,
                  ignore_index, y.dim() == 2)
-    _tser_loss_bwd_kernel[plan.grid](z, u, y, stats, grad_loss, grad_z, *plan.bwd_args, **plan.bwd_kw)
+    _tser_loss_bwd_kernel[plan.grid](z, u, y, stats, grad_loss, grad_z, *plan.bwd_args, *plan.bwd_kw[0],
+                                     **plan.bwd_kw[1])

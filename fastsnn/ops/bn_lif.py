@@ -11,7 +11,6 @@ The reference backend is torch.nn.functional.batch_norm + fastsnn.reference.lif_
 from __future__ import annotations
 
 import math
-import operator
 from typing import Optional
 
 import torch
@@ -22,8 +21,8 @@ from ..backend import (FLOAT_DTYPES, INTERPRET, check_float_tensor, check_number
                        resolve_backend)
 from ..spec import PARAMETRIC, NeuronSpec, kind_of, neuron_spec
 from . import recompute, spike_storage
-from ._common import membrane_checkpoints, op_settings, repeated, spec_args, spec_of
-from ._declare import Op
+from ._common import membrane_checkpoints, repeated
+from ._declare import Host, Op
 from ._layout import as_time_major_like, is_dense_time_major, kernels_loader, time_major_like
 from .lif import check_w, rate_of
 
@@ -95,18 +94,21 @@ def process_group(name: str | None):
 
 def _statistics(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
                 running_var: Optional[Tensor], training: bool, momentum: float, eps: float, repeat: int,
-                group: Optional[str] = None) -> Tensor:
+                group: Optional[str] = None, geometry: Host = None) -> Tensor:
     """stats [4, C] fp32 (mean, 1/std, scale, shift); the running statistics updated in training mode; group: the
-    process group (by name) whose ranks' batches the statistics span, or None."""
+    process group (by name) whose ranks' batches the statistics span, or None; geometry: the call's, when the
+    eager path has it (see _fused)."""
     x_seq = repeated(x, repeat) if repeat else x
-    geometry = _geometry(x_seq)
+    if geometry is None:
+        geometry = _geometry(x_seq)
     stats = x.new_empty(4, geometry.C, dtype=torch.float32)
     _kernels().bn_statistics(x_seq, geometry, weight, bias, running_mean, running_var, stats, training=training,
                              momentum=momentum, eps=eps, group=process_group(group))
     return stats
 
 
-def _statistics_fake(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat, group=None):
+def _statistics_fake(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat, group=None,
+                     geometry=None):
     return x.new_empty(4, x.shape[1] if repeat else x.shape[2], dtype=torch.float32)
 
 
@@ -125,36 +127,39 @@ STATISTICS = Op("bn_statistics", _statistics, fake=_statistics_fake, mutates_arg
 BATCH_STATISTICS = Op("bn_batch_statistics", _batch_statistics, fake=_batch_statistics_fake)
 
 
-def _stats(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat, group, compiling) -> Tensor:
+def _stats(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat, group, compiling,
+           geometry=None) -> Tensor:
     """The statistics of a call: eager, the plain function; compiled, the custom op (the mutating one when there
     are running statistics), given detached inputs (it has no autograd formula: the fused op has)."""
     if not compiling:
-        return _statistics(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat, group)
+        return _statistics(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat, group,
+                           geometry)
     x, weight, bias = (None if t is None else t.detach() for t in (x, weight, bias))
     if running_mean is None:
         return BATCH_STATISTICS.op(x, weight, bias, eps, repeat, group)
     return STATISTICS.op(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat, group)
 
 
-def _fire(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor], stats: Tensor,
-          residual_weight: Optional[Tensor], residual_bias: Optional[Tensor], residual_stats: Optional[Tensor],
-          rate: Optional[Tensor], x_kept: Optional[Tensor], x_conv_weight: Optional[Tensor],
+def _fire(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+          residual_weight: Optional[Tensor], residual_bias: Optional[Tensor], rate: Optional[Tensor], stats: Tensor,
+          residual_stats: Optional[Tensor], x_kept: Optional[Tensor], x_conv_weight: Optional[Tensor],
           x_conv_bias: Optional[Tensor], residual_kept: Optional[Tensor], residual_conv_weight: Optional[Tensor],
-          residual_conv_bias: Optional[Tensor], kind: str, tau: float, v_threshold: float, v_reset: Optional[float],
-          surrogate: str, alpha: float, detach_reset: bool, training: bool, repeat: int, group: Optional[str],
-          residual_storage: Optional[str], check: bool,
-          sources: Optional[list[int]]) -> tuple[Tensor, Tensor, Tensor]:
+          residual_conv_bias: Optional[Tensor], spec: NeuronSpec, training: bool, repeat: int, group: Optional[str],
+          residual_storage: Optional[str], check: bool, sources: Optional[list[int]],
+          geometry: Host) -> tuple[Tensor, Tensor, Tensor]:
     """(spikes, fp32 membrane checkpoints or None, the residual packed for the backward or None): 1 launch (and
     the packing). residual_stats, when given, normalises the residual (its BatchNorm's weight and bias are
     residual_weight and residual_bias); rate: a parametric neuron's k. x_kept ... sources: the ConvSources
     (fastsnn.ops.recompute, encoded) that the backward recomputes x and the residual from instead of saving
-    them, inputs only for the saving formula."""
+    them, inputs only for the saving formula. geometry: the call's (eager; the statistics' own), kept for the
+    backward."""
     x_seq = repeated(x, repeat) if repeat else x
     spikes = time_major_like(x_seq)
     checkpoints = membrane_checkpoints(x_seq)
     fire_residual = None if residual is None else as_time_major_like(residual, x_seq)
-    _kernels().bn_fire(x_seq, fire_residual, stats, spikes, checkpoints, _geometry(x_seq, fire_residual),
-                       spec_of(kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset),
+    if geometry is None:
+        geometry = _geometry(x_seq, fire_residual)
+    _kernels().bn_fire(x_seq, fire_residual, stats, spikes, checkpoints, geometry, spec,
                        residual_stats=residual_stats, rate=rate)
     packed = None if residual is None or not residual_storage else \
         spike_storage.pack("bn_lif", residual, residual_storage, check)
@@ -171,7 +176,7 @@ def _fire_fake(*args):
 
 def _save(ctx, a, outputs):
     _, checkpoints, packed = outputs
-    ctx.params = a[_SETTINGS]
+    ctx.params, ctx.geometry = a[_SETTINGS], a.geometry
     residual, plan, kept = a.residual, None, ()
     x = a.x
     if a.sources is not None:  # x (the residual) is not saved when its source matches it; its tensors are
@@ -195,17 +200,16 @@ def _backward(grad_spikes: Tensor, x: Optional[Tensor], weight: Optional[Tensor]
               stats: Tensor, checkpoints: Optional[Tensor], residual_weight: Optional[Tensor],
               residual_stats: Optional[Tensor], rate: Optional[Tensor], x_kept: Optional[Tensor],
               x_conv_weight: Optional[Tensor], x_conv_bias: Optional[Tensor], residual_kept: Optional[Tensor],
-              residual_conv_weight: Optional[Tensor], residual_conv_bias: Optional[Tensor], kind: str, tau: float,
-              v_threshold: float, v_reset: Optional[float], surrogate: str, alpha: float, detach_reset: bool,
+              residual_conv_weight: Optional[Tensor], residual_conv_bias: Optional[Tensor], spec: NeuronSpec,
               training: bool, repeat: int, group: Optional[str], residual_storage: Optional[str],
-              residual_shape: Optional[list[int]],
-              residual_strides: Optional[list[int]], residual_dtype: Optional[torch.dtype],
-              plan: Optional[list[int]],
-              needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+              residual_shape: Optional[list[int]], residual_strides: Optional[list[int]],
+              residual_dtype: Optional[torch.dtype], plan: Optional[list[int]], needs: list[bool],
+              geometry: Host) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradients of x, weight, bias, residual, the residual's BatchNorm weight and bias (with residual_stats)
     and rate, each in its input's dtype, None where `needs` (6 flags, rate's aside) says not needed: the
     recomputed (plan, from the kept tensors) or unpacked inputs, then one launch (and, for a parametric neuron,
-    one sum of the programs' partials)."""
+    one sum of the programs' partials). geometry: the forward's (eager), reused while the pointers keep their
+    alignment."""
     if plan:
         x, residual = recompute.restore(recompute.decode_plan(plan), x, residual,
                                         (x_kept, x_conv_weight, x_conv_bias, residual_kept, residual_conv_weight,
@@ -215,19 +219,19 @@ def _backward(grad_spikes: Tensor, x: Optional[Tensor], weight: Optional[Tensor]
                                         (residual_shape, residual_strides, residual_dtype))
     if checkpoints is not None and not checkpoints.numel():  # the custom op's stand-in for none
         checkpoints = None
-    spec = spec_of(kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset)
     residual_bn = None if residual_stats is None else (residual_stats, residual_weight)
     *grads, grad_rate = _backward_impl(grad_spikes, x, weight, residual, stats, checkpoints, spec, training, repeat,
-                                       needs, residual_bn=residual_bn, rate=rate, group=process_group(group))
+                                       needs, geometry, residual_bn=residual_bn, rate=rate,
+                                       group=process_group(group))
     grad_x, grad_weight, grad_bias, grad_residual, grad_r_weight, grad_r_bias = (grads + [None, None])[:6]
     return (grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual), grad_r_weight
             if grad_r_weight is None else _cast(grad_r_weight, residual_weight), grad_r_bias, grad_rate)
 
 
 def _backward_fake(grad_spikes, x, weight, residual, stats, checkpoints, residual_weight, residual_stats, rate,
-                   x_kept, x_conv_weight, x_conv_bias, residual_kept, residual_conv_weight, residual_conv_bias, kind,
-                   tau, v_threshold, v_reset, surrogate, alpha, detach_reset, training, repeat, group,
-                   residual_storage, residual_shape, residual_strides, residual_dtype, plan, needs):
+                   x_kept, x_conv_weight, x_conv_bias, residual_kept, residual_conv_weight, residual_conv_bias, spec,
+                   training, repeat, group, residual_storage, residual_shape, residual_strides, residual_dtype, plan,
+                   needs, geometry):
     steps = recompute.decode_plan(plan) if plan else (None, None)
     if x is None:  # recomputed in the backward: its shape, strides and dtype are the plan's
         meta, shape, strides = steps[0]
@@ -247,13 +251,13 @@ def _backward_fake(grad_spikes, x, weight, residual, stats, checkpoints, residua
 def _formula(ctx, backward, grad_spikes, _grad_checkpoints, _grad_packed):
     x, weight, residual, stats, checkpoints, r_weight, r_stats, rate, *kept = ctx.saved_tensors
     kept = kept or _NO_SOURCES[0]
-    needs = list(_NEEDS(ctx.needs_input_grad))  # False for an input that is None
+    needs = list(ctx.needs_input_grad[:6])  # x ... residual_bias; False for an input that is None
     plan = None if ctx.plan is None else recompute.encode_plan(ctx.plan)
     grads = backward(grad_spikes, x, weight, residual, stats, checkpoints, r_weight, r_stats, rate, *kept,
-                     *ctx.params, ctx.storage, *ctx.residual_layout, plan, needs)
+                     *ctx.params, ctx.storage, *ctx.residual_layout, plan, needs, ctx.geometry)
     if all(needs):
-        return _GRADS(*grads[:6], None if rate is None else grads[6])
-    return _GRADS(*[g if need else None for g, need in zip(grads, needs)], None if rate is None else grads[6])
+        return (*grads[:6], None if rate is None else grads[6])
+    return (*[g if need else None for g, need in zip(grads, needs)], None if rate is None else grads[6])
 
 
 def _cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
@@ -262,14 +266,12 @@ def _cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
     return grad if grad.dtype == like.dtype else grad.to(like.dtype)
 
 
+# the inputs with a gradient lead, in the order of the backward's outputs (rate's comes last)
 BN_NEURON = Op("bn_neuron", _fire, fake=_fire_fake, save=_save, backward=_backward, backward_fake=_backward_fake,
-               formula=_formula, internal=2, label="bn_lif")
-# the fused op's inputs with a gradient, in the order of the backward's outputs (rate's comes last)
-_GRADS = BN_NEURON.args.returning("x", "weight", "bias", "residual", "residual_weight", "residual_bias", "rate")
-_NEEDS = operator.itemgetter(*(BN_NEURON.args.index(n) for n in ("x", "weight", "bias", "residual", "residual_weight",
-                                                                  "residual_bias")))
+               formula=_formula, internal=2, label="bn_lif",
+               differentiable=("x", "weight", "bias", "residual", "residual_weight", "residual_bias", "rate"))
 _NO_SOURCES = ((None,) * 6, None)  # no ConvSource: x and the residual are saved
-_SETTINGS = BN_NEURON.args.span("kind", "group")  # the spec's fields, training, repeat, group: the backward's
+_SETTINGS = BN_NEURON.args.span("spec", "group")  # the spec, training, repeat, group: the backward's
 _X_SOURCE = BN_NEURON.args.span("x_kept", "x_conv_bias")
 _RESIDUAL_SOURCE = BN_NEURON.args.span("residual_kept", "residual_conv_bias")
 
@@ -280,20 +282,22 @@ def _fused(x, weight, bias, residual, running_mean, running_var, spec, training,
     the fused fire op through autograd (eager: its derived Function; compiled: its custom op)."""
     compiling = torch.compiler.is_compiling()
     group = group if training else None  # eval mode normalises with the running statistics: nothing to share
-    stats = _stats(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat, group, compiling)
+    geometry = None
+    if not compiling:  # one Geometry for the statistics, the fire and (while its pointers stay aligned) the backward
+        x_seq = repeated(x, repeat) if repeat else x
+        geometry = _geometry(x_seq, None if residual is None else as_time_major_like(residual, x_seq))
+    stats = _stats(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat, group, compiling,
+                   geometry)
     r_weight = r_bias = r_stats = None
     if residual_bn is not None:
         r_weight, r_bias, r_running_mean, r_running_var = residual_bn
         r_stats = _stats(as_time_major_like(residual, x), r_weight, r_bias, r_running_mean, r_running_var, training,
                          momentum, eps, 0, group, compiling)
     source_tensors, ints = _NO_SOURCES if sources is None else recompute.encoded_pair(sources)
+    others = (stats, r_stats, *source_tensors, spec, training, repeat, group, residual_storage, check, ints, geometry)
     if compiling:
-        return BN_NEURON.op(x, weight, bias, residual, stats, r_weight, r_bias, r_stats, rate, *source_tensors,
-                            *spec_args(spec), training, repeat, group, residual_storage, check, ints)[0]
-    settings = op_settings(spec, training, repeat, group, residual_storage, check, None) if ints is None else \
-        spec_args(spec) + (training, repeat, group, residual_storage, check, ints)
-    return BN_NEURON.Function.apply(x, weight, bias, residual, stats, r_weight, r_bias, r_stats, rate,
-                                    *source_tensors, settings)[0]
+        return BN_NEURON.op(*BN_NEURON.args.flat((x, weight, bias, residual, r_weight, r_bias, rate, *others)))[0]
+    return BN_NEURON.Function.apply(x, weight, bias, residual, r_weight, r_bias, rate, others)[0]
 
 
 # ---- checks and the public functions ----

@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import reference
 from ..backend import FLOAT_DTYPES, check_float_tensor, check_same_device, resolve_backend
 from ..spec import PARAMETRIC, NeuronSpec, kind_of, neuron_spec
-from ._common import membrane_checkpoints, op_settings, repeated, spec_args, spec_of
+from ._common import membrane_checkpoints, repeated
 from ._declare import Op
 from ._layout import as_time_major_like, is_dense_time_major, kernels_loader, same_layout, time_major_like
 
@@ -26,9 +26,9 @@ def _v_like(x: Tensor) -> Tensor:
     return torch.empty_like(x[0], dtype=torch.float32)
 
 
-def _v_state(v: Tensor | None, x: Tensor) -> Tensor | None:
-    """A membrane tensor as the kernels take it: fp32, laid out like one timestep of x."""
-    return None if v is None else same_layout(v.float(), x[0])
+def _v_state(v: Tensor, x: Tensor) -> Tensor:
+    """A membrane tensor as the kernels take it: fp32, laid out like one timestep of x (callers skip a None)."""
+    return same_layout(v.float(), x[0])
 
 
 _kernels = kernels_loader("lif")  # imported on first use: importing fastsnn does not import Triton
@@ -36,8 +36,7 @@ _kernels = kernels_loader("lif")  # imported on first use: importing fastsnn doe
 
 # ---- the op, declared once (fastsnn.ops._declare): its eager Function and its custom ops are derived ----
 
-def _forward(x: Tensor, v_init: Optional[Tensor], rate: Optional[Tensor], kind: str, tau: float, v_threshold: float,
-             v_reset: Optional[float], surrogate: str, alpha: float, detach_reset: bool, return_v: bool,
+def _forward(x: Tensor, v_init: Optional[Tensor], rate: Optional[Tensor], spec: NeuronSpec, return_v: bool,
              repeat: int) -> tuple[Tensor, Tensor, Tensor]:
     """(spikes, v_final or None, fp32 membrane checkpoints or None): one launch. x: [T, ...] or, with repeat = T,
     one timestep [...] presented at every step; rate: a parametric neuron's k = sigmoid(w), fp32."""
@@ -45,28 +44,26 @@ def _forward(x: Tensor, v_init: Optional[Tensor], rate: Optional[Tensor], kind: 
     spikes = time_major_like(x_seq)
     v_final = _v_like(x_seq) if return_v else None
     checkpoints = membrane_checkpoints(x_seq)
-    spec = spec_of(kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset)
-    _kernels().lif_forward(x_seq, spikes, _v_state(v_init, x_seq), v_final, checkpoints, spec, rate)
+    _kernels().lif_forward(x_seq, spikes, None if v_init is None else _v_state(v_init, x_seq), v_final, checkpoints,
+                           spec, rate)
     return spikes, v_final, checkpoints
 
 
-def _forward_fake(x, v_init, rate, kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset, return_v, repeat):
+def _forward_fake(x, v_init, rate, spec, return_v, repeat):
     x_seq = repeated(x, repeat) if repeat else x
     return time_major_like(x_seq), _v_like(x_seq) if return_v else None, membrane_checkpoints(x_seq)
 
 
 def _save(ctx, a, outputs):
     checkpoints = outputs[2]
-    ctx.params = a[_SPEC]
-    ctx.return_v, ctx.repeat = a.return_v, a.repeat
+    ctx.spec, ctx.return_v, ctx.repeat = a.spec, a.return_v, a.repeat
     ctx.save_for_backward(a.x, a.v_init, checkpoints, a.rate)
     if checkpoints is not None:
         ctx.mark_non_differentiable(checkpoints)
 
 
 def _backward(grad_spikes: Tensor, grad_v_final: Optional[Tensor], x: Tensor, v_init: Optional[Tensor],
-              checkpoints: Optional[Tensor], rate: Optional[Tensor], kind: str, tau: float, v_threshold: float,
-              v_reset: Optional[float], surrogate: str, alpha: float, detach_reset: bool,
+              checkpoints: Optional[Tensor], rate: Optional[Tensor], spec: NeuronSpec,
               repeat: int) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_v_init or None, grad_rate or None): one launch (and, for a parametric neuron, one sum of the
     programs' partials); with repeat, the gradient of the one timestep, summed over time in the kernel."""
@@ -77,15 +74,14 @@ def _backward(grad_spikes: Tensor, grad_v_final: Optional[Tensor], x: Tensor, v_
         grad_spikes = as_time_major_like(grad_spikes, x_seq)
     if checkpoints is not None and not checkpoints.numel():  # the custom op's stand-in for none
         checkpoints = None
-    spec = spec_of(kind, tau, v_threshold, v_reset, surrogate, alpha, detach_reset)
-    partials = _kernels().lif_backward(x_seq, grad_spikes, _v_state(v_init, x_seq), checkpoints,
-                                       _v_state(grad_v_final, x_seq), grad_x, grad_v_init, spec, bool(repeat), rate)
+    partials = _kernels().lif_backward(x_seq, grad_spikes, None if v_init is None else _v_state(v_init, x_seq),
+                                       checkpoints, None if grad_v_final is None else _v_state(grad_v_final, x_seq),
+                                       grad_x, grad_v_init, spec, bool(repeat), rate)
     return (grad_x[0] if repeat else grad_x, grad_v_init,
             None if partials is None else partials.sum().reshape(rate.shape))
 
 
-def _backward_fake(grad_spikes, grad_v_final, x, v_init, checkpoints, rate, kind, tau, v_threshold, v_reset,
-                   surrogate, alpha, detach_reset, repeat):
+def _backward_fake(grad_spikes, grad_v_final, x, v_init, checkpoints, rate, spec, repeat):
     return (torch.empty_like(x), None if v_init is None else _v_like(repeated(x, repeat) if repeat else x),
             None if rate is None else torch.empty_like(rate))
 
@@ -95,15 +91,13 @@ def _formula(ctx, backward, grad_spikes, grad_v_final, _checkpoints):
     if grad_spikes is None:
         grad_spikes = torch.zeros_like(repeated(x, ctx.repeat) if ctx.repeat else x)
     grad_x, grad_v_init, grad_rate = backward(grad_spikes, grad_v_final if ctx.return_v else None, x, v_init,
-                                              checkpoints, rate, *ctx.params, ctx.repeat)
-    return _GRADS(grad_x, None if v_init is None else grad_v_init.to(v_init.dtype),
-                  None if rate is None else grad_rate)
+                                              checkpoints, rate, ctx.spec, ctx.repeat)
+    return (grad_x, None if v_init is None else grad_v_init.to(v_init.dtype),
+            None if rate is None else grad_rate)
 
 
 LIF = Op("lif", _forward, fake=_forward_fake, save=_save, backward=_backward, backward_fake=_backward_fake,
-         formula=_formula, internal=1, label="lif_multistep")
-_GRADS = LIF.args.returning("x", "v_init", "rate")
-_SPEC = LIF.args.span("kind", "detach_reset")  # the NeuronSpec's fields, in its order
+         formula=_formula, differentiable=("x", "v_init", "rate"), internal=1, label="lif_multistep")
 
 
 # ---- checks and the public functions ----
@@ -180,11 +174,10 @@ def apply_neuron(op: str, x: Tensor, spec: NeuronSpec, *, v_init: Tensor | None 
     elif not (x.is_contiguous() or is_dense_time_major(x, allow_broadcast=True)):
         x = x.contiguous()
     if torch.compiler.is_compiling():
-        spikes, v_final, _ = LIF.op(x, v_init, rate, *spec_args(spec), bool(return_v), repeat or 0)
-    else:
-        outputs = LIF.Function.apply(x, v_init, rate, op_settings(spec, bool(return_v), repeat or 0))
-        spikes, v_final = outputs[0], outputs[-1]
-    return (spikes, v_final) if return_v else spikes
+        outputs = LIF.op(*LIF.args.flat((x, v_init, rate, spec, bool(return_v), repeat or 0)))
+    else:  # the derived Function directly: the common call's shortest path
+        outputs = LIF.Function.apply(x, v_init, rate, (spec, bool(return_v), repeat or 0))
+    return (outputs[0], outputs[1]) if return_v else outputs[0]
 
 
 def lif_multistep(x: Tensor, *, tau: float = 2.0, decay_input: bool = True, v_threshold: float = 1.0,

@@ -201,12 +201,12 @@ def _conv_formula(ctx, backward, grad_out, _grad_packed):
     n = ctx.needs_input_grad
     mask = [n[_X], n[_WEIGHT], ctx.has_bias and n[_BIAS]]
     grads = backward(grad_out, packed, weight, *ctx.x_layout, *ctx.conv, ctx.storage, mask)
-    return _CONV_GRADS(*(g if need else None for g, need in zip(grads, mask)))  # compiled: empty for none
+    return tuple(g if need else None for g, need in zip(grads, mask))  # compiled: empty for none
 
 
 SPIKE_CONV2D = Op("spike_conv2d", _conv_forward, fake=_conv_fake, save=_conv_save, backward=_conv_backward,
-                  backward_fake=_conv_backward_fake, formula=_conv_formula, label="SpikeConv2d")
-_CONV_GRADS = SPIKE_CONV2D.args.returning("x", "weight", "bias")
+                  backward_fake=_conv_backward_fake, formula=_conv_formula, differentiable=("x", "weight", "bias"),
+                  label="SpikeConv2d")
 _CONV = SPIKE_CONV2D.args.span("stride", "groups")
 _X, _WEIGHT, _BIAS = (SPIKE_CONV2D.args.index(n) for n in ("x", "weight", "bias"))
 
@@ -248,12 +248,12 @@ def _pool_backward_fake(grad_out, packed, x_shape, x_strides, x_dtype, kernel_si
 
 def _pool_formula(ctx, backward, grad_out, _grad_packed):
     (packed,) = ctx.saved_tensors
-    return _POOL_GRADS(backward(grad_out, packed, *ctx.x_layout, *ctx.pool))
+    return (backward(grad_out, packed, *ctx.x_layout, *ctx.pool),)
 
 
 SPIKE_MAX_POOL2D = Op("spike_max_pool2d", _pool_forward, fake=_pool_fake, save=_pool_save, backward=_pool_backward,
-                      backward_fake=_pool_backward_fake, formula=_pool_formula, label="SpikeMaxPool2d")
-_POOL_GRADS = SPIKE_MAX_POOL2D.args.returning("x")
+                      backward_fake=_pool_backward_fake, formula=_pool_formula, differentiable=("x",),
+                      label="SpikeMaxPool2d")
 _POOL = SPIKE_MAX_POOL2D.args.span("kernel_size", "ceil_mode")
 
 

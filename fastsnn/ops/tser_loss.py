@@ -72,7 +72,7 @@ def _backward_fake(grad_loss, z, u, y, stats, alpha, tau, lam, ts_ce, ts_kl, ent
 
 def _formula(ctx, backward, grad_loss, _grad_terms, _grad_stats):
     z, u, y, stats = ctx.saved_tensors
-    return _GRADS(backward(grad_loss, z, u, y, stats, *ctx.params))
+    return (backward(grad_loss, z, u, y, stats, *ctx.params),)
 
 
 _KWARGS: dict = {}
@@ -91,8 +91,7 @@ def _kernel_kwargs(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index) -> 
 
 
 TSER_LOSS = Op("tser_loss", _forward, fake=_forward_fake, save=_save, backward=_backward,
-               backward_fake=_backward_fake, formula=_formula, internal=1)
-_GRADS = TSER_LOSS.args.returning("z")
+               backward_fake=_backward_fake, formula=_formula, differentiable=("z",), internal=1)
 _SETTINGS = TSER_LOSS.args.span("alpha", "ignore_index")  # the backward's settings (with_entropy is forward's)
 
 
@@ -257,9 +256,9 @@ def tser_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, *,
         loss, terms, _ = TSER_LOSS.op(z, u, target, alpha, tau, lam, ts_ce, ts_kl,
                                       tau if entropy_tau is None else entropy_tau, ignore_index, bool(return_terms))
     else:
-        settings = (alpha, tau, lam, ts_ce, ts_kl, tau if entropy_tau is None else entropy_tau, ignore_index,
-                    bool(return_terms))
-        loss, terms = TSER_LOSS.Function.apply(z, u, target, settings)
+        others = (u, target, alpha, tau, lam, ts_ce, ts_kl, tau if entropy_tau is None else entropy_tau, ignore_index,
+                  bool(return_terms))
+        loss, terms = TSER_LOSS.Function.apply(z, others)
     if return_terms:
         return loss, {"ce": terms[0], "kl": terms[1], "entropy": terms[2]}
     return loss
