@@ -146,7 +146,6 @@ def bn_lif_variants(aligned: bool):
     """The fused BatchNorm + neuron: statistics, finalisations, fire and its backward, grad_x; NCHW and
     channels_last; T = 4 and 16 (two chunks); with and without the residual; LIF (and IF, no-decay once)."""
     from fastsnn.kernels import bn_lif as k
-    from fastsnn.ops.bn_lif import _geometry
     from fastsnn.spec import NeuronSpec
 
     layouts = ("nchw", "channels_last")
@@ -154,14 +153,14 @@ def bn_lif_variants(aligned: bool):
         def stats(dtype=DTYPES[dtype_name], layout=layout, training=True):
             x = _bn_x(4, dtype, layout, aligned)
             C = x.shape[2]
-            k.bn_statistics(x, _geometry(x), torch.ones(C), torch.zeros(C), torch.zeros(C), torch.ones(C),
+            k.bn_statistics(x, k.geometry(x), torch.ones(C), torch.zeros(C), torch.zeros(C), torch.ones(C),
                             torch.empty(4, C), training=training, momentum=0.1, eps=1e-5)
 
         def grad_input(dtype=DTYPES[dtype_name], layout=layout):
             x = _bn_x(4, dtype, layout, aligned)
             C = x.shape[2]
             k.bn_fire_backward(x, None, torch.empty_like(x), torch.empty(4, C), None, torch.empty_like(x),
-                               torch.ones(C), torch.empty(C), torch.empty(C), torch.empty_like(x), _geometry(x),
+                               torch.ones(C), torch.empty(C), torch.empty(C), torch.empty_like(x), k.geometry(x),
                                NeuronSpec(), training=True)
         labels = dict(dtype=dtype_name, layout=layout)
         yield "_bn_stats_kernel", labels, None, stats
@@ -188,7 +187,7 @@ def bn_lif_variants(aligned: bool):
 
         def fire(buffers=buffers, spec=spec):
             x, r, stats, checkpoints, r_stats = buffers()
-            k.bn_fire(x, r, stats, torch.empty_like(x), checkpoints, _geometry(x), spec, residual_stats=r_stats,
+            k.bn_fire(x, r, stats, torch.empty_like(x), checkpoints, k.geometry(x), spec, residual_stats=r_stats,
                       rate=_rate(spec))
 
         def backward(buffers=buffers, spec=spec):
@@ -197,7 +196,7 @@ def bn_lif_variants(aligned: bool):
             r_bn = None if r_stats is None else (r_stats, torch.ones(C), torch.empty(C), torch.empty(C),
                                                  torch.empty_like(x))
             k.bn_fire_backward(x, r, torch.empty_like(x), stats, checkpoints, torch.empty_like(x), torch.ones(C),
-                               torch.empty(C), torch.empty(C), None, _geometry(x), spec, training=True,
+                               torch.empty(C), torch.empty(C), None, k.geometry(x), spec, training=True,
                                residual_bn=r_bn, rate=_rate(spec))
         labels = dict(dtype=dtype_name, layout=layout, T=T, residual=residual, kind=spec.kind,
                       hard_reset=spec.hard_reset, surrogate=spec.surrogate, detach_reset=spec.detach_reset)

@@ -1,4 +1,7 @@
 """Triton kernels and their launch helpers. No nn.Modules, no autograd here."""
+from __future__ import annotations
+
+from typing import NamedTuple
 
 
 def next_pow2(n: int) -> int:
@@ -7,6 +10,21 @@ def next_pow2(n: int) -> int:
 
 
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
+class Launch(NamedTuple):
+    """A launch's arguments after its pointers, joined once per plan: the runtime scalars, then the constexprs in the
+    kernel's order (positionally: a keyword each costs host time on every launch), and the options (num_warps),
+    the only keywords left."""
+    args: tuple
+    options: dict
+
+
+def launch(kernel, args: tuple, kw: dict) -> Launch:
+    """The Launch of `kernel` with the runtime arguments `args` (after the pointers) and the constexprs and options
+    `kw` (see positional)."""
+    constexprs, options = positional(kernel, kw)
+    return Launch((*args, *constexprs), options)
 
 
 def positional(kernel, kw: dict) -> tuple[tuple, dict]:

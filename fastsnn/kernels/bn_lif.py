@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import next_pow2, positional
+from . import Launch, launch, next_pow2
 from .neuron import (NEURON_PLIF, NEURON_PLIF_NO_DECAY, NUM_WARPS, PARAMETRIC, SURROGATE_CODES, UNALIGNED_ELEMENTS,
                      arithmetic_modes, charge, charge_slopes, checkpoints_for, chunk_for, fire_and_reset,
                      launch_constants, membrane_grad, parametric_charge, rate_slope)
@@ -467,30 +467,21 @@ def _finalize_grid(C: int) -> tuple:
 # Launch plans: everything a launch needs besides the pointers (grid, scalar arguments, constexprs), decided
 # once per (Geometry, arguments) and then looked up: per call only the pointers are gathered.
 
-class Kw(NamedTuple):
-    """A launch's constexprs in the kernel's order and its options (see fastsnn.kernels.positional)."""
-    constexprs: tuple
-    options: dict
-
-
 class StatisticsPlan(NamedTuple):
-    stats_args: tuple
-    stats_kw: Kw
+    stats: Launch
     finalize_grid: tuple
-    finalize_args: tuple
-    finalize_kw: Kw
+    finalize: Launch  # its first argument: the number of partials per channel
 
 
 @functools.lru_cache(maxsize=1024)
 def _statistics_plan(g: Geometry, training: bool, has_weight: bool, has_bias: bool, update: bool, momentum: float,
                      eps: float) -> StatisticsPlan:
-    stats_args = (g.steps, g.stride_xt, *g.view_args(), g.programs)
-    stats_kw = Kw(*positional(_bn_stats_kernel, dict(num_warps=NUM_WARPS, **g.blocks())))
-    finalize_args = (g.programs, g.C, float(momentum), float(eps))
-    finalize_kw = Kw(*positional(_bn_finalize_fwd_kernel, dict(
-        TRAINING=training, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, UPDATE_RUNNING=update, BLOCK_P=FINALIZE_BLOCK_P,
-        BLOCK_C=FINALIZE_BLOCK_C)))
-    return StatisticsPlan(stats_args, stats_kw, _finalize_grid(g.C), finalize_args, finalize_kw)
+    stats = launch(_bn_stats_kernel, (g.steps, g.stride_xt, *g.view_args(), g.programs),
+                   dict(num_warps=NUM_WARPS, **g.blocks()))
+    finalize = launch(_bn_finalize_fwd_kernel, (g.programs, g.C, float(momentum), float(eps)),
+                      dict(TRAINING=training, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, UPDATE_RUNNING=update,
+                           BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C))
+    return StatisticsPlan(stats, _finalize_grid(g.C), finalize)
 
 
 def _warps(itemsize: int, T: int, heavy: bool) -> int:
@@ -499,43 +490,33 @@ def _warps(itemsize: int, T: int, heavy: bool) -> int:
     return 2 * NUM_WARPS if heavy and itemsize == 2 and chunk_for(T) > 4 else NUM_WARPS
 
 
-class FirePlan(NamedTuple):
-    args: tuple
-    kw: Kw
-
-
 @functools.lru_cache(maxsize=1024)
-def _fire_plan(g: Geometry, spec, cuda: bool, has_residual: bool, residual_bn: bool) -> FirePlan:
+def _fire_plan(g: Geometry, spec, cuda: bool, has_residual: bool, residual_bn: bool) -> Launch:
     constants = launch_constants(spec)
     args = (g.stride_xt, g.N, *g.view_args(), *constants.scalars)
     heavy = residual_bn or spec.kind in PARAMETRIC
     kw = dict(T=g.T, CHUNK=chunk_for(g.T), HAS_RESIDUAL=has_residual, RESIDUAL_BN=residual_bn,
               num_warps=_warps(g.itemsize, g.T, heavy), **arithmetic_modes(cuda), **constants.constexprs, **g.blocks())
-    return FirePlan(args, Kw(*positional(_bn_lif_fwd_kernel, kw)))
+    return launch(_bn_lif_fwd_kernel, args, kw)
 
 
-@functools.lru_cache(maxsize=64)
-def _finalize_kw(training: bool, has_weight: bool, grad_weight: bool, grad_bias: bool) -> Kw:
-    return Kw(*positional(_bn_finalize_bwd_kernel, dict(
+def _finalize_launch(args: tuple, training: bool, has_weight: bool, grad_weight: bool, grad_bias: bool) -> Launch:
+    return launch(_bn_finalize_bwd_kernel, args, dict(
         TRAINING=training, HAS_WEIGHT=has_weight, GRAD_WEIGHT=grad_weight, GRAD_BIAS=grad_bias,
-        BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C)))
+        BLOCK_P=FINALIZE_BLOCK_P, BLOCK_C=FINALIZE_BLOCK_C))
 
 
 class ResidualPlan(NamedTuple):
     """The residual BatchNorm's finalisation (Σg·r̂ in row 2) and grad_input (time stride N)."""
-    finalize_args: tuple
-    finalize_kw: Kw
-    input_args: tuple
+    finalize: Launch
+    input: Launch
 
 
 class BackwardPlan(NamedTuple):
-    neuron_args: tuple
-    neuron_kw: Kw
+    neuron: Launch
     finalize_grid: tuple
-    finalize_args: tuple
-    finalize_kw: Kw
-    input_args: tuple
-    input_kw: Kw
+    finalize: Launch
+    input: Launch
     residual: ResidualPlan | None
 
 
@@ -547,21 +528,19 @@ def _backward_plan(g: Geometry, spec, cuda: bool, training: bool, has_residual: 
     # the backward holds per-channel sums besides the constants (8 channels per thread in channels_last)
     warps = _warps(g.itemsize, g.T, heavy=True)
     neuron_args = (g.stride_xt, g.N, *g.view_args(), g.programs, *constants.scalars, spec.alpha)
-    neuron_kw = dict(T=g.T, CHUNK=chunk_for(g.T), SURROGATE=SURROGATE_CODES[spec.surrogate],
-                     DETACH_RESET=spec.detach_reset, SUM_OVER_TIME=g.stride_xt == 0 and g.T > 1,
-                     HAS_RESIDUAL=has_residual, RESIDUAL_BN=residual_bn is not None, num_warps=warps,
-                     **arithmetic_modes(cuda), **constants.constexprs, **g.blocks())
-    neuron_kw = Kw(*positional(_bn_lif_bwd_kernel, neuron_kw))
-    finalize_args = (g.programs, g.C, 1.0 / g.count, 1)
-    finalize_kw = _finalize_kw(training, has_weight, grad_weight, grad_bias)
-    input_args = (g.steps, g.stride_xt, g.N, *g.view_args())
-    input_kw = Kw(*positional(_bn_grad_input_kernel, dict(num_warps=NUM_WARPS, **g.blocks())))
+    neuron = launch(_bn_lif_bwd_kernel, neuron_args, dict(
+        T=g.T, CHUNK=chunk_for(g.T), SURROGATE=SURROGATE_CODES[spec.surrogate], DETACH_RESET=spec.detach_reset,
+        SUM_OVER_TIME=g.stride_xt == 0 and g.T > 1, HAS_RESIDUAL=has_residual, RESIDUAL_BN=residual_bn is not None,
+        num_warps=warps, **arithmetic_modes(cuda), **constants.constexprs, **g.blocks()))
+    finalize = _finalize_launch((g.programs, g.C, 1.0 / g.count, 1), training, has_weight, grad_weight, grad_bias)
+    input_kw = dict(num_warps=NUM_WARPS, **g.blocks())
+    grad_input = launch(_bn_grad_input_kernel, (g.steps, g.stride_xt, g.N, *g.view_args()), input_kw)
     residual = None
     if residual_bn is not None:
-        residual = ResidualPlan((g.programs, g.C, 1.0 / (g.T * g.outer * g.inner), 2),
-                                _finalize_kw(training, *residual_bn), (g.T, g.N, g.N, *g.view_args()))
-    return BackwardPlan(neuron_args, neuron_kw, _finalize_grid(g.C), finalize_args, finalize_kw, input_args, input_kw,
-                        residual)
+        residual = ResidualPlan(
+            _finalize_launch((g.programs, g.C, 1.0 / (g.T * g.outer * g.inner), 2), training, *residual_bn),
+            launch(_bn_grad_input_kernel, (g.T, g.N, g.N, *g.view_args()), input_kw))
+    return BackwardPlan(neuron, _finalize_grid(g.C), finalize, grad_input, residual)
 
 
 def merged_statistics(partials):
@@ -595,10 +574,10 @@ def bn_statistics(x, geometry, weight, bias, running_mean, running_var, stats, *
     update = training and running_mean is not None
     plan = _statistics_plan(g, training, weight is not None, bias is not None, update, momentum, eps)
     dummy = stats
-    finalize_args = plan.finalize_args
+    finalize_args = plan.finalize.args
     if training:
         partials = stats.new_empty(3, g.programs, g.C)
-        _bn_stats_kernel[g.grid](x, partials, *plan.stats_args, *plan.stats_kw.constexprs, **plan.stats_kw.options)
+        _bn_stats_kernel[g.grid](x, partials, *plan.stats.args, **plan.stats.options)
         if group is not None:
             partials = gathered_statistics(partials, group)
             finalize_args = (partials.shape[1], *finalize_args[1:])
@@ -607,7 +586,7 @@ def bn_statistics(x, geometry, weight, bias, running_mean, running_var, stats, *
     _bn_finalize_fwd_kernel[plan.finalize_grid](
         partials, dummy if weight is None else weight, dummy if bias is None else bias,
         dummy if running_mean is None else running_mean, dummy if running_var is None else running_var, stats,
-        *finalize_args, *plan.finalize_kw.constexprs, **plan.finalize_kw.options)
+        *finalize_args, **plan.finalize.options)
 
 
 def bn_fire(x, residual, stats, spikes, checkpoints, geometry, spec, residual_stats=None, rate=None):
@@ -620,7 +599,7 @@ def bn_fire(x, residual, stats, spikes, checkpoints, geometry, spec, residual_st
     _bn_lif_fwd_kernel[g.grid](
         x, dummy if residual is None else residual, stats, dummy if residual_stats is None else residual_stats,
         spikes, dummy if checkpoints is None else checkpoints, dummy if rate is None else rate, *plan.args,
-        *plan.kw.constexprs, **plan.kw.options)
+        **plan.options)
 
 
 def _summed_over_ranks(partials, grad_weights, count: int, group):
@@ -662,36 +641,33 @@ def bn_fire_backward(x, residual, grad_spikes, stats, checkpoints, grad_y, weigh
         x, dummy if residual is None else residual, grad_spikes, stats,
         dummy if residual_bn is None else residual_bn[0], dummy if checkpoints is None else checkpoints, grad_y,
         partials, dummy if rate is None else rate, dummy if rate_partials is None else rate_partials,
-        *plan.neuron_args, *plan.neuron_kw.constexprs, **plan.neuron_kw.options)
-    finalize_args, finalize_kw = plan.finalize_args, plan.finalize_kw
+        *plan.neuron.args, **plan.neuron.options)
+    finalize = plan.finalize
     synced = group is not None and training
     if synced:  # the sums span every rank's batch; the weights' gradients stay this rank's
         grad_weights = [(grad_weight, grad_bias, 1)]
         if residual_bn is not None:
             grad_weights.append((residual_bn[2], residual_bn[3], 2))
         partials, inv_count = _summed_over_ranks(partials, grad_weights, g.count, group)
-        finalize_args = (1, g.C, inv_count, 1)
-        finalize_kw = _finalize_kw(training, weight is not None, False, False)
+        finalize = _finalize_launch((1, g.C, inv_count, 1), training, weight is not None, False, False)
     _bn_finalize_bwd_kernel[plan.finalize_grid](
         partials, stats, dummy if weight is None else weight, dummy if grad_weight is None else grad_weight,
-        dummy if grad_bias is None else grad_bias, coef, *finalize_args, *finalize_kw.constexprs,
-        **finalize_kw.options)
+        dummy if grad_bias is None else grad_bias, coef, *finalize.args, **finalize.options)
     if residual_bn is not None:  # before grad_x, which may overwrite grad_y
         r_stats, r_weight, r_grad_weight, r_grad_bias, r_grad_input = residual_bn
         r_coef = stats.new_empty(3, g.C)
-        r_args, r_kw = plan.residual.finalize_args, plan.residual.finalize_kw
+        r_finalize = plan.residual.finalize
         if synced:
-            r_args, r_kw = (1, g.C, inv_count, 2), _finalize_kw(training, r_weight is not None, False, False)
+            r_finalize = _finalize_launch((1, g.C, inv_count, 2), training, r_weight is not None, False, False)
         _bn_finalize_bwd_kernel[plan.finalize_grid](
             partials, r_stats, dummy if r_weight is None else r_weight,
             dummy if r_grad_weight is None else r_grad_weight, dummy if r_grad_bias is None else r_grad_bias, r_coef,
-            *r_args, *r_kw.constexprs, **r_kw.options)
+            *r_finalize.args, **r_finalize.options)
         if r_grad_input is not None:
-            _bn_grad_input_kernel[g.grid](grad_y, residual, r_stats, r_coef, r_grad_input, *plan.residual.input_args,
-                                          *plan.input_kw.constexprs, **plan.input_kw.options)
+            _bn_grad_input_kernel[g.grid](grad_y, residual, r_stats, r_coef, r_grad_input, *plan.residual.input.args,
+                                          **plan.residual.input.options)
     if grad_x is not None:
-        _bn_grad_input_kernel[g.grid](grad_y, x, stats, coef, grad_x, *plan.input_args, *plan.input_kw.constexprs,
-                                      **plan.input_kw.options)
+        _bn_grad_input_kernel[g.grid](grad_y, x, stats, coef, grad_x, *plan.input.args, **plan.input.options)
     return rate_partials
 
 

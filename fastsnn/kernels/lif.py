@@ -13,7 +13,7 @@ from there instead of re-running the forward from t = 0.
 
 Each thread owns 16 contiguous bytes of a timestep (4 fp32 or 8 fp16/bf16 values): 128-bit accesses.
 """
-import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -119,38 +119,54 @@ def _lif_bwd_kernel(
         tl.store(p_rate_part + i_n, tl.sum(tl.where(m_n, b_gk, 0.0), axis=0))
 
 
-_FP32_PLACEHOLDERS = {}
+_FP32_PLACEHOLDERS = {}  # by device index (-1: the CPU)
 
 
-def _fp32_placeholder(device):
-    """A one-element fp32 tensor passed for an absent optional pointer, which the kernels never touch."""
-    if device not in _FP32_PLACEHOLDERS:
-        _FP32_PLACEHOLDERS[device] = torch.zeros(1, dtype=torch.float32, device=device)
-    return _FP32_PLACEHOLDERS[device]
+def _fp32_placeholder(x):
+    """A one-element fp32 tensor on x's device, passed for an absent optional pointer, which the kernels never
+    touch; the launchers look it up by x.get_device() themselves (an int, unlike x.device, an object made on each
+    read) and call this on a miss."""
+    placeholder = _FP32_PLACEHOLDERS[x.get_device()] = torch.zeros(1, dtype=torch.float32, device=x.device)
+    return placeholder
 
 
 class Launch(NamedTuple):
     grid: tuple
-    constexprs: tuple  # in the kernel's order, passed positionally (see fastsnn.kernels.positional)
+    args: tuple  # every argument after the pointers: sizes, scalars, flags, constexprs (in the kernel's order)
     options: dict  # num_warps
 
 
 class Plan(NamedTuple):
-    """Everything a launch needs besides the pointers: the scalar arguments, and the launch for unaligned and
-    for 16-byte-aligned pointers."""
-    scalars: tuple
+    """Everything a launch needs besides the pointers: the launch for unaligned and for 16-byte-aligned pointers,
+    and the spec it was made for (kept alive while its plan is cached under its id)."""
     unaligned: Launch
     aligned: Launch
+    spec: object
 
 
-@functools.lru_cache(maxsize=1024)
-def _plan(backward: bool, T: int, N: int, x_time_stride: int, itemsize: int, cuda: bool, spec,
-          sum_over_time=False) -> Plan:
-    """The Plan of one (direction, shape, layout, dtype, device type, spec), decided once. BLOCK (for NUM_WARPS
+_PLANS: dict = {}
+
+
+def _plan_of(key: tuple, backward: bool, x, spec, has_v_init: bool, has_second: bool, sum_over_time: bool) -> Plan:
+    """The Plan under `key` (x's shape, strides, dtype and device type, id(spec), the direction's flags), made on
+    the first call with that key: per call a launcher reads x's layout once and looks its plan up in one
+    dictionary, with no hashing of the spec (its id stands for it while the plan holds it)."""
+    if len(_PLANS) >= 1024:
+        _PLANS.clear()
+    # the launchers' tensors share one dense time-major layout: the time stride of spikes / grad_spikes is N
+    T, N = x.shape[0], math.prod(x.shape[1:])
+    plan = _PLANS[key] = _plan(backward, T, N, x.stride(0), x.element_size(), x.is_cuda, spec, has_v_init,
+                               has_second, sum_over_time)
+    return plan
+
+
+def _plan(backward: bool, T: int, N: int, x_time_stride: int, itemsize: int, cuda: bool, spec, has_v_init: bool,
+          has_second: bool, sum_over_time: bool = False) -> Plan:
+    """The Plan of one (direction, shape, layout, dtype, device type, spec, optional tensors). BLOCK (for NUM_WARPS
     warps) gives 16 bytes per thread (4 fp32 or 8 fp16/bf16 values) when every pointer is 16-byte aligned and N
     and the time stride are multiples of that (what lets Triton's JIT prove 128-bit accesses), else
-    UNALIGNED_ELEMENTS values per thread; per call only the pointers' alignment is read. DIVIDE and MULTIPLY:
-    see fastsnn.kernels.neuron.arithmetic_modes."""
+    UNALIGNED_ELEMENTS values per thread; per call only the pointers' alignment is read. has_second: v_final
+    (forward) or grad_v_final (backward) given. DIVIDE and MULTIPLY: see fastsnn.kernels.neuron.arithmetic_modes."""
     per_thread = 16 // itemsize
     constants = launch_constants(spec)
     scalars = tuple(constants.scalars)
@@ -163,28 +179,32 @@ def _plan(backward: bool, T: int, N: int, x_time_stride: int, itemsize: int, cud
     launches = []
     for aligned in (False, True):
         block = (per_thread if aligned else UNALIGNED_ELEMENTS) * 32 * NUM_WARPS
-        launches.append(Launch((-(-N // block),), *positional(kernel, {**kw, "BLOCK": block})))
+        constexprs, options = positional(kernel, {**kw, "BLOCK": block})
+        args = (N, x_time_stride, *scalars, int(has_v_init), int(has_second), *constexprs)
+        launches.append(Launch((-(-N // block),), args, options))
     shape_aligned = N % per_thread == 0 and x_time_stride % per_thread == 0
-    return Plan(scalars, launches[0], launches[1] if shape_aligned else launches[0])
-
-
-def _ptr(t) -> int:
-    return 0 if t is None else t.data_ptr()
+    return Plan(launches[0], launches[1] if shape_aligned else launches[0], spec)
 
 
 def lif_forward(x, spikes, v_init, v_final, checkpoints, spec, rate=None):
     """x, spikes: [T, ...] sharing one dense time-major layout (x may have time stride 0); v_init/v_final:
     fp32 [...] or None; checkpoints: fp32 [checkpoints_for(T), ...] or None when T <= MAX_CHUNK; rate: a
     parametric neuron's k = sigmoid(w), fp32, one element (None for the other kinds)."""
-    N, x_stride = spikes.stride(0), x.stride(0)  # spikes is dense time-major: its time stride is N
-    plan = _plan(False, x.shape[0], N, x_stride, x.element_size(), x.is_cuda, spec)
-    addresses = x.data_ptr() | spikes.data_ptr() | _ptr(v_init) | _ptr(v_final) | _ptr(checkpoints)
-    grid, constexprs, options = plan.unaligned if addresses % 16 else plan.aligned
-    none = _fp32_placeholder(x.device)
+    key = (False, x.shape, x.stride(), x.dtype, x.is_cuda, id(spec), v_init is not None, v_final is not None)
+    plan = _PLANS.get(key)
+    if plan is None or plan.spec is not spec:
+        plan = _plan_of(key, False, x, spec, v_init is not None, v_final is not None, False)
+    addresses = x.data_ptr() | spikes.data_ptr()
+    for t in (v_init, v_final, checkpoints):
+        if t is not None:
+            addresses |= t.data_ptr()
+    grid, args, options = plan.unaligned if addresses % 16 else plan.aligned
+    none = _FP32_PLACEHOLDERS.get(x.get_device())
+    if none is None:
+        none = _fp32_placeholder(x)
     _lif_fwd_kernel[grid](
         x, spikes, none if v_init is None else v_init, none if v_final is None else v_final,
-        none if checkpoints is None else checkpoints, none if rate is None else rate,
-        N, x_stride, *plan.scalars, int(v_init is not None), int(v_final is not None), *constexprs, **options)
+        none if checkpoints is None else checkpoints, none if rate is None else rate, *args, **options)
 
 
 def lif_backward(x, grad_spikes, v_init, checkpoints, grad_v_final, grad_x, grad_v_init, spec, sum_over_time=False,
@@ -193,18 +213,24 @@ def lif_backward(x, grad_spikes, v_init, checkpoints, grad_v_final, grad_x, grad
     Σ_t dL/dx_t) and grad_v_init (fp32, when v_init is given). For a parametric neuron (rate given) returns the
     programs' partial sums of dL/dk, fp32 [programs] (their sum is dL/dk: one deterministic reduction), else
     None."""
-    N, x_stride = grad_spikes.stride(0), x.stride(0)  # grad_spikes is dense time-major: its time stride is N
-    plan = _plan(True, x.shape[0], N, x_stride, x.element_size(), x.is_cuda, spec, sum_over_time)
-    addresses = (x.data_ptr() | grad_spikes.data_ptr() | grad_x.data_ptr() | _ptr(v_init) | _ptr(checkpoints)
-                 | _ptr(grad_v_final) | _ptr(grad_v_init))
-    grid, constexprs, options = plan.unaligned if addresses % 16 else plan.aligned
-    none = _fp32_placeholder(x.device)
+    key = (True, x.shape, x.stride(), x.dtype, x.is_cuda, id(spec), v_init is not None, grad_v_final is not None,
+           sum_over_time)
+    plan = _PLANS.get(key)
+    if plan is None or plan.spec is not spec:
+        plan = _plan_of(key, True, x, spec, v_init is not None, grad_v_final is not None, sum_over_time)
+    addresses = x.data_ptr() | grad_spikes.data_ptr() | grad_x.data_ptr()
+    for t in (v_init, checkpoints, grad_v_final, grad_v_init):
+        if t is not None:
+            addresses |= t.data_ptr()
+    grid, args, options = plan.unaligned if addresses % 16 else plan.aligned
+    none = _FP32_PLACEHOLDERS.get(x.get_device())
+    if none is None:
+        none = _fp32_placeholder(x)
     partials = None if rate is None else torch.empty(grid[0], dtype=torch.float32, device=x.device)
     _lif_bwd_kernel[grid](
         x, grad_spikes, none if v_init is None else v_init, none if checkpoints is None else checkpoints,
         none if grad_v_final is None else grad_v_final, grad_x, none if grad_v_init is None else grad_v_init,
-        none if rate is None else rate, none if partials is None else partials,
-        N, x_stride, *plan.scalars, int(v_init is not None), int(grad_v_final is not None), *constexprs, **options)
+        none if rate is None else rate, none if partials is None else partials, *args, **options)
     return partials
 
 

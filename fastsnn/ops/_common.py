@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._layout import kernels_loader, time_major_like
+from ._layout import LazyKernels, time_major_like
 
 MAX_CHUNK = 8  # fastsnn.kernels.neuron.MAX_CHUNK (asserted equal by tests/test_lif.py), kept here to skip a call
-_neuron_kernels = kernels_loader("neuron")
+_neuron_kernels = LazyKernels("neuron")
 
 
 def repeated(x_step: Tensor, repeat: int) -> Tensor:
@@ -20,5 +20,5 @@ def membrane_checkpoints(x_seq: Tensor) -> Tensor | None:
     """fp32 membrane checkpoints [n, ...] laid out like x_seq's timesteps, or None when T needs none."""
     if x_seq.shape[0] <= MAX_CHUNK:  # the common case, decided without a call into the kernels module
         return None
-    n = _neuron_kernels().checkpoints_for(x_seq.shape[0])
+    n = _neuron_kernels.checkpoints_for(x_seq.shape[0])
     return time_major_like(x_seq[:n], dtype=torch.float32)

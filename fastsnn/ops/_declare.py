@@ -225,7 +225,7 @@ class Op:
     mutates_args: the arguments a forward-only op writes to (no backward then).
     label: the name errors give the op (the public function's), default `name`.
     materialize_grads: False (the default) passes None (eager) for an output that got no gradient, instead of a
-        tensor of zeros (one more kernel).
+        tensor of zeros (one more kernel), where the eager Function returns more than one output.
     """
 
     def __init__(self, name: str, forward: Callable, *, fake: Callable, save: Callable | None = None,
@@ -289,17 +289,16 @@ def _eager_function(label, forward, args: Args, n: int, save, backward, formula,
         lines.append(f"    {', '.join(rest)}, = rest")
     lines += [f"    outputs = forward_({every})",
               f"    save(ctx, bind(({every},)), outputs)"]
-    if not materialize_grads:
-        lines.append("    ctx.set_materialize_grads(False)")
-    if total == 1 or public == 1:
-        lines.append("    return outputs" if total == 1 else "    return outputs[:1]")
+    # materialize_grads matters only where more than one output is returned: a single one that gets no gradient
+    # leaves the backward uncalled, or (the gradient undefined) given zeros, for which every formula is written
+    if total == 1:
+        lines.append("    return outputs")
     else:
-        lines += [f"    if outputs[{public - 1}] is not None:",
-                  f"        return outputs[:{public}]",
-                  f"    k = {public - 1}",
-                  "    while k > 1 and outputs[k - 1] is None:",
-                  "        k -= 1",
-                  "    return outputs[:k]"]
+        for k in range(public - 1, 0, -1):  # the outputs up to the last that is not None
+            lines += [f"    if outputs[{k}] is not None:",
+                      *([] if materialize_grads else ["        ctx.set_materialize_grads(False)"]),
+                      f"        return outputs[:{k + 1}]"]
+        lines.append("    return outputs[:1]")
     defaults = ", ".join([grads_in[0]] + [f"{g}=None" for g in grads_in[1:]])
     formula_grads = ", ".join(grads_in + ["None"] * (total - public))
     lines += [f"def backward(ctx, {defaults}):",

@@ -55,16 +55,21 @@ def same_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(like, dtype=t.dtype).copy_(t)
 
 
-def kernels_loader(name: str):
-    """A function returning fastsnn.kernels.<name>, imported on its first call (importing fastsnn does not
-    import Triton) and then kept: an import statement on every call would cost host time."""
-    module = None
+class LazyKernels:
+    """fastsnn.kernels.<name>, imported on the first attribute read (importing fastsnn does not import Triton).
+    From then on this object's namespace is the module's own (its __dict__ is the module's __dict__): a read such
+    as `_kernels.lif_forward` is one dictionary lookup on every call, no function call, and a change made to the
+    module (a test's monkeypatch) is seen."""
 
-    def load():
-        nonlocal module
-        if module is None:
-            import importlib
+    def __init__(self, name: str):
+        self._fastsnn_kernels = name
 
-            module = importlib.import_module(f"fastsnn.kernels.{name}")
-        return module
-    return load
+    def __getattr__(self, attr):  # only for a name the namespace lacks: before the import, or a missing one
+        name = self.__dict__.get("_fastsnn_kernels")
+        if name is None:
+            raise AttributeError(f"fastsnn.kernels has no attribute {attr!r}")
+        import importlib
+
+        module = importlib.import_module(f"fastsnn.kernels.{name}")
+        self.__dict__ = module.__dict__
+        return getattr(module, attr)

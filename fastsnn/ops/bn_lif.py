@@ -23,26 +23,20 @@ from ..spec import PARAMETRIC, NeuronSpec, kind_of, neuron_spec
 from . import recompute, spike_storage
 from ._common import membrane_checkpoints, repeated
 from ._declare import Host, Op
-from ._layout import as_time_major_like, is_dense_time_major, kernels_loader, time_major_like
+from ._layout import as_time_major_like, is_dense_time_major, LazyKernels, time_major_like
 from .lif import check_w, rate_of
 
 
-_kernels = kernels_loader("bn_lif")
+_kernels = LazyKernels("bn_lif")
 
 
-
-
-def _geometry(x_seq: Tensor, *tensors: Tensor | None):
-    """The kernels' (outer, channel, inner) view of x_seq [T, B, C, ...] and its tiling (see
-    fastsnn.kernels.bn_lif.geometry; `tensors` are the call's other inputs, for their alignment)."""
-    return _kernels().geometry(x_seq, *tensors)
 
 
 def _backward_impl(grad_spikes, x, weight, residual, stats, checkpoints, spec, training, repeat, needs,
                    geometry=None, residual_bn=None, rate=None, group=None):
-    """(grad_x, grad_weight, grad_bias, grad_residual, grad_rate), None where `needs` (4 bools) says not needed
-    (grad_rate: None without rate); with residual_bn = (the residual's statistics, its BatchNorm weight) also
-    (grad_residual_weight, grad_residual_bias) before grad_rate, 6 needs. `geometry`: the forward's, reused when
+    """(grad_x, grad_weight, grad_bias, grad_residual, grad_residual_weight, grad_residual_bias, grad_rate), None
+    where `needs` (6 bools) says not needed, and the residual BatchNorm's two without residual_bn = (the residual's
+    statistics, its BatchNorm weight); grad_rate: None without rate. `geometry`: the forward's, reused when
     grad_spikes keeps its alignment."""
     x_seq = repeated(x, repeat) if repeat else x
     grad_spikes = as_time_major_like(grad_spikes, x_seq)
@@ -51,7 +45,7 @@ def _backward_impl(grad_spikes, x, weight, residual, stats, checkpoints, spec, t
         residual = as_time_major_like(residual, x_seq)
         addresses |= residual.data_ptr()
     if geometry is None or addresses % 16:
-        geometry = _geometry(x_seq, residual, grad_spikes)
+        geometry = _kernels.geometry(x_seq, residual, grad_spikes)
     broadcast = geometry.stride_xt == 0 and geometry.T > 1
     grad_y = time_major_like(x_seq[:1] if broadcast else x_seq)
     grad_weight = stats.new_empty(geometry.C) if needs[1] else None
@@ -64,7 +58,7 @@ def _backward_impl(grad_spikes, x, weight, residual, stats, checkpoints, spec, t
                               time_major_like(residual) if needs[3] else None)
     elif needs[0]:
         grad_x = time_major_like(grad_y) if needs[3] else grad_y  # in place over g when g is not returned
-    partials = _kernels().bn_fire_backward(x_seq, residual, grad_spikes, stats, checkpoints, grad_y, weight,
+    partials = _kernels.bn_fire_backward(x_seq, residual, grad_spikes, stats, checkpoints, grad_y, weight,
                                            grad_weight, grad_bias, grad_x, geometry, spec, training=training,
                                            residual_bn=launch_residual_bn, rate=rate, group=group)
     grad_rate = None if partials is None else partials.sum().reshape(rate.shape)
@@ -73,7 +67,7 @@ def _backward_impl(grad_spikes, x, weight, residual, stats, checkpoints, spec, t
     if residual_bn is not None:
         return (grad_x, grad_weight, grad_bias, launch_residual_bn[4], launch_residual_bn[2], launch_residual_bn[3],
                 grad_rate)
-    return grad_x, grad_weight, grad_bias, grad_y if needs[3] else None, grad_rate
+    return grad_x, grad_weight, grad_bias, grad_y if needs[3] else None, None, None, grad_rate
 
 
 # ---- the ops, declared once (fastsnn.ops._declare): eager Functions and custom ops derived ----
@@ -100,10 +94,10 @@ def _statistics(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], run
     eager path has it (see _fused)."""
     x_seq = repeated(x, repeat) if repeat else x
     if geometry is None:
-        geometry = _geometry(x_seq)
+        geometry = _kernels.geometry(x_seq)
     stats = x.new_empty(4, geometry.C, dtype=torch.float32)
-    _kernels().bn_statistics(x_seq, geometry, weight, bias, running_mean, running_var, stats, training=training,
-                             momentum=momentum, eps=eps, group=process_group(group))
+    _kernels.bn_statistics(x_seq, geometry, weight, bias, running_mean, running_var, stats, training=training,
+                           momentum=momentum, eps=eps, group=None if group is None else process_group(group))
     return stats
 
 
@@ -127,13 +121,11 @@ STATISTICS = Op("bn_statistics", _statistics, fake=_statistics_fake, mutates_arg
 BATCH_STATISTICS = Op("bn_batch_statistics", _batch_statistics, fake=_batch_statistics_fake)
 
 
-def _stats(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat, group, compiling,
-           geometry=None) -> Tensor:
+def _stats(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat, group, compiling) -> Tensor:
     """The statistics of a call: eager, the plain function; compiled, the custom op (the mutating one when there
     are running statistics), given detached inputs (it has no autograd formula: the fused op has)."""
     if not compiling:
-        return _statistics(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat, group,
-                           geometry)
+        return _statistics(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat, group)
     x, weight, bias = (None if t is None else t.detach() for t in (x, weight, bias))
     if running_mean is None:
         return BATCH_STATISTICS.op(x, weight, bias, eps, repeat, group)
@@ -158,8 +150,8 @@ def _fire(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual:
     checkpoints = membrane_checkpoints(x_seq)
     fire_residual = None if residual is None else as_time_major_like(residual, x_seq)
     if geometry is None:
-        geometry = _geometry(x_seq, fire_residual)
-    _kernels().bn_fire(x_seq, fire_residual, stats, spikes, checkpoints, geometry, spec,
+        geometry = _kernels.geometry(x_seq, fire_residual)
+    _kernels.bn_fire(x_seq, fire_residual, stats, spikes, checkpoints, geometry, spec,
                        residual_stats=residual_stats, rate=rate)
     packed = None if residual is None or not residual_storage else \
         spike_storage.pack("bn_lif", residual, residual_storage, check)
@@ -176,18 +168,18 @@ def _fire_fake(*args):
 
 def _save(ctx, a, outputs):
     _, checkpoints, packed = outputs
-    ctx.params, ctx.geometry = a[_SETTINGS], a.geometry
     residual, plan, kept = a.residual, None, ()
     x = a.x
     if a.sources is not None:  # x (the residual) is not saved when its source matches it; its tensors are
         sources = recompute.decoded_pair(a.sources, a[_X_SOURCE], a[_RESIDUAL_SOURCE])
         plan, x, residual, kept = recompute.keep(sources, x, residual)
     storage = a.residual_storage if a.residual is not None else None
-    ctx.residual_layout = (None, None, None)
+    residual_layout = _NO_LAYOUT
     if storage:  # saved packed (as _fire packed it: the residual as given), rebuilt in the backward
-        ctx.residual_layout = tuple(spike_storage.layout(a.residual))
+        residual_layout = tuple(spike_storage.layout(a.residual))
         residual = packed
-    ctx.storage, ctx.plan = storage, plan
+    # what the backward takes besides the tensors, as one attribute (each costs host time)
+    ctx.state = (a[_SETTINGS], storage, residual_layout, plan, a.geometry)
     ctx.save_for_backward(x, a.weight, residual, a.stats, checkpoints, a.residual_weight, a.residual_stats, a.rate,
                           *(kept if plan else ()))  # the sources' tensors only when something is rebuilt
     if checkpoints is not None:
@@ -220,12 +212,16 @@ def _backward(grad_spikes: Tensor, x: Optional[Tensor], weight: Optional[Tensor]
     if checkpoints is not None and not checkpoints.numel():  # the custom op's stand-in for none
         checkpoints = None
     residual_bn = None if residual_stats is None else (residual_stats, residual_weight)
-    *grads, grad_rate = _backward_impl(grad_spikes, x, weight, residual, stats, checkpoints, spec, training, repeat,
-                                       needs, geometry, residual_bn=residual_bn, rate=rate,
-                                       group=process_group(group))
-    grad_x, grad_weight, grad_bias, grad_residual, grad_r_weight, grad_r_bias = (grads + [None, None])[:6]
-    return (grad_x, _cast(grad_weight, weight), grad_bias, _cast(grad_residual, residual), grad_r_weight
-            if grad_r_weight is None else _cast(grad_r_weight, residual_weight), grad_r_bias, grad_rate)
+    grad_x, grad_weight, grad_bias, grad_residual, grad_r_weight, grad_r_bias, grad_rate = _backward_impl(
+        grad_spikes, x, weight, residual, stats, checkpoints, spec, training, repeat, needs, geometry,
+        residual_bn=residual_bn, rate=rate, group=None if group is None else process_group(group))
+    if grad_weight is not None and grad_weight.dtype != weight.dtype:  # the fp32 sums, in the weight's dtype
+        grad_weight = grad_weight.to(weight.dtype)
+    if grad_residual is not None and grad_residual.dtype != residual.dtype:
+        grad_residual = grad_residual.to(residual.dtype)
+    if grad_r_weight is not None and grad_r_weight.dtype != residual_weight.dtype:
+        grad_r_weight = grad_r_weight.to(residual_weight.dtype)
+    return grad_x, grad_weight, grad_bias, grad_residual, grad_r_weight, grad_r_bias, grad_rate
 
 
 def _backward_fake(grad_spikes, x, weight, residual, stats, checkpoints, residual_weight, residual_stats, rate,
@@ -252,18 +248,14 @@ def _formula(ctx, backward, grad_spikes, _grad_checkpoints, _grad_packed):
     x, weight, residual, stats, checkpoints, r_weight, r_stats, rate, *kept = ctx.saved_tensors
     kept = kept or _NO_SOURCES[0]
     needs = list(ctx.needs_input_grad[:6])  # x ... residual_bias; False for an input that is None
-    plan = None if ctx.plan is None else recompute.encode_plan(ctx.plan)
+    settings, storage, residual_layout, plan, geometry = ctx.state
+    if plan is not None:
+        plan = recompute.encode_plan(plan)
     grads = backward(grad_spikes, x, weight, residual, stats, checkpoints, r_weight, r_stats, rate, *kept,
-                     *ctx.params, ctx.storage, *ctx.residual_layout, plan, needs, ctx.geometry)
-    if all(needs):
-        return (*grads[:6], None if rate is None else grads[6])
+                     *settings, storage, *residual_layout, plan, needs, geometry)
+    if backward is _backward:  # eager: None already where not needed (the custom op returns empty tensors there)
+        return grads
     return (*[g if need else None for g, need in zip(grads, needs)], None if rate is None else grads[6])
-
-
-def _cast(grad: Tensor | None, like: Tensor | None) -> Tensor | None:
-    if grad is None or like is None:
-        return None
-    return grad if grad.dtype == like.dtype else grad.to(like.dtype)
 
 
 # the inputs with a gradient lead, in the order of the backward's outputs (rate's comes last)
@@ -271,33 +263,10 @@ BN_NEURON = Op("bn_neuron", _fire, fake=_fire_fake, save=_save, backward=_backwa
                formula=_formula, internal=2, label="bn_lif",
                differentiable=("x", "weight", "bias", "residual", "residual_weight", "residual_bias", "rate"))
 _NO_SOURCES = ((None,) * 6, None)  # no ConvSource: x and the residual are saved
+_NO_LAYOUT = (None, None, None)  # the residual is not saved packed
 _SETTINGS = BN_NEURON.args.span("spec", "group")  # the spec, training, repeat, group: the backward's
 _X_SOURCE = BN_NEURON.args.span("x_kept", "x_conv_bias")
 _RESIDUAL_SOURCE = BN_NEURON.args.span("residual_kept", "residual_conv_bias")
-
-
-def _fused(x, weight, bias, residual, running_mean, running_var, spec, training, momentum, eps, repeat,
-           residual_storage, check, residual_bn=None, rate=None, sources=None, group=None):
-    """The op: statistics (updating the running ones; the residual's too when residual_bn normalises it), then
-    the fused fire op through autograd (eager: its derived Function; compiled: its custom op)."""
-    compiling = torch.compiler.is_compiling()
-    group = group if training else None  # eval mode normalises with the running statistics: nothing to share
-    geometry = None
-    if not compiling:  # one Geometry for the statistics, the fire and (while its pointers stay aligned) the backward
-        x_seq = repeated(x, repeat) if repeat else x
-        geometry = _geometry(x_seq, None if residual is None else as_time_major_like(residual, x_seq))
-    stats = _stats(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat, group, compiling,
-                   geometry)
-    r_weight = r_bias = r_stats = None
-    if residual_bn is not None:
-        r_weight, r_bias, r_running_mean, r_running_var = residual_bn
-        r_stats = _stats(as_time_major_like(residual, x), r_weight, r_bias, r_running_mean, r_running_var, training,
-                         momentum, eps, 0, group, compiling)
-    source_tensors, ints = _NO_SOURCES if sources is None else recompute.encoded_pair(sources)
-    others = (stats, r_stats, *source_tensors, spec, training, repeat, group, residual_storage, check, ints, geometry)
-    if compiling:
-        return BN_NEURON.op(*BN_NEURON.args.flat((x, weight, bias, residual, r_weight, r_bias, rate, *others)))[0]
-    return BN_NEURON.Function.apply(x, weight, bias, residual, r_weight, r_bias, rate, others)[0]
 
 
 # ---- checks and the public functions ----
@@ -468,8 +437,29 @@ def apply_bn_neuron(op: str, x: Tensor, weight, bias, running_mean, running_var,
         recompute.check_source(op, "source", source)
         recompute.check_source(op, "residual_source", residual_source)
         sources = (source, None if residual_storage else residual_source)
-    return _fused(x, weight, bias, residual, running_mean, running_var, spec, training, momentum, eps, repeat or 0,
-                  residual_storage, check, residual_bn, rate, sources, group)
+    # the op: statistics (updating the running ones; the residual's too when residual_bn normalises it), then the
+    # fused fire op through autograd (eager: its derived Function; compiled: its custom op)
+    repeat = repeat or 0
+    compiling = torch.compiler.is_compiling()
+    group = group if training else None  # eval mode normalises with the running statistics: nothing to share
+    if compiling:
+        geometry = None
+        stats = _stats(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat, group, True)
+    else:  # one Geometry for the statistics, the fire and (while its pointers stay aligned) the backward
+        x_seq = repeated(x, repeat) if repeat else x
+        geometry = _kernels.geometry(x_seq, None if residual is None else as_time_major_like(residual, x_seq))
+        stats = _statistics(x, weight, bias, running_mean, running_var, training, momentum, eps, repeat, group,
+                            geometry)
+    r_weight = r_bias = r_stats = None
+    if residual_bn is not None:
+        r_weight, r_bias, r_running_mean, r_running_var = residual_bn
+        r_stats = _stats(as_time_major_like(residual, x), r_weight, r_bias, r_running_mean, r_running_var, training,
+                         momentum, eps, 0, group, compiling)
+    source_tensors, ints = _NO_SOURCES if sources is None else recompute.encoded_pair(sources)
+    others = (stats, r_stats, *source_tensors, spec, training, repeat, group, residual_storage, check, ints, geometry)
+    if compiling:
+        return BN_NEURON.op(*BN_NEURON.args.flat((x, weight, bias, residual, r_weight, r_bias, rate, *others)))[0]
+    return BN_NEURON.Function.apply(x, weight, bias, residual, r_weight, r_bias, rate, others)[0]
 
 
 def bn_lif(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,

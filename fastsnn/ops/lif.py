@@ -18,7 +18,7 @@ from ..backend import FLOAT_DTYPES, check_float_tensor, check_same_device, resol
 from ..spec import PARAMETRIC, NeuronSpec, kind_of, neuron_spec
 from ._common import membrane_checkpoints, repeated
 from ._declare import Op
-from ._layout import as_time_major_like, is_dense_time_major, kernels_loader, same_layout, time_major_like
+from ._layout import as_time_major_like, is_dense_time_major, LazyKernels, same_layout, time_major_like
 
 
 def _v_like(x: Tensor) -> Tensor:
@@ -31,7 +31,7 @@ def _v_state(v: Tensor, x: Tensor) -> Tensor:
     return same_layout(v.float(), x[0])
 
 
-_kernels = kernels_loader("lif")  # imported on first use: importing fastsnn does not import Triton
+_kernels = LazyKernels("lif")  # imported on first use: importing fastsnn does not import Triton
 
 
 # ---- the op, declared once (fastsnn.ops._declare): its eager Function and its custom ops are derived ----
@@ -44,7 +44,7 @@ def _forward(x: Tensor, v_init: Optional[Tensor], rate: Optional[Tensor], spec: 
     spikes = time_major_like(x_seq)
     v_final = _v_like(x_seq) if return_v else None
     checkpoints = membrane_checkpoints(x_seq)
-    _kernels().lif_forward(x_seq, spikes, None if v_init is None else _v_state(v_init, x_seq), v_final, checkpoints,
+    _kernels.lif_forward(x_seq, spikes, None if v_init is None else _v_state(v_init, x_seq), v_final, checkpoints,
                            spec, rate)
     return spikes, v_final, checkpoints
 
@@ -56,7 +56,7 @@ def _forward_fake(x, v_init, rate, spec, return_v, repeat):
 
 def _save(ctx, a, outputs):
     checkpoints = outputs[2]
-    ctx.spec, ctx.return_v, ctx.repeat = a.spec, a.return_v, a.repeat
+    ctx.settings = a[_SETTINGS]  # spec, return_v, repeat (one attribute: each costs host time)
     ctx.save_for_backward(a.x, a.v_init, checkpoints, a.rate)
     if checkpoints is not None:
         ctx.mark_non_differentiable(checkpoints)
@@ -74,7 +74,7 @@ def _backward(grad_spikes: Tensor, grad_v_final: Optional[Tensor], x: Tensor, v_
         grad_spikes = as_time_major_like(grad_spikes, x_seq)
     if checkpoints is not None and not checkpoints.numel():  # the custom op's stand-in for none
         checkpoints = None
-    partials = _kernels().lif_backward(x_seq, grad_spikes, None if v_init is None else _v_state(v_init, x_seq),
+    partials = _kernels.lif_backward(x_seq, grad_spikes, None if v_init is None else _v_state(v_init, x_seq),
                                        checkpoints, None if grad_v_final is None else _v_state(grad_v_final, x_seq),
                                        grad_x, grad_v_init, spec, bool(repeat), rate)
     return (grad_x[0] if repeat else grad_x, grad_v_init,
@@ -88,24 +88,24 @@ def _backward_fake(grad_spikes, grad_v_final, x, v_init, checkpoints, rate, spec
 
 def _formula(ctx, backward, grad_spikes, grad_v_final, _checkpoints):
     x, v_init, checkpoints, rate = ctx.saved_tensors
+    spec, return_v, repeat = ctx.settings
     if grad_spikes is None:
-        grad_spikes = torch.zeros_like(repeated(x, ctx.repeat) if ctx.repeat else x)
-    grad_x, grad_v_init, grad_rate = backward(grad_spikes, grad_v_final if ctx.return_v else None, x, v_init,
-                                              checkpoints, rate, ctx.spec, ctx.repeat)
+        grad_spikes = torch.zeros_like(repeated(x, repeat) if repeat else x)
+    grad_x, grad_v_init, grad_rate = backward(grad_spikes, grad_v_final if return_v else None, x, v_init,
+                                              checkpoints, rate, spec, repeat)
     return (grad_x, None if v_init is None else grad_v_init.to(v_init.dtype),
             None if rate is None else grad_rate)
 
 
 LIF = Op("lif", _forward, fake=_forward_fake, save=_save, backward=_backward, backward_fake=_backward_fake,
          formula=_formula, differentiable=("x", "v_init", "rate"), internal=1, label="lif_multistep")
+_SETTINGS = LIF.args.span("spec", "repeat")
 
 
 # ---- checks and the public functions ----
 
 def _check_input(op: str, x, v_init, repeat):
-    if v_init is None and repeat is None and type(x) is Tensor and x.dtype in FLOAT_DTYPES and x.dim() >= 2 \
-            and x.shape[0]:
-        return x.device  # the common case, checked in one line
+    """x's device, or the error that names the argument (apply_neuron checks the common call itself)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: x must be a torch.Tensor of shape [T, ...], got {type(x).__name__}")
     if repeat is not None:
@@ -160,7 +160,11 @@ def apply_neuron(op: str, x: Tensor, spec: NeuronSpec, *, v_init: Tensor | None 
     """The neuron `spec` over x [T, ...] (or one timestep [...] repeated `repeat` times): spikes [T, ...],
     or (spikes, v_final) with return_v; w: a parametric neuron's weight. The spec is trusted (validated where it
     was built)."""
-    device = _check_input(op, x, v_init, repeat)
+    if v_init is None and repeat is None and type(x) is Tensor and x.dtype in FLOAT_DTYPES and x.dim() >= 2 \
+            and x.shape[0]:
+        device = x.device  # the common call, checked in one expression
+    else:
+        device = _check_input(op, x, v_init, repeat)
     if w is not None or spec.kind in PARAMETRIC:
         check_w(op, w, spec, device)
     rate = None if w is None else rate_of(w)
@@ -210,8 +214,9 @@ def lif_multistep(x: Tensor, *, tau: float = 2.0, decay_input: bool = True, v_th
     at every 8th step (4 bytes per neuron per 8 steps).
     """
     op = "lif_multistep"
-    spec = neuron_spec(op, kind=kind_of(decay_input, op), tau=tau, v_threshold=v_threshold, v_reset=v_reset,
-                       surrogate=surrogate, alpha=alpha, detach_reset=detach_reset)
+    kind = "lif" if decay_input is True else kind_of(decay_input, op)  # (kind_of checks the flag)
+    spec = neuron_spec(op, kind=kind, tau=tau, v_threshold=v_threshold, v_reset=v_reset, surrogate=surrogate,
+                       alpha=alpha, detach_reset=detach_reset)
     return apply_neuron(op, x, spec, v_init=v_init, return_v=return_v, repeat=repeat, backend=backend)
 
 

@@ -33,13 +33,13 @@ from torch import Tensor
 
 from ..backend import resolve_backend
 from ._declare import Op
-from ._layout import kernels_loader, same_layout
+from ._layout import LazyKernels, same_layout
 
 STORAGES = ("bits", "uint8")
 CHECK_DEFAULT = os.environ.get("FASTSNN_CHECK_SPIKES", "0") == "1"
 
 
-_kernels = kernels_loader("spike_pack")
+_kernels = LazyKernels("spike_pack")
 
 
 def _fills_its_memory(shape, strides) -> bool:
@@ -86,7 +86,7 @@ def pack(op: str, x: Tensor, storage: str, check: bool) -> Tensor:
                                  f"values; use a dense convolution (nn.Conv2d) for this input")
         return flat.to(torch.uint8)
     if resolve_backend(op, "auto", x.device, x.dtype) == "triton":
-        k = _kernels()
+        k = _kernels
         bits = torch.empty(k.packed_bytes(flat.numel()), dtype=torch.uint8, device=x.device)
         bad = torch.zeros(1, dtype=torch.int32, device=x.device) if check else None
         k.pack_bits(flat, bits, bad)
@@ -114,7 +114,7 @@ def unpack(op: str, packed: Tensor, storage: str, x_layout) -> Tensor:
     if storage == "uint8":
         flat.copy_(packed)
     elif resolve_backend(op, "auto", packed.device, dtype) == "triton":
-        _kernels().unpack_bits(packed, flat)
+        _kernels.unpack_bits(packed, flat)
     else:
         unpack_bits_torch(packed, flat)
     return out

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ._declare import Op
 from .. import reference
-from ._layout import kernels_loader
+from ._layout import LazyKernels
 from ..backend import (BACKENDS, FLOAT_DTYPES, check_float_tensor, check_number, check_same_device,
                        resolve_backend, tracing)
 
@@ -26,7 +26,7 @@ TAU_RANGE = (0.05, 100.0)
 TARGET_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-_kernels = kernels_loader("tser_loss")  # imported on first use: importing fastsnn does not import Triton
+_kernels = LazyKernels("tser_loss")  # imported on first use: importing fastsnn does not import Triton
 
 
 # ---- the op, declared once (fastsnn.ops._declare): its eager Function and its custom ops are derived ----
@@ -35,7 +35,7 @@ def _forward(z: Tensor, u: Tensor, y: Tensor, alpha: float, tau: float, lam: flo
              entropy_tau: float, ignore_index: int, with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, terms, stats): 2 kernel launches, nothing initialised on the host; stats (sized from T and B alone,
     as the fake kernel sizes it) is the backward's."""
-    k = _kernels()
+    k = _kernels
     T, B, C = z.shape
     stats = z.new_empty(k.stats_size_bound(T, B), dtype=torch.float32)
     loss, terms = stats.new_empty(()), stats.new_empty(3)
@@ -48,7 +48,7 @@ def _forward_fake(z, u, y, alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_in
     T, B, C = z.shape
     f32 = dict(dtype=torch.float32, device=z.device)
     return (torch.empty((), **f32), torch.empty(3, **f32),
-            torch.empty(_kernels().stats_size_bound(T, B), **f32))
+            torch.empty(_kernels.stats_size_bound(T, B), **f32))
 
 
 def _save(ctx, a, outputs):
@@ -61,7 +61,7 @@ def _backward(grad_loss: Tensor, z: Tensor, u: Tensor, y: Tensor, stats: Tensor,
               lam: float, ts_ce: bool, ts_kl: bool, entropy_tau: float, ignore_index: int) -> Tensor:
     """grad_output·dL/dz, dense (whatever z's strides), in z's dtype: one launch (grad_loss is 0-d)."""
     grad_z = z.new_empty(z.shape)
-    _kernels().tser_loss_backward(z, u, y, stats, grad_loss, grad_z,
+    _kernels.tser_loss_backward(z, u, y, stats, grad_loss, grad_z,
                                   **_kernel_kwargs(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index))
     return grad_z
 
