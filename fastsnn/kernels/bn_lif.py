@@ -564,8 +564,7 @@ def gathered_statistics(partials, group):
     return torch.stack(every, dim=1)
 
 
-def bn_statistics(x, geometry, weight, bias, running_mean, running_var, stats, *, training, momentum, eps,
-                  group=None):
+def bn_statistics(x, geometry, weight, bias, running_mean, running_var, stats, training, momentum, eps, group=None):
     """Fills stats [4, C] (fp32: mean, 1/std, scale, shift); in training mode from x (2 launches), updating
     running_mean/var in place when given; else from the running statistics (1 launch). group: a process group
     whose ranks' batches the training statistics span (synchronised BatchNorm: one all_gather of [3, C]
@@ -622,7 +621,7 @@ def _summed_over_ranks(partials, grad_weights, count: int, group):
 
 
 def bn_fire_backward(x, residual, grad_spikes, stats, checkpoints, grad_y, weight, grad_weight, grad_bias, grad_x,
-                     geometry, spec, *, training, residual_bn=None, rate=None, group=None):
+                     geometry, spec, training, residual_bn=None, rate=None, group=None):
     """grad_y (= dL/d(residual); one timestep when x is broadcast over time), grad_weight/grad_bias (fp32 [C],
     or None) and grad_x (may be grad_y itself: each element is read before it is written): 3 launches
     (2 without grad_x). residual_bn: None, or (stats, weight, grad_weight, grad_bias, grad_input) of the

@@ -122,12 +122,18 @@ def _lif_bwd_kernel(
 _FP32_PLACEHOLDERS = {}  # by device index (-1: the CPU)
 
 
-def _fp32_placeholder(x):
-    """A one-element fp32 tensor on x's device, passed for an absent optional pointer, which the kernels never
-    touch; the launchers look it up by x.get_device() themselves (an int, unlike x.device, an object made on each
-    read) and call this on a miss."""
-    placeholder = _FP32_PLACEHOLDERS[x.get_device()] = torch.zeros(1, dtype=torch.float32, device=x.device)
-    return placeholder
+def _launch(plan, x, pointers: tuple):
+    """(the plan's Launch for the pointers' alignment, a one-element fp32 tensor on x's device to pass for each
+    absent optional pointer, which the kernels never touch). pointers: the call's tensors, None for an absent one.
+    The placeholder is looked up by x.get_device(), an int (x.device is an object made on each read)."""
+    addresses = 0
+    for t in pointers:
+        if t is not None:
+            addresses |= t.data_ptr()
+    none = _FP32_PLACEHOLDERS.get(x.get_device())
+    if none is None:
+        none = _FP32_PLACEHOLDERS[x.get_device()] = torch.zeros(1, dtype=torch.float32, device=x.device)
+    return plan.unaligned if addresses % 16 else plan.aligned, none
 
 
 class Launch(NamedTuple):
@@ -194,14 +200,7 @@ def lif_forward(x, spikes, v_init, v_final, checkpoints, spec, rate=None):
     plan = _PLANS.get(key)
     if plan is None or plan.spec is not spec:
         plan = _plan_of(key, False, x, spec, v_init is not None, v_final is not None, False)
-    addresses = x.data_ptr() | spikes.data_ptr()
-    for t in (v_init, v_final, checkpoints):
-        if t is not None:
-            addresses |= t.data_ptr()
-    grid, args, options = plan.unaligned if addresses % 16 else plan.aligned
-    none = _FP32_PLACEHOLDERS.get(x.get_device())
-    if none is None:
-        none = _fp32_placeholder(x)
+    (grid, args, options), none = _launch(plan, x, (x, spikes, v_init, v_final, checkpoints))
     _lif_fwd_kernel[grid](
         x, spikes, none if v_init is None else v_init, none if v_final is None else v_final,
         none if checkpoints is None else checkpoints, none if rate is None else rate, *args, **options)
@@ -218,14 +217,8 @@ def lif_backward(x, grad_spikes, v_init, checkpoints, grad_v_final, grad_x, grad
     plan = _PLANS.get(key)
     if plan is None or plan.spec is not spec:
         plan = _plan_of(key, True, x, spec, v_init is not None, grad_v_final is not None, sum_over_time)
-    addresses = x.data_ptr() | grad_spikes.data_ptr() | grad_x.data_ptr()
-    for t in (v_init, checkpoints, grad_v_final, grad_v_init):
-        if t is not None:
-            addresses |= t.data_ptr()
-    grid, args, options = plan.unaligned if addresses % 16 else plan.aligned
-    none = _FP32_PLACEHOLDERS.get(x.get_device())
-    if none is None:
-        none = _fp32_placeholder(x)
+    (grid, args, options), none = _launch(plan, x, (x, grad_spikes, grad_x, v_init, checkpoints, grad_v_final,
+                                                    grad_v_init))
     partials = None if rate is None else torch.empty(grid[0], dtype=torch.float32, device=x.device)
     _lif_bwd_kernel[grid](
         x, grad_spikes, none if v_init is None else v_init, none if checkpoints is None else checkpoints,

@@ -59,8 +59,8 @@ def _backward_impl(grad_spikes, x, weight, residual, stats, checkpoints, spec, t
     elif needs[0]:
         grad_x = time_major_like(grad_y) if needs[3] else grad_y  # in place over g when g is not returned
     partials = _kernels.bn_fire_backward(x_seq, residual, grad_spikes, stats, checkpoints, grad_y, weight,
-                                           grad_weight, grad_bias, grad_x, geometry, spec, training=training,
-                                           residual_bn=launch_residual_bn, rate=rate, group=group)
+                                           grad_weight, grad_bias, grad_x, geometry, spec, training, launch_residual_bn,
+                                           rate, group)
     grad_rate = None if partials is None else partials.sum().reshape(rate.shape)
     if grad_x is not None and broadcast:
         grad_x = grad_x[0]
@@ -96,8 +96,8 @@ def _statistics(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], run
     if geometry is None:
         geometry = _kernels.geometry(x_seq)
     stats = x.new_empty(4, geometry.C, dtype=torch.float32)
-    _kernels.bn_statistics(x_seq, geometry, weight, bias, running_mean, running_var, stats, training=training,
-                           momentum=momentum, eps=eps, group=None if group is None else process_group(group))
+    _kernels.bn_statistics(x_seq, geometry, weight, bias, running_mean, running_var, stats, training, momentum, eps,
+                           None if group is None else process_group(group))
     return stats
 
 
@@ -151,8 +151,7 @@ def _fire(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual:
     fire_residual = None if residual is None else as_time_major_like(residual, x_seq)
     if geometry is None:
         geometry = _kernels.geometry(x_seq, fire_residual)
-    _kernels.bn_fire(x_seq, fire_residual, stats, spikes, checkpoints, geometry, spec,
-                       residual_stats=residual_stats, rate=rate)
+    _kernels.bn_fire(x_seq, fire_residual, stats, spikes, checkpoints, geometry, spec, residual_stats, rate)
     packed = None if residual is None or not residual_storage else \
         spike_storage.pack("bn_lif", residual, residual_storage, check)
     return spikes, checkpoints, packed
