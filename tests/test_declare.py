@@ -141,3 +141,24 @@ def test_compile_caches_are_keyed_on_the_ops_source(tmp_path):
         assert _declare.tag_compile_caches("fastsnn-ops-x") == "mine+fastsnn-ops-x"  # added once
     finally:
         torch.compiler.config.cache_key_tag = saved
+
+
+def test_importing_fastsnn_imports_no_kernels_and_a_lazy_module_reads_the_real_one(monkeypatch):
+    """The ops read their kernels through LazyKernels: nothing of Triton is imported with fastsnn, the first read
+    imports the module, and later reads see the module's own namespace (a monkeypatch of it too)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fastsnn; "
+            "print('triton' in sys.modules, any(m.startswith('fastsnn.kernels') for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.split() == ["False", "False"]
+    from fastsnn.kernels import spike_pack
+    from fastsnn.ops._layout import LazyKernels
+
+    lazy = LazyKernels("spike_pack")
+    assert lazy.pack_bits is spike_pack.pack_bits
+    monkeypatch.setattr(spike_pack, "pack_bits", "patched")
+    assert lazy.pack_bits == "patched"
+    with pytest.raises(AttributeError, match="no_such_launcher"):
+        lazy.no_such_launcher
