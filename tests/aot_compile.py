@@ -18,6 +18,7 @@ marginal SASS cost of one more timestep per element (see element_step_costs).
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -119,15 +120,16 @@ def tser_loss_variants(aligned: bool):
                     _tensor((B,), torch.int64, aligned), torch.empty(k.stats_size(T, B, C_run, ts_ce, ts_kl)),
                     torch.empty(()))
         kw = dict(alpha=0.5, tau=5.0, tau_h=5.0, lam=lam, ts_ce=ts_ce, ts_kl=ts_kl, ignore_index=-100)
+        plan = functools.partial(k.launch_plan, **kw)
         labels = dict(dtype=dtype_name, T=T, C=C, ts_ce=ts_ce, ts_kl=ts_kl, entropy=lam > 0)
 
-        def forward(buffers=buffers, kw=kw):
+        def forward(buffers=buffers, plan=plan):
             z, u, y, stats, loss = buffers()
-            k.tser_loss_forward(z, u, y, stats, loss, torch.empty(3), with_entropy=False, **kw)
+            k.tser_loss_forward(z, u, y, stats, loss, torch.empty(3), plan(z, u, y, with_entropy=False))
 
-        def backward(buffers=buffers, kw=kw):
+        def backward(buffers=buffers, plan=plan):
             z, u, y, stats, loss = buffers()
-            k.tser_loss_backward(z, u, y, stats, loss, torch.empty_like(z), **kw)
+            k.tser_loss_backward(z, u, y, stats, loss, torch.empty_like(z), plan(z, u, y, with_entropy=False))
         yield "_tser_loss_fwd_kernel", labels, None, forward
         yield "_tser_loss_bwd_kernel", labels, None, backward
         if C == 100 and lam == 0.0 and ts_ce and ts_kl:  # fp32 buffers only: the same kernel for each dtype

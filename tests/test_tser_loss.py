@@ -191,10 +191,11 @@ def test_saved_bytes_are_the_inputs_and_row_statistics(device, dtype, ts_ce, ts_
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fastsnn.tser_loss(z, u, y, ts_ce=ts_ce, ts_kl=ts_kl, backend="triton")
     # z, u and y by reference (they exist anyway) and one fp32 buffer: 4 statistics per (t, b) row, 4 per
-    # sample, 1 scalar, and room for 4 partial sums per (t, b) row (the one size a graph traced with symbolic
-    # shapes can give it; a tiling over time fills one per (time tile, sample))
+    # sample, 1 scalar, 4 partial sums per (time tile, sample) (a row per tile when every term is separated
+    # over time, else the T = 4 timesteps of a sample in one tile), and the returned loss and 3 terms
+    time_tiles = T if ts_ce and ts_kl else 1
     expected = z.numel() * z.element_size() + u.numel() * u.element_size() + y.numel() * y.element_size()
-    expected += (T * B * 4 + B * 4 + 1 + T * B * 4) * 4
+    expected += (T * B * 4 + B * 4 + 1 + time_tiles * B * 4 + 4) * 4
     assert sum(saved.values()) == expected
 
 
@@ -421,11 +422,13 @@ def test_ignore_index_inside_the_class_range_and_all_ignored(device):
 @pytest.mark.parametrize("label", [10, -1, 127])
 def test_bad_label_without_a_host_check_poisons_loss_terms_and_gradient(device, label):
     """The CUDA rule (no host sync), exercised on both paths by skipping the CPU's host check."""
+    from fastsnn.kernels.tser_loss import launch_plan
     from fastsnn.ops.tser_loss import TSER_LOSS
 
     z, u, y = _data(2, 4, 10, torch.float32)
     y[2] = label
-    loss, terms = TSER_LOSS(z, u, y, 0.5, 5.0, 0.01, True, True, 5.0, -100, True)
+    settings = (0.5, 5.0, 0.01, True, True, 5.0, -100)  # alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index
+    loss, terms = TSER_LOSS(z, u, y, True, *settings, launch_plan(z, u, y, *settings, True))
     (grad,) = torch.autograd.grad(loss, z)
     ref, ref_terms = reference.tser_loss(z, u, y, return_terms=True)
     (ref_grad,) = torch.autograd.grad(ref, z)

@@ -378,7 +378,7 @@ def _plan(shape: tuple, z_strides: tuple, u_stride: int, y_stride: int, alpha, t
     bwd_args = (*common, alpha * tau / (T * B), lam / (tau_h * T * B), off_sample, off_scalars)
     bwd_kw = positional(_tser_loss_bwd_kernel, dict(
         T_TILE=t_tile, BLOCK_C=block_c, TS_CE=ts_ce, TS_KL=ts_kl, HAS_ENT=lam > 0, VEC=vec, SOFT=soft, num_warps=warps))
-    return Plan((B, n_tt), fwd_args, fwd_kw, reduce_args, bwd_args, bwd_kw)
+    return Plan((B, n_tt), fwd_args, fwd_kw, reduce_args, bwd_args, bwd_kw, stats_size(T, B, C, ts_ce, ts_kl))
 
 
 class Plan(NamedTuple):
@@ -388,6 +388,7 @@ class Plan(NamedTuple):
     reduce_args: tuple
     bwd_args: tuple
     bwd_kw: tuple
+    stats_size: int  # fp32 elements of the statistics buffer (stats_size for this tiling)
 
 
 def _stats_layout(T, B) -> tuple:
@@ -411,21 +412,23 @@ def stats_size_bound(T, B):
     return _stats_layout(T, B)[2] + T * B * PARTIALS.value
 
 
-def tser_loss_forward(z, u, y, stats, loss, terms, *, alpha, tau, tau_h, lam, ts_ce, ts_kl, with_entropy,
-                      ignore_index):
-    """z [T, B, C] and u [B, C] with unit class stride (any other strides, 0 included), y [B] integer (any
-    stride), or a soft target [B, C] (float, unit class stride, any row stride). Writes stats (fp32, at least
-    stats_size(...) elements: per (t, b) row, per sample, partial sums, the CE gradient weight), loss (fp32 0-d)
-    and terms (fp32 [3]: CE part, KL part, mean entropy): 2 launches."""
-    plan = _plan(tuple(z.shape), z.stride(), u.stride(0), y.stride(0), alpha, tau, tau_h, lam, ts_ce, ts_kl,
-                 with_entropy, ignore_index, y.dim() == 2)
+def launch_plan(z, u, y, alpha, tau, lam, ts_ce, ts_kl, tau_h, ignore_index, with_entropy) -> Plan:
+    """The launches' plan for these tensors (z [T, B, C] and u [B, C] with unit class stride, any other strides, 0
+    included; y [B] integer, any stride, or a soft target [B, C], float, unit class stride) and settings: decided
+    once per distinct (shape, strides, settings), one for the forward and the backward (the backward's launch does
+    not depend on with_entropy)."""
+    return _plan(z.shape, z.stride(), u.stride(0), y.stride(0), alpha, tau, tau_h, lam, ts_ce, ts_kl, with_entropy,
+                 ignore_index, y.dim() == 2)
+
+
+def tser_loss_forward(z, u, y, stats, loss, terms, plan: Plan):
+    """Writes stats (fp32, at least plan.stats_size elements: per (t, b) row, per sample, partial sums, the CE
+    gradient weight), loss (fp32 0-d) and terms (fp32 [3]: CE part, KL part, mean entropy): 2 launches."""
     _tser_loss_fwd_kernel[plan.grid](z, u, y, stats, *plan.fwd_args, *plan.fwd_kw[0], **plan.fwd_kw[1])
     _tser_loss_reduce_kernel[(1,)](stats, loss, terms, *plan.reduce_args, REDUCE_BLOCK, num_warps=4)
 
 
-def tser_loss_backward(z, u, y, stats, grad_loss, grad_z, *, alpha, tau, tau_h, lam, ts_ce, ts_kl, ignore_index):
+def tser_loss_backward(z, u, y, stats, grad_loss, grad_z, plan: Plan):
     """Writes grad_z (dense [T, B, C], z's dtype) = grad_loss · dL/dz (grad_loss: one element): 1 launch."""
-    plan = _plan(tuple(z.shape), z.stride(), u.stride(0), y.stride(0), alpha, tau, tau_h, lam, ts_ce, ts_kl, False,
-                 ignore_index, y.dim() == 2)
     _tser_loss_bwd_kernel[plan.grid](z, u, y, stats, grad_loss, grad_z, *plan.bwd_args, *plan.bwd_kw[0],
                                      **plan.bwd_kw[1])

@@ -13,7 +13,7 @@ import functools
 import torch
 from torch import Tensor
 
-from ._declare import Op
+from ._declare import Host, Op
 from .. import reference
 from ._layout import LazyKernels
 from ..backend import (BACKENDS, FLOAT_DTYPES, check_float_tensor, check_number, check_same_device,
@@ -31,20 +31,30 @@ _kernels = LazyKernels("tser_loss")  # imported on first use: importing fastsnn 
 
 # ---- the op, declared once (fastsnn.ops._declare): its eager Function and its custom ops are derived ----
 
-def _forward(z: Tensor, u: Tensor, y: Tensor, alpha: float, tau: float, lam: float, ts_ce: bool, ts_kl: bool,
-             entropy_tau: float, ignore_index: int, with_entropy: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, terms, stats): 2 kernel launches, nothing initialised on the host; stats (sized from T and B alone,
-    as the fake kernel sizes it) is the backward's."""
+def _forward(z: Tensor, u: Tensor, y: Tensor, with_entropy: bool, alpha: float, tau: float, lam: float, ts_ce: bool,
+             ts_kl: bool, entropy_tau: float, ignore_index: int, plan: Host = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, terms, stats): 2 kernel launches, nothing initialised on the host; stats is the backward's.
+
+    Eager, the launch plan comes decided (the backward reuses it) and the three are one allocation
+    [stats | loss | terms] (views of it), terms None unless asked for (with_entropy): autograd then handles one
+    output. Compiled (plan None), a custom op's outputs may not alias and stats is sized as the fake kernel sizes
+    it, from T and B alone: three allocations, every output returned."""
     k = _kernels
-    T, B, C = z.shape
-    stats = z.new_empty(k.stats_size_bound(T, B), dtype=torch.float32)
-    loss, terms = stats.new_empty(()), stats.new_empty(3)
-    k.tser_loss_forward(z, u, y, stats, loss, terms, with_entropy=with_entropy,
-                        **_kernel_kwargs(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index))
-    return loss, terms, stats
+    if plan is None:
+        plan = k.launch_plan(z, u, y, alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index, with_entropy)
+        T, B, _ = z.shape
+        stats = z.new_empty(k.stats_size_bound(T, B), dtype=torch.float32)
+        loss, terms = stats.new_empty(()), stats.new_empty(3)
+        k.tser_loss_forward(z, u, y, stats, loss, terms, plan)
+        return loss, terms, stats
+    size = plan.stats_size
+    stats = z.new_empty(size + 4, dtype=torch.float32)
+    loss, terms = stats[size], stats[size + 1:]
+    k.tser_loss_forward(z, u, y, stats, loss, terms, plan)
+    return loss, (terms if with_entropy else None), stats
 
 
-def _forward_fake(z, u, y, alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index, with_entropy):
+def _forward_fake(z, u, y, with_entropy, alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index, plan):
     T, B, C = z.shape
     f32 = dict(dtype=torch.float32, device=z.device)
     return (torch.empty((), **f32), torch.empty(3, **f32),
@@ -52,21 +62,27 @@ def _forward_fake(z, u, y, alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_in
 
 
 def _save(ctx, a, outputs):
-    ctx.params = a[_SETTINGS]
+    ctx.params = a[_SETTINGS]  # the backward's settings and the plan (None when compiled)
     ctx.save_for_backward(a.z, a.u, a.y, outputs[2])
-    ctx.mark_non_differentiable(outputs[1], outputs[2])
+    if a.plan is None:  # the custom op returns every output; eager, stats is not returned, terms only if asked for
+        ctx.mark_non_differentiable(outputs[1], outputs[2])
+    elif outputs[1] is not None:
+        ctx.mark_non_differentiable(outputs[1])
 
 
 def _backward(grad_loss: Tensor, z: Tensor, u: Tensor, y: Tensor, stats: Tensor, alpha: float, tau: float,
-              lam: float, ts_ce: bool, ts_kl: bool, entropy_tau: float, ignore_index: int) -> Tensor:
-    """grad_output·dL/dz, dense (whatever z's strides), in z's dtype: one launch (grad_loss is 0-d)."""
+              lam: float, ts_ce: bool, ts_kl: bool, entropy_tau: float, ignore_index: int,
+              plan: Host = None) -> Tensor:
+    """grad_output·dL/dz, dense (whatever z's strides), in z's dtype: one launch (grad_loss is 0-d), with the
+    forward's plan where it has one."""
+    if plan is None:
+        plan = _kernels.launch_plan(z, u, y, alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index, False)
     grad_z = z.new_empty(z.shape)
-    _kernels.tser_loss_backward(z, u, y, stats, grad_loss, grad_z,
-                                  **_kernel_kwargs(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index))
+    _kernels.tser_loss_backward(z, u, y, stats, grad_loss, grad_z, plan)
     return grad_z
 
 
-def _backward_fake(grad_loss, z, u, y, stats, alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index):
+def _backward_fake(grad_loss, z, u, y, stats, alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index, plan):
     return torch.empty(z.shape, dtype=z.dtype, device=z.device)
 
 
@@ -75,24 +91,9 @@ def _formula(ctx, backward, grad_loss, _grad_terms, _grad_stats):
     return (backward(grad_loss, z, u, y, stats, *ctx.params),)
 
 
-_KWARGS: dict = {}
-
-
-def _kernel_kwargs(alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index) -> dict:
-    """The launchers' keyword arguments, built once per distinct set of settings (read on every call)."""
-    key = (alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index)
-    kwargs = _KWARGS.get(key)
-    if kwargs is None:
-        if len(_KWARGS) >= 1024:
-            _KWARGS.clear()
-        kwargs = _KWARGS[key] = dict(alpha=alpha, tau=tau, tau_h=entropy_tau, lam=lam, ts_ce=ts_ce, ts_kl=ts_kl,
-                                     ignore_index=ignore_index)
-    return kwargs
-
-
 TSER_LOSS = Op("tser_loss", _forward, fake=_forward_fake, save=_save, backward=_backward,
                backward_fake=_backward_fake, formula=_formula, differentiable=("z",), internal=1)
-_SETTINGS = TSER_LOSS.args.span("alpha", "ignore_index")  # the backward's settings (with_entropy is forward's)
+_SETTINGS = TSER_LOSS.args.span("alpha", "plan")  # what the backward takes after the tensors
 
 
 # ---- checks and the public function ----
@@ -253,12 +254,15 @@ def tser_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, *,
     z = _unit_class_stride(student_logits)
     u = _unit_class_stride(teacher_logits.detach() if teacher_logits.requires_grad else teacher_logits)
     if torch.compiler.is_compiling():
-        loss, terms, _ = TSER_LOSS.op(z, u, target, alpha, tau, lam, ts_ce, ts_kl,
-                                      tau if entropy_tau is None else entropy_tau, ignore_index, bool(return_terms))
+        loss, terms, _ = TSER_LOSS.op(z, u, target, bool(return_terms), alpha, tau, lam, ts_ce, ts_kl,
+                                      tau if entropy_tau is None else entropy_tau, ignore_index)
     else:
-        others = (u, target, alpha, tau, lam, ts_ce, ts_kl, tau if entropy_tau is None else entropy_tau, ignore_index,
-                  bool(return_terms))
-        loss, terms = TSER_LOSS.Function.apply(z, others)
+        settings = (alpha, tau, lam, ts_ce, ts_kl, tau if entropy_tau is None else entropy_tau, ignore_index)
+        with_entropy = bool(return_terms)
+        plan = _kernels.launch_plan(z, u, target, *settings, with_entropy)  # for the forward and the backward
+        if not return_terms:  # one output (see _forward)
+            return TSER_LOSS.Function.apply(z, (u, target, with_entropy, *settings, plan))[0]
+        loss, terms = TSER_LOSS.Function.apply(z, (u, target, with_entropy, *settings, plan))
     if return_terms:
         return loss, {"ce": terms[0], "kl": terms[1], "entropy": terms[2]}
     return loss
