@@ -80,8 +80,14 @@ def rebuilds(monkeypatch):
 
 
 def _student_params():
-    quick = {"digits_snn"}  # the others interpreted take 0.5-2 min each
-    return [pytest.param(n, marks=() if n in quick else pytest.mark.slow) for n in STUDENTS]
+    """digits_snn in every tier; one student per block kind (spiking BasicBlock, SEW BasicBlock, VGG stack, the
+    small nets) in the default run; their deeper or wider twins (the same classes with more blocks or channels:
+    resnet19/34, sew_resnet34, vgg16) under --full, which the compiled re-run on CUDA uses. Interpreted, each
+    takes minutes: four of them took 17 min of a CI run on 2 cores (2026-12-07)."""
+    quick = {"digits_snn"}
+    default = {"mnist_snn", "spiking_resnet18", "sew_resnet18", "spiking_vgg11"}
+    return [pytest.param(n, marks=() if n in quick else pytest.mark.slow if n in default else pytest.mark.full)
+            for n in STUDENTS]
 
 
 @pytest.mark.parametrize("name", _student_params())
