@@ -40,18 +40,18 @@ def _forward(z: Tensor, u: Tensor, y: Tensor, with_entropy: bool, alpha: float, 
     output. Compiled (plan None), a custom op's outputs may not alias and stats is sized as the fake kernel sizes
     it, from T and B alone: three allocations, every output returned."""
     k = _kernels
-    if plan is None:
+    compiled = plan is None
+    if compiled:
         plan = k.launch_plan(z, u, y, alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index, with_entropy)
         T, B, _ = z.shape
         stats = z.new_empty(k.stats_size_bound(T, B), dtype=torch.float32)
         loss, terms = stats.new_empty(()), stats.new_empty(3)
-        k.tser_loss_forward(z, u, y, stats, loss, terms, plan)
-        return loss, terms, stats
-    size = plan.stats_size
-    stats = z.new_empty(size + 4, dtype=torch.float32)
-    loss, terms = stats[size], stats[size + 1:]
+    else:
+        size = plan.stats_size
+        stats = z.new_empty(size + 4, dtype=torch.float32)
+        loss, terms = stats[size], stats[size + 1:]
     k.tser_loss_forward(z, u, y, stats, loss, terms, plan)
-    return loss, (terms if with_entropy else None), stats
+    return loss, (terms if compiled or with_entropy else None), stats
 
 
 def _forward_fake(z, u, y, with_entropy, alpha, tau, lam, ts_ce, ts_kl, entropy_tau, ignore_index, plan):
@@ -260,9 +260,10 @@ def tser_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, *,
         settings = (alpha, tau, lam, ts_ce, ts_kl, tau if entropy_tau is None else entropy_tau, ignore_index)
         with_entropy = bool(return_terms)
         plan = _kernels.launch_plan(z, u, target, *settings, with_entropy)  # for the forward and the backward
+        outputs = TSER_LOSS.Function.apply(z, (u, target, with_entropy, *settings, plan))
         if not return_terms:  # one output (see _forward)
-            return TSER_LOSS.Function.apply(z, (u, target, with_entropy, *settings, plan))[0]
-        loss, terms = TSER_LOSS.Function.apply(z, (u, target, with_entropy, *settings, plan))
+            return outputs[0]
+        loss, terms = outputs
     if return_terms:
         return loss, {"ce": terms[0], "kl": terms[1], "entropy": terms[2]}
     return loss
